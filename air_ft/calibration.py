@@ -1,0 +1,248 @@
+"""One calibration pass: input Gram matrices (forward hooks) and per-sample influence maps (backward hooks).
+
+Per layer input, ``G = sum_t x_t x_t^T`` is accumulated in float64; layers that read the same tensor (q/k/v,
+gate/up) share one Gram. When influence is requested, each batch also runs a backward pass of the summed
+per-sample next-token loss. No parameter gradient is materialized by autograd: a hook on every target layer's
+output receives ``dL/dy`` and forms the per-sample weight gradients ``g_d = dY_d^T X_d`` itself (the same flops
+as the weight gradient of a normal backward), from which it accumulates
+
+- ``wxg``:    ``sum_d |W * g_d|`` (absolute value per sample, AIR_METHOD.md section 3),
+- ``fisher``: ``sum_d g_d^2`` (element-wise empirical Fisher).
+
+Nothing per token is stored. Statistics are cached on disk, keyed by model, data and settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+__all__ = ["CalibrationStats", "CalibrationError", "calibrate", "stats_key", "load_stats", "save_stats"]
+
+SIGNALS = ("wxg", "fisher")
+CACHE_VERSION = 1
+
+
+class CalibrationError(RuntimeError):
+    """Calibration produced unusable numbers (NaN/Inf activations, loss or gradients)."""
+
+
+@dataclass
+class CalibrationStats:
+    """What compression needs from the data.
+
+    Attributes:
+        grams: float64 ``n x n`` Gram per distinct input, keyed by the first layer that reads it.
+        abs_sum: float64 ``n``, ``sum_t |x_t|`` per distinct input (ASVD's scaling).
+        group_of: target layer name -> key into ``grams``.
+        tokens: number of calibration tokens.
+        influence: signal (``wxg``/``fisher``) -> layer name -> float32 ``m x n`` map (empty if not computed).
+        seconds: wall time of the forward and backward work.
+    """
+
+    grams: dict[str, torch.Tensor]
+    abs_sum: dict[str, torch.Tensor]
+    group_of: dict[str, str]
+    tokens: int
+    influence: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    seconds: float = 0.0
+    cached: bool = False
+
+    def gram(self, name: str) -> torch.Tensor:
+        return self.grams[self.group_of[name]]
+
+
+def _check_finite(t: torch.Tensor, what: str, name: str) -> None:
+    if not torch.isfinite(t).all():
+        raise CalibrationError(
+            f"{what} of layer {name!r} contains NaN or Inf during calibration. The model overflows in its current "
+            "dtype on this data: load it in float32 (dtype=float32), check the calibration text for garbage, "
+            "or exclude the layer (exclude regex).")
+
+
+class _Hooks:
+    """Forward/backward hooks that accumulate Grams and influence for a set of target linears."""
+
+    def __init__(self, targets: dict[str, nn.Linear], influence: bool) -> None:
+        self.targets = targets
+        self.influence = influence
+        self.group_of: dict[str, str] = {}
+        self.grams: dict[str, torch.Tensor] = {}
+        self.abs_sum: dict[str, torch.Tensor] = {}
+        self.imaps: dict[str, dict[str, torch.Tensor]] = {s: {} for s in SIGNALS} if influence else {}
+        self._seen: dict[int, tuple[str, torch.Tensor]] = {}  # id(input) -> (leader, input) during the first batch
+        self.handles: list = []
+        self.first_batch = True
+
+    def attach(self) -> None:
+        for name, mod in self.targets.items():
+            self.handles.append(mod.register_forward_hook(self._forward_hook(name)))
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        self._seen.clear()
+
+    def end_batch(self) -> None:
+        self.first_batch = False
+        self._seen.clear()
+
+    def _forward_hook(self, name: str):
+        def hook(mod: nn.Linear, inputs: tuple, output: torch.Tensor) -> None:
+            if self.first_batch:  # group layers that read the very same tensor (kept alive to make ids unique)
+                leader, _ = self._seen.setdefault(id(inputs[0]), (name, inputs[0]))
+                self.group_of[name] = leader
+            x = inputs[0].detach()
+            _check_finite(x, "the input", name)
+            if self.group_of[name] == name:
+                flat = x.reshape(-1, x.shape[-1]).to(torch.float64)
+                if name not in self.grams:
+                    self.grams[name] = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float64,
+                                                   device=flat.device)
+                    self.abs_sum[name] = torch.zeros(flat.shape[1], dtype=torch.float64, device=flat.device)
+                self.grams[name].addmm_(flat.T, flat)
+                self.abs_sum[name] += flat.abs().sum(0)
+            if self.influence and output.requires_grad:
+                output.register_hook(self._grad_hook(name, mod, x))
+
+        return hook
+
+    def _grad_hook(self, name: str, mod: nn.Linear, x: torch.Tensor):
+        def hook(grad_out: torch.Tensor) -> None:
+            _check_finite(grad_out, "the output gradient", name)
+            g = grad_out.to(torch.float32).reshape(grad_out.shape[0], -1, grad_out.shape[-1])
+            xs = x.to(torch.float32).reshape(x.shape[0], -1, x.shape[-1])
+            per_sample = torch.bmm(g.transpose(1, 2), xs)  # (B, m, n): dL_d/dW for each sample d
+            w = mod.weight.detach().to(torch.float32)
+            wxg = (per_sample * w).abs_().sum(0)
+            fisher = per_sample.square_().sum(0)
+            for sig, val in (("wxg", wxg), ("fisher", fisher)):
+                acc = self.imaps[sig]
+                if name in acc:
+                    acc[name] += val
+                else:
+                    acc[name] = val
+
+        return hook
+
+
+def calibrate(model: nn.Module, windows: torch.Tensor, targets: dict[str, nn.Linear], influence: bool,
+              batch_size: int = 4, progress: bool = True) -> CalibrationStats:
+    """Run the calibration windows through ``model`` once and collect :class:`CalibrationStats`.
+
+    Args:
+        model: a causal LM (any device/dtype); its parameters are left untouched, hooks are removed afterwards.
+        windows: ``(N, T)`` token ids.
+        targets: layers to observe (from :func:`air_ft.modeling.find_targets`).
+        influence: also run the backward pass for ``wxg``/``fisher`` maps.
+        batch_size: windows per forward pass.
+    """
+    device = next(model.parameters()).device
+    hooks = _Hooks(targets, influence)
+    saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    was_training = model.training
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    embed = model.get_input_embeddings()
+    embed_handle = embed.register_forward_hook(lambda m, i, o: o.requires_grad_(True)) if influence else None
+    hooks.attach()
+    t0 = time.perf_counter()
+    try:
+        batches = windows.split(batch_size)
+        desc = "calibration (forward+backward)" if influence else "calibration (forward)"
+        for batch in tqdm(batches, desc=desc, disable=not progress):
+            batch = batch.to(device)
+            with torch.set_grad_enabled(influence):
+                out = model(input_ids=batch, labels=batch if influence else None, use_cache=False)
+                if influence:
+                    if not torch.isfinite(out.loss):
+                        raise CalibrationError("calibration loss is NaN/Inf; load the model in float32 or check "
+                                               "the calibration text")
+                    # out.loss is the mean over equal-length samples; scale so each sample's loss has weight 1
+                    (out.loss * batch.shape[0]).backward()
+            hooks.end_batch()
+    finally:
+        hooks.detach()
+        if embed_handle is not None:
+            embed_handle.remove()
+        for n, p in model.named_parameters():
+            p.requires_grad_(saved_flags[n])
+        model.train(was_training)
+    return CalibrationStats(grams=hooks.grams, abs_sum=hooks.abs_sum, group_of=dict(hooks.group_of),
+                            tokens=int(windows.numel()), influence=hooks.imaps,
+                            seconds=time.perf_counter() - t0)
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """Cheap content hash: the config plus a few statistics of every parameter."""
+    h = hashlib.sha256()
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        h.update(cfg.to_json_string(use_diff=False).encode())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            flat = p.detach().flatten()
+            probe = torch.stack([flat.float().sum(), flat.float().abs().sum(), flat[:8].float().sum()])
+            h.update(name.encode())
+            h.update(probe.cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def stats_key(model: nn.Module, windows: torch.Tensor, targets: list[str], influence: bool) -> str:
+    """Cache key: model content, exact calibration tokens, target set, whether influence was computed."""
+    h = hashlib.sha256()
+    h.update(f"v{CACHE_VERSION}".encode())
+    h.update(model_fingerprint(model).encode())
+    h.update(windows.cpu().numpy().tobytes())
+    h.update(json.dumps(sorted(targets)).encode())
+    h.update(str(influence).encode())
+    return h.hexdigest()[:24]
+
+
+def save_stats(stats: CalibrationStats, path: Path) -> None:
+    """Write stats as safetensors + JSON, atomically (a crash leaves no file that :func:`load_stats` accepts)."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {f"gram::{k}": v.contiguous() for k, v in stats.grams.items()}
+    tensors.update({f"abs::{k}": v.contiguous() for k, v in stats.abs_sum.items()})
+    for sig, maps in stats.influence.items():
+        tensors.update({f"{sig}::{k}": v.contiguous() for k, v in maps.items()})
+    tmp = path / "stats.safetensors.tmp"
+    save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp))
+    meta = {"group_of": stats.group_of, "tokens": stats.tokens, "seconds": stats.seconds,
+            "signals": sorted(stats.influence), "version": CACHE_VERSION}
+    (path / "stats.json.tmp").write_text(json.dumps(meta))
+    os.replace(tmp, path / "stats.safetensors")
+    os.replace(path / "stats.json.tmp", path / "stats.json")
+
+
+def load_stats(path: Path, device: torch.device | str = "cpu") -> CalibrationStats | None:
+    """Read stats written by :func:`save_stats`, or ``None`` if absent or incomplete."""
+    from safetensors.torch import load_file
+
+    if not (path / "stats.json").exists() or not (path / "stats.safetensors").exists():
+        return None
+    meta = json.loads((path / "stats.json").read_text())
+    tensors = load_file(str(path / "stats.safetensors"), device=str(device))
+    grams, abs_sum, infl = {}, {}, {s: {} for s in meta["signals"]}
+    for key, val in tensors.items():
+        kind, name = key.split("::", 1)
+        if kind == "gram":
+            grams[name] = val
+        elif kind == "abs":
+            abs_sum[name] = val
+        else:
+            infl[kind][name] = val
+    return CalibrationStats(grams=grams, abs_sum=abs_sum, group_of=meta["group_of"], tokens=meta["tokens"],
+                            influence=infl, seconds=meta["seconds"], cached=True)

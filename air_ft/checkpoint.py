@@ -1,0 +1,187 @@
+"""Factored checkpoints: safetensors weights + JSON (config, ranks map, run metadata) + tokenizer.
+
+A checkpoint directory holds ``config.json`` (the base architecture, with ``air_ft`` ranks), ``model.safetensors``
+(or shards), ``air_ft.json`` (format marker and what was done), and the tokenizer files. It is written into a
+temporary sibling and renamed into place only when complete, so a crash never leaves a directory that
+:func:`load_compressed` accepts. No pickle anywhere; no ``trust_remote_code``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from air_ft.modeling import LowRankLinear, set_module, strip_quantization
+
+__all__ = ["save_compressed", "load_compressed", "export_dense", "MARKER", "write_json"]
+
+MARKER = "air_ft.json"
+FORMAT_VERSION = 1
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, default=str, sort_keys=False))
+
+
+def _atomic_dir(out_dir: str | os.PathLike):
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out, Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+
+
+def _commit(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def ranks_of(model: nn.Module) -> dict[str, int]:
+    """Module name -> rank of every :class:`LowRankLinear` in ``model``."""
+    return {name: mod.rank for name, mod in model.named_modules() if isinstance(mod, LowRankLinear)}
+
+
+def save_compressed(model: nn.Module, tok, out_dir: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Write a factored model so that :func:`load_compressed` rebuilds it exactly.
+
+    Args:
+        model: a model with :class:`LowRankLinear` layers (from :func:`air_ft.compress`).
+        tok: its tokenizer (saved alongside), or None.
+        out_dir: target directory (replaced atomically if it exists).
+        metadata: extra JSON-serializable run information stored in ``air_ft.json``.
+    """
+    ranks = ranks_of(model)
+    if not ranks:
+        raise ValueError("model has no factored layers; run air_ft.compress first or use save_pretrained")
+    out, tmp = _atomic_dir(out_dir)
+    try:
+        strip_quantization(model)
+        model.config.air_ft = {**getattr(model.config, "air_ft", {}), "ranks": ranks}
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tok is not None:
+            tok.save_pretrained(tmp)
+        write_json(tmp / MARKER, {"format": "air_ft-factored", "version": FORMAT_VERSION, "ranks": ranks,
+                                  "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+                                  "metadata": metadata or {}})
+        _commit(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _load_safetensors_dir(path: Path, device: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors weights in {path}")
+    state = {}
+    for f in files:
+        state.update(load_file(str(f), device=device))
+    return state
+
+
+def load_compressed(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str = "cpu"):
+    """Rebuild a factored model and its tokenizer from :func:`save_compressed` output (or a hub repo holding one).
+
+    Returns:
+        ``(model, tokenizer)`` in eval mode; the tokenizer is None if none was saved.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from air_ft.modeling import resolve_dtype
+
+    local = Path(path)
+    if not local.is_dir():
+        if os.path.sep in str(path) or str(path).startswith("."):
+            raise FileNotFoundError(f"checkpoint directory {str(path)!r} does not exist")
+        from huggingface_hub import snapshot_download
+
+        local = Path(snapshot_download(str(path)))
+    marker = local / MARKER
+    if not marker.exists():
+        raise FileNotFoundError(f"{local} is not an air_ft factored checkpoint (no {MARKER}); for a dense model "
+                                "use transformers' from_pretrained")
+    meta = json.loads(marker.read_text())
+    config = AutoConfig.from_pretrained(local)
+    torch_dtype = resolve_dtype(dtype or meta.get("dtype", "float32"))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    for name, rank in meta["ranks"].items():
+        dense = model.get_submodule(name)
+        set_module(model, name, LowRankLinear(dense.in_features, dense.out_features, rank,
+                                              bias=dense.bias is not None, dtype=torch_dtype, device="meta"))
+    state = _load_safetensors_dir(local, device)
+    state = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = set()
+    if getattr(config, "tie_word_embeddings", False):
+        tied = {k for k in missing if k.endswith("lm_head.weight")}
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(f"checkpoint {local} does not match its config: missing {sorted(set(missing) - tied)[:5]}"
+                           f", unexpected {sorted(unexpected)[:5]}")
+    if tied:
+        model.tie_weights()
+    # non-persistent buffers (rotary inv_freq) live on meta after from_config: recompute them on the device
+    model = _materialize_buffers(model, config, device, torch_dtype)
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(local) if (local / "tokenizer_config.json").exists() else None
+    return model, tok
+
+
+def _materialize_buffers(model: nn.Module, config, device: str, dtype: torch.dtype) -> nn.Module:
+    for mod_name, mod in model.named_modules():
+        for buf_name, buf in list(mod.named_buffers(recurse=False)):
+            if buf.device.type != "meta":
+                continue
+            if hasattr(mod, "rope_init_fn"):  # rotary embedding: rebuild from config
+                inv_freq, scaling = mod.rope_init_fn(mod.config, torch.device(device))
+                mod.register_buffer("inv_freq", inv_freq, persistent=False)
+                if hasattr(mod, "original_inv_freq"):
+                    mod.original_inv_freq = inv_freq
+                mod.attention_scaling = scaling
+                break
+            raise RuntimeError(f"buffer {mod_name}.{buf_name} could not be restored; please report this model type")
+    return model.to(device)
+
+
+def export_dense(model: nn.Module, tok, out_dir: str | os.PathLike) -> Path:
+    """Write a plain Hugging Face checkpoint with every ``U V`` multiplied back (for tools that read only dense).
+
+    The model passed in is not modified.
+    """
+    import copy
+
+    dense = copy.deepcopy(model)
+    for name, mod in list(dense.named_modules()):
+        if isinstance(mod, LowRankLinear):
+            lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.factor_u.bias is not None,
+                            dtype=mod.factor_u.weight.dtype, device=mod.factor_u.weight.device)
+            with torch.no_grad():
+                lin.weight.copy_(mod.weight_product)
+                if mod.factor_u.bias is not None:
+                    lin.bias.copy_(mod.factor_u.bias)
+            set_module(dense, name, lin)
+    if hasattr(dense.config, "air_ft"):
+        del dense.config.air_ft
+    strip_quantization(dense)
+    out, tmp = _atomic_dir(out_dir)
+    try:
+        dense.save_pretrained(tmp, safe_serialization=True)
+        if tok is not None:
+            tok.save_pretrained(tmp)
+        _commit(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

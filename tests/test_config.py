@@ -1,0 +1,90 @@
+"""Recipes: every shipped recipe loads; unknown keys list the valid ones; overrides apply; data sources."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from air_ft.config import CompressConfig, RecipeError, load_recipe
+from air_ft.data import load_text, sample_windows
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+
+
+def test_there_are_recipes():
+    assert len(RECIPES) >= 4
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_shipped_recipe_loads(path):
+    recipe = load_recipe(str(path))
+    assert recipe.compress.method in ("svd", "asvd", "fwsvd", "svdllm", "air")
+    assert recipe.data.calibration, "every recipe names calibration data"
+    assert recipe.output_dir
+
+
+def test_unknown_keys_list_valid_ones(tmp_path):
+    bad = tmp_path / "r.yaml"
+    bad.write_text("compress:\n  retension: 0.5\n")
+    with pytest.raises(RecipeError, match=r"compress.retension.*valid keys here.*compress.retention"):
+        load_recipe(str(bad))
+    with pytest.raises(RecipeError, match=r"unknown key\(s\) \['colour'\]"):
+        load_recipe(None, ["colour=red"])
+
+
+def test_overrides_are_typed_and_validated():
+    r = load_recipe(str(ROOT / "recipes/smollm2-135m/air-r60.yaml"),
+                    ["compress.retention=0.4", "compress.include=[mlp]", "output_dir=x"])
+    assert r.compress.retention == 0.4 and r.compress.include == ["mlp"] and r.output_dir == "x"
+    with pytest.raises(RecipeError, match="strictly between 0 and 1"):
+        load_recipe(None, ["compress.retention=1.2"])
+    with pytest.raises(RecipeError, match="must look like"):
+        load_recipe(None, ["compress.retention"])
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe("nope.yaml")
+
+
+def test_defaults_are_valid():
+    cfg = CompressConfig()
+    assert cfg.method == "air" and cfg.delta > 0 and cfg.sweeps == 1
+
+
+def test_text_slices_do_not_overlap(tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_text("abcdefghij" * 10)
+    head, tail = load_text(str(f), 0.0, 0.8), load_text(str(f), 0.8, 1.0)
+    assert head + tail == "abcdefghij" * 10 and len(tail) == 20
+    (tmp_path / "a_x.txt").write_text("A")
+    (tmp_path / "b_x.txt").write_text("B")
+    assert load_text(str(tmp_path / "*_x.txt")) == "AB"
+    with pytest.raises(FileNotFoundError, match="neither a file nor a known dataset"):
+        load_text(str(tmp_path / "missing.txt"))
+    with pytest.raises(ValueError, match="0 <= start < end <= 1"):
+        load_text(str(f), 0.5, 0.2)
+
+
+def test_named_datasets_go_through_datasets(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake(*args, **kwargs):
+        calls.append((args, kwargs))
+        return datasets.Dataset.from_dict({"text": ["first doc", "", "second doc"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    assert load_text("wikitext2", split="test") == "first doc\n\nsecond doc"
+    assert calls[0][0] == ("wikitext", "wikitext-2-raw-v1")
+    load_text("c4", split="validation", max_docs=1)
+    assert calls[1][0] == ("allenai/c4",) and "validation" in calls[1][1]["data_files"]
+
+
+def test_calibration_windows_are_seeded_and_balanced(tokenizer, text):
+    a = sample_windows(tokenizer, [text[:5000], text[5000:]], 6, 20, seed=3)
+    b = sample_windows(tokenizer, [text[:5000], text[5000:]], 6, 20, seed=3)
+    c = sample_windows(tokenizer, [text[:5000], text[5000:]], 6, 20, seed=4)
+    assert a.shape == (6, 20) and a.equal(b) and not a.equal(c)
+    with pytest.raises(ValueError, match="fewer than seq_len"):
+        sample_windows(tokenizer, ["the king"], 2, 50, seed=0)

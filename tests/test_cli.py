@@ -1,0 +1,81 @@
+"""The ``air-ft`` command line on a tiny local model: compress, eval, export-dense, errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+import air_ft
+from air_ft.cli import main
+
+from .conftest import tiny_llama
+
+
+@pytest.fixture
+def workspace(tmp_path, tokenizer, text):
+    model = tiny_llama(vocab_size=len(tokenizer))
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    (tmp_path / "corpus.txt").write_text(text)
+    recipe = {
+        "output_dir": str(tmp_path / "out"),
+        "model": {"name_or_path": str(tmp_path / "base")},
+        "data": {"calibration": [{"source": str(tmp_path / "corpus.txt"), "end": 0.8}],
+                 "evaluation": {"heldout": {"source": str(tmp_path / "corpus.txt"), "start": 0.8}}},
+        "compress": {"method": "air", "retention": 0.5, "num_samples": 8, "seq_len": 32, "progress": False},
+        "eval": {"seq_len": 32},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return tmp_path, path
+
+
+def test_compress_writes_checkpoint_resolved_recipe_and_metadata(workspace, capsys):
+    tmp, recipe = workspace
+    assert main(["compress", "--recipe", str(recipe), "compress.delta=0.5"]) == 0
+    out = tmp / "out"
+    for name in ("air_ft.json", "config.json", "model.safetensors", "recipe.resolved.yaml", "run_metadata.json"):
+        assert (out / name).exists(), name
+    resolved = yaml.safe_load((out / "recipe.resolved.yaml").read_text())
+    assert resolved["compress"]["delta"] == 0.5 and resolved["compress"]["retention"] == 0.5
+    printed = capsys.readouterr().out
+    assert "heldout: ppl" in printed and "retention" in printed
+    model, tok = air_ft.load_compressed(out)
+    assert sum(isinstance(m, air_ft.LowRankLinear) for m in model.modules()) == 14
+
+    assert main(["eval", "--recipe", str(recipe), "--checkpoint", str(out)]) == 0
+    assert "heldout: ppl" in capsys.readouterr().out
+    assert main(["export-dense", str(out), str(tmp / "dense")]) == 0
+    assert (tmp / "dense" / "model.safetensors").exists() and not (tmp / "dense" / "air_ft.json").exists()
+
+
+def test_bad_recipe_fails_fast_with_exit_code_2(workspace, capsys):
+    tmp, recipe = workspace
+    assert main(["compress", "--recipe", str(tmp / "nope.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["compress", "--recipe", str(recipe), "compress.retention=2"]) == 2
+    assert "strictly between 0 and 1" in capsys.readouterr().err
+    assert main(["compress", "--recipe", str(recipe), "compress.warp=9"]) == 2
+    assert "valid keys" in capsys.readouterr().err
+    assert main(["compress", "--recipe", str(recipe), "model.name_or_path=./missing/model"]) == 2
+    assert not (tmp / "out").exists()
+
+
+def test_failure_mid_run_leaves_no_checkpoint(workspace):
+    tmp, recipe = workspace
+    model = tiny_llama(vocab_size=40)
+    with torch.no_grad():
+        model.model.layers[1].post_attention_layernorm.weight.fill_(float("inf"))
+    model.save_pretrained(tmp / "base")
+    with pytest.raises(Exception, match="NaN or Inf"):
+        main(["compress", "--recipe", str(recipe), "compress.cache=false"])
+    assert not (tmp / "out").exists()
+
+
+def test_console_entry_point_runs_as_module():
+    res = subprocess.run([sys.executable, "-m", "air_ft", "--help"], capture_output=True, text=True)
+    assert res.returncode == 0 and "compress" in res.stdout and "train" in res.stdout

@@ -194,7 +194,8 @@ def _layer_inputs(name: str, stats: CalibrationStats | None, cfg: CompressConfig
     if cfg.method in ("svdllm", "air"):
         if group not in whitening_cache:
             whitening_cache.clear()  # layers of one group are adjacent; keep memory bounded
-            whitening_cache[group] = linalg.whitening_factor(stats.grams[group].to(device), cfg.eps)
+            whitening_cache[group] = linalg.whitening_factor(stats.grams[group].to(device), cfg.eps,
+                                                                cfg.whitening)
         out["whitening"] = whitening_cache[group]
     for sig, maps in stats.influence.items():
         if name in maps:

@@ -55,6 +55,8 @@ class CompressConfig:
     tol: float = _f(0.0, "stop sweeping once a sweep improves the objective by less than this (relative)")
     als_dtype: str = _f("float32", "ALS working precision: float32 | float64")
     eps: float = _f(0.0, "initial damping added to the Gram diagonal before Cholesky")
+    whitening: str = _f("cholesky", "square root of the Gram: 'cholesky' (the paper) or 'symmetric' (keeps AIR's "
+                                    "element weights attached to input features); same SVD-LLM(W) result")
     asvd_alpha: float = _f(0.5, "ASVD scaling exponent")
     include: list[str] = _f([], "regexes; compress only layers whose name matches one (empty: all)")
     exclude: list[str] = _f([], "regexes; never compress layers whose name matches one (LM head always excluded)")
@@ -71,6 +73,8 @@ class CompressConfig:
             raise RecipeError(f"influence {self.influence!r} is unknown; choose one of {INFLUENCES}")
         if self.normalization not in NORMALIZATIONS:
             raise RecipeError(f"normalization {self.normalization!r} is unknown; choose one of {NORMALIZATIONS}")
+        if self.whitening not in ("cholesky", "symmetric"):
+            raise RecipeError(f"whitening must be 'cholesky' or 'symmetric', got {self.whitening!r}")
         if self.als_dtype not in ("float32", "float64"):
             raise RecipeError(f"als_dtype must be 'float32' or 'float64', got {self.als_dtype!r}")
         for name, low in (("num_samples", 1), ("seq_len", 2), ("batch_size", 1), ("sweeps", 1)):
@@ -107,8 +111,23 @@ class LoraConfig:
     rank: int = _f(8, "LoRA rank r (higher: more capacity, more memory)")
     alpha: float = _f(16.0, "LoRA alpha (scale alpha/r)")
     dropout: float = _f(0.0, "LoRA dropout")
-    targets: list[str] = _f([], "extra regexes of dense linears to adapt (default: every compressed layer)")
-    merge: str = _f("exact", "'layer' placement merge: 'exact' (rank k+r) or 'truncate' (back to rank k)")
+    targets: list[str] = _f([], "regexes of plain (dense) linears to adapt besides every factored layer; empty: "
+                                "every linear the engine left dense, LM head excepted")
+    merge: str = _f("exact", "'layer' placement merge: 'exact' (rank k+r) or 'truncate' (back to rank k, not exact)")
+
+    def __post_init__(self) -> None:
+        if self.placement not in ("factors", "layer"):
+            raise RecipeError(f"lora.placement {self.placement!r} is unknown; choose 'factors' or 'layer'")
+        if self.merge not in ("exact", "truncate"):
+            raise RecipeError(f"lora.merge {self.merge!r} is unknown; choose 'exact' or 'truncate'")
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise RecipeError(f"lora.rank must be an integer >= 1, got {self.rank!r}")
+        if self.alpha <= 0:
+            raise RecipeError(f"lora.alpha must be > 0, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise RecipeError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
+        if isinstance(self.targets, str):
+            self.targets = [self.targets]
 
 
 @dataclass
@@ -128,6 +147,25 @@ class TrainConfig:
     logging_steps: int = _f(5, "log the loss every N steps")
     seed: int = _f(0, "training seed")
     resume: bool = _f(True, "resume from the newest checkpoint in the output directory if there is one")
+    data: list[dict] = _f([], "training sources [{source, start, end, split}] ('instruction': .jsonl files or HF "
+                          "dataset names with prompt/completion or messages); empty: data.calibration")
+    eval_data: list[dict] = _f([], "held-out sources for the evaluation loss during training (empty: none)")
+    eval_blocks: int = _f(16, "held-out blocks of seq_len tokens evaluated every eval_steps (text format)")
+    progress: bool = _f(True, "show a progress bar (the loss log is written either way)")
+
+    def __post_init__(self) -> None:
+        if self.data_format not in ("text", "instruction"):
+            raise RecipeError(f"train.data_format {self.data_format!r} is unknown; choose 'text' or 'instruction'")
+        for name, low in (("max_steps", 1), ("batch_size", 1), ("grad_accum", 1), ("seq_len", 2),
+                          ("eval_steps", 0), ("save_steps", 0), ("logging_steps", 1), ("eval_blocks", 1)):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < low:
+                raise RecipeError(f"train.{name} must be an integer >= {low}, got {getattr(self, name)!r}")
+        if not self.learning_rate > 0:
+            raise RecipeError(f"train.learning_rate must be > 0, got {self.learning_rate!r}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise RecipeError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.data_format == "instruction" and not self.data:
+            raise RecipeError("train.data_format 'instruction' needs train.data: [{source: file.jsonl}]")
 
 
 @dataclass

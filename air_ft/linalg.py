@@ -16,6 +16,7 @@ __all__ = [
     "rank_for_retention",
     "whitening_factor",
     "eigen_root",
+    "symmetric_root",
     "WhiteningError",
     "truncated_svd",
     "back_project",
@@ -44,8 +45,14 @@ def rank_for_retention(m: int, n: int, retention: float) -> int | None:
     return k
 
 
-def whitening_factor(gram: torch.Tensor, eps: float = 0.0) -> tuple[torch.Tensor, str]:
-    """Lower-triangular ``S`` with ``S S^T = G (+ damping)``, computed in float64.
+def whitening_factor(gram: torch.Tensor, eps: float = 0.0, kind: str = "cholesky") -> tuple[torch.Tensor, str]:
+    """A square root ``S`` with ``S S^T = G (+ damping)``, computed in float64.
+
+    ``kind="cholesky"`` (the paper's) gives a lower-triangular ``S``. ``kind="symmetric"`` gives
+    ``S = Q Lambda^{1/2} Q^T`` (eigenvalues clamped at ``1e-10 lambda_max``). Both whiten equally, so SVD-LLM(W) is
+    the same with either; they differ for AIR, whose weights are element-wise in the whitened coordinates: the
+    columns of ``W Q Lambda^{1/2} Q^T`` stay attached to the input features that the influence map ``I`` indexes,
+    while a Cholesky factor mixes feature ``j`` into every column ``l <= j`` in an order that is arbitrary.
 
     The ladder (AIR_METHOD.md section 2): plain Cholesky of ``G + eps I``; then damping
     ``eps' = max(1.1 |lambda_min|, 1e-6 lambda_max, tiny)``; finally a symmetric eigen square root with clamped
@@ -63,6 +70,10 @@ def whitening_factor(gram: torch.Tensor, eps: float = 0.0) -> tuple[torch.Tensor
     if not torch.isfinite(g).all():
         raise WhiteningError("Gram matrix contains NaN or Inf: calibration activations overflowed; use float32 "
                              "calibration (dtype=float32) or check the model weights")
+    if kind == "symmetric":
+        return symmetric_root(g + eps * torch.eye(n, dtype=torch.float64, device=g.device))
+    if kind != "cholesky":
+        raise ValueError(f"unknown whitening {kind!r}; choose 'cholesky' or 'symmetric'")
     eye = torch.eye(n, dtype=torch.float64, device=g.device)
     s, info = torch.linalg.cholesky_ex(g + eps * eye)
     if info.item() == 0 and torch.isfinite(s).all():
@@ -78,6 +89,19 @@ def whitening_factor(gram: torch.Tensor, eps: float = 0.0) -> tuple[torch.Tensor
     if info.item() == 0 and torch.isfinite(s).all():
         return s, "damped"
     return eigen_root(g), "eigen"
+
+
+def symmetric_root(gram: torch.Tensor, floor: float = 1e-10) -> tuple[torch.Tensor, str]:
+    """``S = Q max(Lambda, floor lambda_max)^{1/2} Q^T``; rung ``"symmetric"`` or ``"symmetric-clamped"``."""
+    evals, evecs = torch.linalg.eigh(gram)
+    lam_max = float(evals.abs().max())
+    if lam_max == 0.0:
+        raise WhiteningError("Gram matrix is all zeros: this layer saw no non-zero input during calibration; "
+                             "exclude it (exclude regex) or use more calibration text")
+    low = floor * lam_max
+    clamped = bool((evals < low).any())
+    root = (evecs * evals.clamp_min(low).sqrt()) @ evecs.T
+    return 0.5 * (root + root.T), "symmetric-clamped" if clamped else "symmetric"
 
 
 def eigen_root(gram: torch.Tensor, floor: float = 1e-10) -> torch.Tensor:
@@ -112,14 +136,19 @@ def back_project(u: torch.Tensor, sigma: torch.Tensor, vh: torch.Tensor,
                  s: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Split ``U diag(sigma) Vh`` into balanced factors and undo the whitening (AIR_METHOD.md section 2, step 4).
 
-    ``U_f = U sqrt(sigma)``, ``V_f = sqrt(sigma) Vh S^{-1}``. ``S^{-1}`` is applied with a triangular solve on the
-    right (``X S = B``), never an explicit inverse. With ``s=None`` no whitening is undone (plain SVD variants).
+    ``U_f = U sqrt(sigma)``, ``V_f = sqrt(sigma) Vh S^{-1}``. ``S^{-1}`` is applied by solving ``X S = B`` on the
+    right (a triangular solve for a Cholesky factor), never an explicit inverse. With ``s=None`` no whitening is
+    undone (plain SVD variants).
     """
     root = sigma.clamp_min(0).sqrt()
     uf = u * root
     vf = root[:, None] * vh
     if s is not None:
-        vf = torch.linalg.solve_triangular(s.to(vf.dtype), vf, upper=False, left=False)
+        s = s.to(vf.dtype)
+        if torch.equal(s, s.tril()):
+            vf = torch.linalg.solve_triangular(s, vf, upper=False, left=False)
+        else:
+            vf = torch.linalg.solve(s, vf, left=False)
     return uf, vf
 
 

@@ -173,3 +173,20 @@ def test_als_tolerance_stops_early():
     w, c, u, s, vh = _instance()
     res = linalg.als_sweep(w, c, u, s, vh, sweeps=50, tol=1e-3, dtype=torch.float64)
     assert 1 < res.sweeps < 50
+
+
+def test_symmetric_root_whitens_like_cholesky_and_gives_the_same_svdllm_solution():
+    torch.manual_seed(4)
+    g = _gram(20)
+    s_sym, rung = linalg.whitening_factor(g, kind="symmetric")
+    assert rung == "symmetric" and torch.allclose(s_sym, s_sym.T)
+    assert torch.allclose(s_sym @ s_sym.T, g, rtol=1e-9, atol=1e-8)
+    s_chol, _ = linalg.whitening_factor(g)
+    w = torch.randn(12, 20, dtype=torch.float64)
+    a = linalg.back_project(*linalg.truncated_svd(w @ s_sym, 5), s_sym)
+    b = linalg.back_project(*linalg.truncated_svd(w @ s_chol, 5), s_chol)
+    assert torch.allclose(a[0] @ a[1], b[0] @ b[1], atol=1e-9)  # W_k is invariant to the choice of root
+    s_low, rung = linalg.whitening_factor(_gram(20, rank=4), kind="symmetric")
+    assert rung == "symmetric-clamped" and torch.isfinite(s_low).all()
+    with pytest.raises(ValueError, match="unknown whitening"):
+        linalg.whitening_factor(g, kind="qr")

@@ -58,6 +58,11 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=32, help="cap per evaluation text (evenly spaced)")
     ap.add_argument("--val-windows", type=int, default=12)
     ap.add_argument("--deltas", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0])
+    ap.add_argument("--signals", nargs="+", default=["fisher", "wxg"])
+    ap.add_argument("--normalizations", nargs="+", default=["mean", "power"])
+    ap.add_argument("--whitenings", nargs="+", default=["cholesky", "symmetric"])
+    ap.add_argument("--baselines", nargs="*", default=["svd", "asvd", "fwsvd", "svdllm"])
+    ap.add_argument("--no-eval", action="store_true", help="validation only (for exploring the AIR grid)")
     ap.add_argument("--output", default="quality_smollm2.json")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -70,40 +75,47 @@ def main() -> None:
     stats = get_stats(dense, tok, cal, find_targets(dense), cfg, influence=True)
     report = {"protocol": __doc__, "args": vars(args), "environment": environment(),
               "calibration": {"seconds": stats.seconds, "cached": stats.cached, "tokens": stats.tokens},
-              "defaults": {k: getattr(defaults, k) for k in ("influence", "normalization", "delta", "sweeps")},
-              "dense": evaluate(dense, tok, evl, args.seq_len, args.eval_windows),
+              "defaults": {k: getattr(defaults, k) for k in ("influence", "normalization", "whitening", "delta",
+                                                              "sweeps")},
+              "dense": {} if args.no_eval else evaluate(dense, tok, evl, args.seq_len, args.eval_windows),
               "dense_validation": val_score(dense, tok, val, args.seq_len, args.val_windows),
               "results": {}}
     print(f"model loaded + calibration in {time.perf_counter() - t0:.0f}s (cached: {stats.cached})")
     best_pair = None
     for rho in args.retentions:
         row = report["results"][str(rho)] = {}
-        for method in ("svd", "asvd", "fwsvd", "svdllm"):
+        for method in args.baselines:
             model, info = run_method(dense, tok, stats, method, rho)
-            row[method] = {"eval": evaluate(model, tok, evl, args.seq_len, args.eval_windows),
+            row[method] = {"eval": {} if args.no_eval else evaluate(model, tok, evl, args.seq_len, args.eval_windows),
                            "validation": val_score(model, tok, val, args.seq_len, args.val_windows),
                            "seconds": info["compression_seconds"], "retention_actual": info["retention_actual"],
                            "model_params": info["model_params_after"], "rungs": _count(info["rungs"])}
             _print(rho, method, row[method])
             del model
-        # AIR: choose signal / normalization / delta on the validation split only
-        pairs = [best_pair] if best_pair else list(itertools.product(("fisher", "wxg"), ("mean", "power")))
+        # AIR: choose signal / normalization / whitening / delta on the validation split only; the first
+        # retention searches every combination, later ones only delta for the best combination
+        combos = [best_pair] if best_pair else list(itertools.product(args.signals, args.normalizations,
+                                                                      args.whitenings))
         grid = {}
-        for (sig, norm), delta in itertools.product(pairs, args.deltas):
-            model, info = run_method(dense, tok, stats, "air", rho, influence=sig, normalization=norm, delta=delta)
+        for (sig, norm, white), delta in itertools.product(combos, args.deltas):
+            model, info = run_method(dense, tok, stats, "air", rho, influence=sig, normalization=norm,
+                                     whitening=white, delta=delta)
             score = val_score(model, tok, val, args.seq_len, args.val_windows)
-            grid[f"{sig}/{norm}/{delta}"] = {"validation": score, "seconds": info["compression_seconds"]}
-            print(f"  rho={rho} air {sig}/{norm}/delta={delta}: validation ppl {score:.2f} "
-                  f"({info['compression_seconds']:.0f}s)")
+            grid[f"{sig}/{norm}/{white}/{delta}"] = {"validation": score, "seconds": info["compression_seconds"]}
+            print(f"  rho={rho} air {sig}/{norm}/{white}/delta={delta}: validation ppl {score:.2f} "
+                  f"({info['compression_seconds']:.0f}s)", flush=True)
             del model
+            report["results"][str(rho)]["air_grid"] = grid
+            write_json(args.output, report)
         chosen = min(grid, key=lambda k: grid[k]["validation"])
-        sig, norm, delta = chosen.split("/")
+        sig, norm, white, delta = chosen.split("/")
         if best_pair is None:
-            best_pair = (sig, norm)
-        model, info = run_method(dense, tok, stats, "air", rho, influence=sig, normalization=norm,
+            best_pair = (sig, norm, white)
+        if args.no_eval:
+            continue
+        model, info = run_method(dense, tok, stats, "air", rho, influence=sig, normalization=norm, whitening=white,
                                  delta=float(delta))
-        row["air_selected"] = {"choice": chosen, "grid": grid, "eval": evaluate(model, tok, evl, args.seq_len,
-                                                                                args.eval_windows),
+        row["air_selected"] = {"choice": chosen, "eval": evaluate(model, tok, evl, args.seq_len, args.eval_windows),
                                "validation": grid[chosen]["validation"], "seconds": info["compression_seconds"],
                                "retention_actual": info["retention_actual"], "rungs": _count(info["rungs"])}
         _print(rho, f"air [{chosen}]", row["air_selected"])
@@ -147,6 +159,8 @@ def _table(report: dict) -> None:
     for rho, row in report["results"].items():
         base = row["svdllm"]["eval"]
         for method, rec in row.items():
+            if method == "air_grid":
+                continue
             gain = " ".join(f"{100 * (rec['eval'][n]['ppl'] / base[n]['ppl'] - 1):+6.1f}%" for n in names)
             print(f"{rho:>9} {method:>14} " + " ".join(f"{rec['eval'][n]['ppl']:12.2f}" for n in names)
                   + f"  {gain}  {rec['seconds']:6.1f}")

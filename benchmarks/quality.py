@@ -19,7 +19,7 @@ import math
 import time
 
 import torch
-from common import MODEL, environment, load_split, write_json
+from common import MODEL, environment, load_split, set_threads, write_json
 
 import air_ft
 from air_ft.compress import get_stats
@@ -64,7 +64,9 @@ def main() -> None:
     ap.add_argument("--baselines", nargs="*", default=["svd", "asvd", "fwsvd", "svdllm"])
     ap.add_argument("--no-eval", action="store_true", help="validation only (for exploring the AIR grid)")
     ap.add_argument("--output", default="quality_smollm2.json")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args()
+    set_threads(args.threads)
     torch.manual_seed(0)
 
     t0 = time.perf_counter()

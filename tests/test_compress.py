@@ -119,3 +119,14 @@ def test_retention_that_saves_nothing_is_rejected(tokenizer):
 def test_methods_needing_data_say_so(model, tokenizer):
     with pytest.raises(RecipeError, match="needs calibration texts"):
         air_ft.compress(model, tokenizer, [], method="svdllm", retention=0.6)
+
+
+def test_svdllm_does_not_depend_on_the_square_root_but_air_does(model, tokenizer, text):
+    a, b, c = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model)
+    air_ft.compress(a, tokenizer, [text], method="svdllm", retention=0.5, whitening="cholesky", **KW)
+    air_ft.compress(b, tokenizer, [text], method="svdllm", retention=0.5, whitening="symmetric", **KW)
+    air_ft.compress(c, tokenizer, [text], method="air", retention=0.5, whitening="symmetric", delta=1.0, **KW)
+    name = "model.layers.1.mlp.gate_proj"
+    wa, wb, wc = (m.get_submodule(name).weight_product for m in (a, b, c))
+    assert torch.allclose(wa, wb, atol=1e-4 * float(wa.abs().max()))
+    assert not torch.allclose(wa, wc, atol=1e-3 * float(wa.abs().max()))

@@ -1,0 +1,145 @@
+"""LoRA recovery of compressed SmolLM2-135M: dense, SVD-LLM(W), AIR, and each + LoRA (both placements).
+
+    PYTHONPATH=. python benchmarks/recovery.py                         # full run; writes JSON after every model
+    PYTHONPATH=. python benchmarks/recovery.py --retentions 0.6 --placements factors --max-steps 50
+
+Protocol: compression as in benchmarks/quality.py (64 x 512-token calibration windows, seed 0, from britannica
+0-70 % and plays 0-45 %; AIR with its default settings). LoRA training text is that same calibration split (a
+subset of "the first 80 % of britannica-11th.txt and the first half of shakespeare-plays.txt", so it never overlaps
+evaluation text), packed into blocks of --seq-len tokens, equal share per source; every LoRA run sees the very same
+blocks in the same order (same seed), i.e. the same number of training tokens. Evaluation as in quality.py:
+britannica 80-100 % and plays 50-100 %, non-overlapping 512-token windows, at most 32 evenly spaced windows per
+text. The file is re-read on start, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+
+import torch
+from common import MODEL, RESULTS, environment, load_split, write_json
+
+import air_ft
+from air_ft.compress import get_stats
+from air_ft.config import CompressConfig
+from air_ft.modeling import find_targets
+
+OUTPUT = "recovery_smollm2.json"
+LABELS = {"svdllm": "SVD-LLM(W)", "air": "AIR"}
+
+
+def evaluate(model, tok, texts: dict[str, str], seq_len: int, windows: int) -> dict:
+    return {name: air_ft.evaluate_perplexity(model, tok, text, seq_len=seq_len, max_windows=windows, batch_size=4)
+            for name, text in texts.items()}
+
+
+def gap_closed(dense: float, before: float, after: float) -> float:
+    """Fraction of the perplexity gap to the dense model that LoRA recovered: (before - after) / (before - dense)."""
+    return (before - after) / (before - dense)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=MODEL)
+    ap.add_argument("--retentions", type=float, nargs="+", default=[0.6, 0.4])
+    ap.add_argument("--methods", nargs="+", default=["svdllm", "air"])
+    ap.add_argument("--placements", nargs="+", default=["factors", "layer"])
+    ap.add_argument("--max-steps", type=int, default=60)
+    ap.add_argument("--seq-len", type=int, default=256, help="training block length")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lora-rank", type=int, default=8)
+    ap.add_argument("--eval-seq-len", type=int, default=512)
+    ap.add_argument("--eval-windows", type=int, default=32)
+    ap.add_argument("--output", default=OUTPUT)
+    ap.add_argument("--fresh", action="store_true", help="ignore an existing results file")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+
+    path = RESULTS / args.output
+    report = json.loads(path.read_text()) if path.exists() and not args.fresh else {}
+    settings = {k: getattr(args, k) for k in ("max_steps", "seq_len", "batch_size", "lr", "lora_rank")}
+    if report.get("train_settings") not in (None, settings):
+        raise SystemExit(f"{path} was written with other training settings {report['train_settings']}; "
+                         "pass --fresh or --output")
+    report.update({"protocol": __doc__, "args": vars(args), "environment": environment(), "train_settings": settings,
+                   "train_tokens": args.max_steps * args.batch_size * args.seq_len})
+    report.setdefault("results", {})
+
+    t0 = time.perf_counter()
+    dense, tok = air_ft.load_model(args.model)
+    cal, evl = load_split("calibration"), load_split("evaluation")
+    stats = get_stats(dense, tok, cal, find_targets(dense), CompressConfig(num_samples=64, seq_len=512),
+                      influence=True)
+    print(f"model + calibration statistics in {time.perf_counter() - t0:.0f}s (cached: {stats.cached})")
+    if "dense" not in report:
+        report["dense"] = evaluate(dense, tok, evl, args.eval_seq_len, args.eval_windows)
+        write_json(args.output, report)
+    for rho in args.retentions:
+        row = report["results"].setdefault(str(rho), {})
+        for method in args.methods:
+            entry = row.setdefault(method, {})
+            compressed = copy.deepcopy(dense)
+            info = air_ft.compress(compressed, tok, None, method=method, retention=rho, stats=stats, progress=False)
+            if "eval" not in entry:
+                entry.update(eval=evaluate(compressed, tok, evl, args.eval_seq_len, args.eval_windows),
+                             retention_actual=info["retention_actual"], model_params=info["model_params_after"])
+                write_json(args.output, report)
+            _line(rho, LABELS[method], entry["eval"], report["dense"])
+            for placement in args.placements:
+                key = f"lora_{placement}"
+                if key in entry:
+                    _line(rho, f"{LABELS[method]}+LoRA[{placement}]", entry[key]["eval"], report["dense"])
+                    continue
+                t1 = time.perf_counter()
+                tuned = air_ft.finetune(copy.deepcopy(compressed), tok, cal, max_steps=args.max_steps,
+                                        lora_rank=args.lora_rank, learning_rate=args.lr, seq_len=args.seq_len,
+                                        batch_size=args.batch_size, seed=0, placement=placement,
+                                        logging_steps=10, progress=False)
+                seconds = time.perf_counter() - t1
+                log = tuned.air_ft_train
+                entry[key] = {"eval": evaluate(tuned, tok, evl, args.eval_seq_len, args.eval_windows),
+                              "train_seconds": seconds, "train_loss": log["train_loss"], "tokens": log["tokens"],
+                              "budget": log["budget"],
+                              "losses": [(e["step"], e["loss"]) for e in log["log"] if "loss" in e],
+                              "ranks_after_merge": sorted({m.rank for m in tuned.modules()
+                                                           if isinstance(m, air_ft.LowRankLinear)})}
+                for name in evl:
+                    entry[key][f"gap_closed_{name}"] = gap_closed(report["dense"][name]["ppl"],
+                                                                  entry["eval"][name]["ppl"],
+                                                                  entry[key]["eval"][name]["ppl"])
+                write_json(args.output, report)
+                _line(rho, f"{LABELS[method]}+LoRA[{placement}]", entry[key]["eval"], report["dense"],
+                      f"  train {seconds:.0f}s")
+                del tuned
+            del compressed
+    _table(report)
+
+
+def _line(rho, label, ev, dense, extra="") -> None:
+    cells = "  ".join(f"{n} {ev[n]['ppl']:8.2f} (dense {dense[n]['ppl']:.2f})" for n in ev)
+    print(f"rho={rho}  {label:<28} {cells}{extra}", flush=True)
+
+
+def _table(report: dict) -> None:
+    names = list(report["dense"])
+    print(f"\n{'retention':<10}{'model':<28}" + "".join(f"{n:>14}" for n in names) + f"{'gap closed (brit.)':>20}")
+    print(f"{'1.0':<10}{'dense':<28}" + "".join(f"{report['dense'][n]['ppl']:>14.2f}" for n in names))
+    for rho, row in report["results"].items():
+        for method, entry in row.items():
+            if "eval" not in entry:
+                continue
+            print(f"{rho:<10}{LABELS[method]:<28}" + "".join(f"{entry['eval'][n]['ppl']:>14.2f}" for n in names))
+            for key, sub in entry.items():
+                if key.startswith("lora_"):
+                    label = f"{LABELS[method]}+LoRA[{key[5:]}]"
+                    closed = sub.get(f"gap_closed_{names[0]}", float("nan"))
+                    print(f"{rho:<10}{label:<28}" + "".join(f"{sub['eval'][n]['ppl']:>14.2f}" for n in names)
+                          + f"{closed:>20.2f}")
+
+
+if __name__ == "__main__":
+    main()

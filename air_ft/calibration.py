@@ -184,17 +184,15 @@ def calibrate(model: nn.Module, windows: torch.Tensor, targets: dict[str, nn.Lin
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """Cheap content hash: the config plus a few statistics of every parameter."""
-    h = hashlib.sha256()
+    """Content hash of the config and every parameter's bytes (exact and independent of thread count)."""
+    h = hashlib.blake2b(digest_size=20)
     cfg = getattr(model, "config", None)
     if cfg is not None:
-        h.update(cfg.to_json_string(use_diff=False).encode())
+        h.update(json.dumps(cfg.to_diff_dict(), sort_keys=True, default=str).encode())
     with torch.no_grad():
         for name, p in model.named_parameters():
-            flat = p.detach().flatten()
-            probe = torch.stack([flat.float().sum(), flat.float().abs().sum(), flat[:8].float().sum()])
-            h.update(name.encode())
-            h.update(probe.cpu().numpy().tobytes())
+            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+            h.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

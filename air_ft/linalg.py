@@ -254,23 +254,32 @@ def als_sweep(target: torch.Tensor, c: torch.Tensor, u: torch.Tensor, sigma: tor
 
     trace = [objective()]
     done = 0
+    tiny = torch.finfo(dtype).tiny
     for _ in range(sweeps):
+        pending: tuple[torch.Tensor, torch.Tensor] | None = None  # last step's -u~ b^T, folded into the next update
         for r in range(len(sg) - 1, -1, -1):
             ur = us[r]
-            resid.addr_(ur, vs[r], alpha=float(sg[r]))  # resid is now E_r
+            if pending is None:
+                resid.addr_(ur, vs[r], alpha=float(sg[r]))  # resid is now E_r
+            else:  # one rank-2 pass instead of two rank-1 passes over the residual
+                resid.addmm_(torch.stack([pending[0], ur * sg[r]], 1), torch.stack([-pending[1], vs[r]], 0))
             torch.mul(c, resid, out=ce)
             den_b = c.T @ (ur * ur)
-            b = (ce.T @ ur) / den_b.clamp_min(torch.finfo(dtype).tiny)  # Eq. 5 (b = sigma_r v_r)
+            b = (ce.T @ ur) / den_b.clamp_min(tiny)  # Eq. 5 (b = sigma_r v_r)
             den_u = c @ (b * b)
-            ut = (ce @ b) / den_u.clamp_min(torch.finfo(dtype).tiny)  # Eq. 6
-            resid.addr_(ut, b, alpha=-1.0)
+            ut = (ce @ b) / den_u.clamp_min(tiny)  # Eq. 6
+            pending = (ut, b)
             nu, nb = torch.linalg.vector_norm(ut), torch.linalg.vector_norm(b)
             if nu > 0 and nb > 0:
                 us[r], vs[r], sg[r] = ut / nu, b / nb, nu * nb
             else:  # a component the weights drive to zero: keep a valid direction, weight 0
                 sg[r] = 0.0
             if track_steps:
+                resid.addr_(ut, b, alpha=-1.0)
+                pending = None
                 trace.append(objective())
+        if pending is not None:
+            resid.addr_(pending[0], pending[1], alpha=-1.0)
         done += 1
         if not track_steps:
             trace.append(objective())

@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
+import json
 import math
 import time
 
 import torch
-from common import MODEL, environment, load_split, set_threads, write_json
+from common import MODEL, RESULTS, environment, load_split, set_threads, write_json
 
 import air_ft
 from air_ft.compress import get_stats
@@ -63,10 +64,16 @@ def main() -> None:
     ap.add_argument("--whitenings", nargs="+", default=["cholesky", "symmetric"])
     ap.add_argument("--baselines", nargs="*", default=["svd", "asvd", "fwsvd", "svdllm"])
     ap.add_argument("--no-eval", action="store_true", help="validation only (for exploring the AIR grid)")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the plot and table from the JSON")
     ap.add_argument("--output", default="quality_smollm2.json")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args()
     set_threads(args.threads)
+    if args.plot_only:
+        report = json.loads((RESULTS / args.output).read_text())
+        _table(report)
+        print(f"wrote {plot(report, RESULTS / args.output.replace('.json', '.png'))}")
+        return
     torch.manual_seed(0)
 
     t0 = time.perf_counter()
@@ -140,7 +147,36 @@ def main() -> None:
         write_json(args.output, report)
     _table(report)
     path = write_json(args.output, report)
-    print(f"wrote {path}")
+    print(f"wrote {path} and {plot(report, path.with_suffix('.png'))}")
+
+
+def plot(report: dict, path):
+    """Perplexity against retention, one panel per evaluation text, log scale (plain SVD explodes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["dense"])
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
+    rhos = sorted(report["results"], key=float)
+    for ax, name in zip(axes[0], names):
+        for method in ("svd", "asvd", "fwsvd", "svdllm", "air"):
+            pts = [(float(r), report["results"][r][method]["eval"][name]["ppl"]) for r in rhos
+                   if method in report["results"][r]]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label={"air": "AIR (defaults)", "svdllm": "SVD-LLM(W)"}.get(
+                    method, method.upper()))
+        ax.axhline(report["dense"][name]["ppl"], color="k", ls="--", lw=1, label="dense")
+        ax.set_yscale("log")
+        ax.set_xlabel("retention of decoder linear parameters")
+        ax.set_ylabel("perplexity (log scale)")
+        ax.set_title(f"SmolLM2-135M, {name} (held out)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def _count(rungs: dict) -> dict:

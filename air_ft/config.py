@@ -91,10 +91,33 @@ class CompressConfig:
             self.exclude = [self.exclude]
 
 
+SOURCE_KEYS = ("source", "start", "end", "split", "max_docs", "drop_lines")
+
+
+def _check_source(spec: object, where: str) -> None:
+    if not isinstance(spec, dict) or "source" not in spec:
+        raise RecipeError(f"{where} must be a mapping with a 'source' key (file, glob, pypi:// asset or dataset "
+                          f"name), got {spec!r}")
+    unknown = sorted(set(spec) - set(SOURCE_KEYS))
+    if unknown:
+        raise RecipeError(f"unknown key(s) {unknown} in {where}; valid keys: {list(SOURCE_KEYS)}")
+
+
 @dataclass
 class DataConfig:
-    calibration: list[dict] = _f([], "text sources for calibration/training: [{source, start, end, split}]")
-    evaluation: dict[str, dict] = _f({}, "named evaluation texts: {name: {source, start, end, split}}")
+    calibration: list[dict] = _f([], "text sources for calibration/training: [{source, start, end, split, "
+                                     "max_docs, drop_lines}]")
+    evaluation: dict[str, dict] = _f({}, "named evaluation texts: {name: {source, start, end, split, ...}}")
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.calibration, list):
+            raise RecipeError("data.calibration must be a list of sources")
+        for i, spec in enumerate(self.calibration):
+            _check_source(spec, f"data.calibration[{i}]")
+        if not isinstance(self.evaluation, dict):
+            raise RecipeError("data.evaluation must map names to sources")
+        for name, spec in self.evaluation.items():
+            _check_source(spec, f"data.evaluation.{name}")
 
 
 @dataclass

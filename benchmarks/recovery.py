@@ -28,6 +28,12 @@ from air_ft.config import CompressConfig
 from air_ft.modeling import find_targets
 
 OUTPUT = "recovery_smollm2.json"
+
+
+def _air_settings() -> dict:
+    """The AIR knobs in force (library defaults), recorded with every AIR evaluation."""
+    cfg = CompressConfig()
+    return {k: getattr(cfg, k) for k in ("influence", "normalization", "whitening", "delta", "sweeps")}
 LABELS = {"svdllm": "SVD-LLM(W)", "air": "AIR"}
 
 
@@ -47,7 +53,7 @@ def main() -> None:
     ap.add_argument("--retentions", type=float, nargs="+", default=[0.6, 0.4])
     ap.add_argument("--methods", nargs="+", default=["svdllm", "air"])
     ap.add_argument("--placements", nargs="+", default=["factors", "layer"])
-    ap.add_argument("--max-steps", type=int, default=60)
+    ap.add_argument("--max-steps", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256, help="training block length")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -56,8 +62,13 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--output", default=OUTPUT)
     ap.add_argument("--fresh", action="store_true", help="ignore an existing results file")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--baseline-from", default=None,
+                    help="results file whose dense and compressed (no LoRA) evaluations to reuse (same protocol)")
     args = ap.parse_args()
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     path = RESULTS / args.output
     report = json.loads(path.read_text()) if path.exists() and not args.fresh else {}
@@ -68,6 +79,18 @@ def main() -> None:
     report.update({"protocol": __doc__, "args": vars(args), "environment": environment(), "train_settings": settings,
                    "train_tokens": args.max_steps * args.batch_size * args.seq_len})
     report.setdefault("results", {})
+    if args.baseline_from:  # deterministic evaluations of the same models: copy rather than recompute
+        base = json.loads((RESULTS / args.baseline_from).read_text())
+        report.setdefault("dense", base["dense"])
+        air_now = _air_settings()
+        for rho, row in base["results"].items():
+            for method, entry in row.items():
+                # an AIR evaluation is reusable only if it was made with today's AIR defaults
+                if "eval" in entry and (method != "air" or entry.get("air_settings") == air_now):
+                    mine = report["results"].setdefault(rho, {}).setdefault(method, {})
+                    for key in ("eval", "retention_actual", "model_params"):
+                        mine.setdefault(key, entry[key])
+        report["baseline_from"] = args.baseline_from
 
     t0 = time.perf_counter()
     dense, tok = air_ft.load_model(args.model)
@@ -78,27 +101,35 @@ def main() -> None:
     if "dense" not in report:
         report["dense"] = evaluate(dense, tok, evl, args.eval_seq_len, args.eval_windows)
         write_json(args.output, report)
-    for rho in args.retentions:
-        row = report["results"].setdefault(str(rho), {})
-        for method in args.methods:
-            entry = row.setdefault(method, {})
-            compressed = copy.deepcopy(dense)
-            info = air_ft.compress(compressed, tok, None, method=method, retention=rho, stats=stats, progress=False)
-            if "eval" not in entry:
-                entry.update(eval=evaluate(compressed, tok, evl, args.eval_seq_len, args.eval_windows),
-                             retention_actual=info["retention_actual"], model_params=info["model_params_after"])
-                write_json(args.output, report)
-            _line(rho, LABELS[method], entry["eval"], report["dense"])
-            for placement in args.placements:
+    # cheapest-first order: every retention's factors placement before any layer placement
+    compressed = {}
+    for placement in args.placements:
+        for rho in args.retentions:
+            row = report["results"].setdefault(str(rho), {})
+            for method in args.methods:
+                entry = row.setdefault(method, {})
                 key = f"lora_{placement}"
                 if key in entry:
                     _line(rho, f"{LABELS[method]}+LoRA[{placement}]", entry[key]["eval"], report["dense"])
                     continue
+                if (rho, method) not in compressed:
+                    model = copy.deepcopy(dense)
+                    info = air_ft.compress(model, tok, None, method=method, retention=rho, stats=stats,
+                                           progress=False)
+                    compressed[rho, method] = model
+                    if "eval" not in entry:
+                        entry.update(eval=evaluate(model, tok, evl, args.eval_seq_len, args.eval_windows),
+                                     retention_actual=info["retention_actual"],
+                                     model_params=info["model_params_after"])
+                        if method == "air":
+                            entry["air_settings"] = _air_settings()
+                        write_json(args.output, report)
+                    _line(rho, LABELS[method], entry["eval"], report["dense"])
                 t1 = time.perf_counter()
-                tuned = air_ft.finetune(copy.deepcopy(compressed), tok, cal, max_steps=args.max_steps,
+                tuned = air_ft.finetune(copy.deepcopy(compressed[rho, method]), tok, cal, max_steps=args.max_steps,
                                         lora_rank=args.lora_rank, learning_rate=args.lr, seq_len=args.seq_len,
                                         batch_size=args.batch_size, seed=0, placement=placement,
-                                        logging_steps=10, progress=False)
+                                        logging_steps=2, progress=False)
                 seconds = time.perf_counter() - t1
                 log = tuned.air_ft_train
                 entry[key] = {"eval": evaluate(tuned, tok, evl, args.eval_seq_len, args.eval_windows),
@@ -115,7 +146,6 @@ def main() -> None:
                 _line(rho, f"{LABELS[method]}+LoRA[{placement}]", entry[key]["eval"], report["dense"],
                       f"  train {seconds:.0f}s")
                 del tuned
-            del compressed
     _table(report)
 
 

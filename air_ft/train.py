@@ -1,0 +1,340 @@
+"""LoRA recovery fine-tuning of a factored model: the ``air-ft train`` / ``air-ft merge`` stages and ``finetune``.
+
+The stage reads top to bottom: load the factored checkpoint (or compress first) -> wrap in PEFT LoRA
+(:mod:`air_ft.lora`) -> build the training data -> TRL ``SFTTrainer`` -> save adapters -> merge into one factored
+checkpoint (:func:`air_ft.save_compressed`) -> log and resolved recipe.
+
+Why TRL's ``SFTTrainer`` (a ``transformers.Trainer`` subclass): it brings instruction data for free (prompt /
+completion and conversational records, loss on the completion only via ``completion_only_loss``) and everything
+the ``Trainer`` does (accelerate / DeepSpeed / FSDP launch, gradient accumulation and checkpointing, cosine schedule
+with warm-up, periodic held-out evaluation, checkpoints and ``resume_from_checkpoint``, tqdm progress). For raw text
+we pack the fixed-length blocks ourselves (:func:`text_blocks`) and hand SFTTrainer tokenized ``input_ids``, which
+it uses as they are: that fixes the exact number of training tokens, keeps each source's share equal (a short
+encyclopaedia next to a long corpus of plays would otherwise be a few per cent of the blocks), and gives every
+method of a comparison the very same blocks. We wrap the model in PEFT ourselves rather than passing
+``peft_config`` because the ``layer`` placement needs a custom LoRA layer registered on the config.
+
+Distributed traps handled (DeepSpeed ZeRO-3): adapters are kept in the base dtype (``autocast_adapter_dtype`` off,
+ZeRO-3 wants one dtype), the adapter file is checked for empty tensors after saving (ZeRO-3 saves empty shards
+unless ``stage3_gather_16bit_weights_on_model_save`` is on, which ``zero3_save_16bit_model: true`` in
+``accelerate_configs/deepspeed_zero3.yaml`` sets),
+and merges gather partitioned parameters first (:func:`air_ft.lora.gathered`); ``run_train`` merges from the saved
+files on the main process, so no partitioned tensor is ever merged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import TrainerCallback, set_seed
+
+from air_ft.config import LoraConfig, Recipe, RecipeError, TrainConfig
+from air_ft.lora import apply_lora, lora_budget, merge_lora
+
+__all__ = ["finetune", "run_train", "run_merge", "text_blocks", "build_trainer", "instruction_dataset", "LossLog",
+           "ADAPTER_MARKER"]
+
+ADAPTER_MARKER = "air_ft_adapter.json"
+
+
+def use_bf16(flag: bool | None) -> bool:
+    """bf16 mixed precision: on by default only on a CUDA device that supports it (CPU trains in fp32)."""
+    if flag is None:
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return bool(flag)
+
+
+def _zero3() -> bool:
+    from accelerate.state import PartialState
+
+    state = PartialState()
+    if state.distributed_type.value != "DEEPSPEED":
+        return False
+    return os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "") == "3"
+
+
+def text_blocks(tok, texts: list[str], seq_len: int, num_blocks: int | None = None, seed: int = 0) -> torch.Tensor:
+    """Pack raw texts into ``(num_blocks, seq_len)`` token blocks, each source contributing an equal share.
+
+    Each text is tokenized once and cut into non-overlapping blocks (the tail is dropped); blocks are then taken
+    from the sources in turn, each source in a seeded random order that is re-shuffled when it runs out (a short
+    source is repeated rather than drowned). ``num_blocks=None`` gives one pass over the longest source per source.
+    """
+    from air_ft.data import token_windows, tokenize_joined
+
+    per_source = []
+    for text in texts:
+        ids = tokenize_joined(tok, text)
+        if ids.numel() >= seq_len:
+            per_source.append(token_windows(ids, seq_len))
+    if not per_source:
+        raise ValueError(f"no training text has {seq_len} tokens; give more text or a shorter train.seq_len")
+    gen = torch.Generator().manual_seed(seed)
+    if num_blocks is None:
+        num_blocks = len(per_source) * max(b.shape[0] for b in per_source)
+    orders = [torch.empty(0, dtype=torch.long) for _ in per_source]
+    out = []
+    for i in range(num_blocks):
+        s = i % len(per_source)
+        if orders[s].numel() == 0:
+            orders[s] = torch.randperm(per_source[s].shape[0], generator=gen)
+        out.append(per_source[s][orders[s][0]])
+        orders[s] = orders[s][1:]
+    return torch.stack(out)
+
+
+def _blocks_dataset(blocks: torch.Tensor):
+    from datasets import Dataset
+
+    return Dataset.from_dict({"input_ids": blocks.tolist()})
+
+
+def instruction_dataset(specs: list[dict]):
+    """Prompt/completion or ``messages`` records from local ``.json``/``.jsonl`` files or HF datasets by name.
+
+    ``messages`` conversations become conversational prompt/completion pairs (the last turn is the completion),
+    so the loss falls on the answer only.
+    """
+    import datasets
+
+    parts = []
+    for spec in specs:
+        source, split = spec["source"], spec.get("split", "train")
+        if source.endswith((".json", ".jsonl")):
+            ds = datasets.load_dataset("json", data_files=source, split="train")
+        else:
+            ds = datasets.load_dataset(source, spec.get("subset"), split=split)
+        if spec.get("max_docs"):
+            ds = ds.select(range(min(int(spec["max_docs"]), len(ds))))
+        cols = set(ds.column_names)
+        if "messages" in cols:
+            ds = ds.map(lambda ex: {"prompt": ex["messages"][:-1], "completion": ex["messages"][-1:]},
+                        remove_columns=ds.column_names)
+        elif not {"prompt", "completion"} <= cols:
+            raise RecipeError(f"instruction data {source!r} needs 'prompt' and 'completion' or 'messages' fields; "
+                              f"it has {sorted(cols)}")
+        else:
+            ds = ds.select_columns(["prompt", "completion"])
+        parts.append(ds)
+    return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+
+
+class LossLog(TrainerCallback):
+    """Append every Trainer log entry (loss, learning rate, eval loss) to a JSON-lines file on the main process."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+def build_trainer(model: nn.Module, tok, train_ds, eval_ds, cfg: TrainConfig, output_dir: str | Path,
+                  callbacks: list | None = None):
+    """TRL ``SFTTrainer`` on an already PEFT-wrapped model (cosine schedule, warm-up, fp32 on CPU)."""
+    from trl import SFTConfig, SFTTrainer
+
+    bf16 = use_bf16(cfg.bf16)
+    has_eval = eval_ds is not None and cfg.eval_steps > 0
+    args = SFTConfig(
+        output_dir=str(output_dir), max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
+        lr_scheduler_type="cosine", warmup_steps=cfg.warmup_ratio, per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        bf16=bf16, fp16=False, use_cpu=not torch.cuda.is_available(),
+        eval_strategy="steps" if has_eval else "no", eval_steps=cfg.eval_steps if has_eval else None,
+        save_strategy="steps" if cfg.save_steps > 0 else "no", save_steps=cfg.save_steps or cfg.max_steps,
+        logging_steps=cfg.logging_steps, logging_first_step=True, seed=cfg.seed, data_seed=cfg.seed,
+        report_to="none", max_length=cfg.seq_len, packing=False, dataset_text_field="text",
+        completion_only_loss=True if cfg.data_format == "instruction" else None,
+        dataloader_num_workers=0, remove_unused_columns=True, weight_decay=0.0, disable_tqdm=not cfg.progress,
+    )
+    if cfg.gradient_checkpointing:
+        model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks need an input that requires grad
+    return SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds if has_eval else None,
+                      processing_class=tok, callbacks=callbacks or [])
+
+
+def _datasets(tok, cfg: TrainConfig, train_texts, eval_texts, world: int):
+    """Training and held-out datasets: packed blocks for ``text``, records for ``instruction``."""
+    if cfg.data_format == "instruction":
+        return train_texts, eval_texts  # already datasets of prompt/completion records
+    needed = cfg.max_steps * cfg.batch_size * cfg.grad_accum * world
+    train = _blocks_dataset(text_blocks(tok, train_texts, cfg.seq_len, needed, cfg.seed))
+    evald = None
+    if eval_texts:
+        evald = _blocks_dataset(text_blocks(tok, eval_texts, cfg.seq_len, cfg.eval_blocks, cfg.seed))
+    return train, evald
+
+
+def finetune(model: nn.Module, tok, texts: list[str], max_steps: int = 100, lora_rank: int = 8,
+             learning_rate: float = 2e-4, seq_len: int = 512, batch_size: int = 4, seed: int = 0,
+             placement: str = "factors", lora_alpha: float | None = None, lora_dropout: float = 0.0,
+             merge: str = "exact", eval_texts: list[str] | None = None, output_dir: str | None = None,
+             **train_options) -> nn.Module:
+    """LoRA recovery fine-tuning from Python; returns the merged factored model, ready to evaluate.
+
+    Args:
+        model: a model compressed by :func:`air_ft.compress` (LowRankLinear layers). It is wrapped and merged
+            in place: keep a copy if the un-tuned model is still needed.
+        tok: its tokenizer.
+        texts: raw training texts, packed into ``seq_len`` blocks (equal share per text).
+        max_steps, learning_rate, seq_len, batch_size, seed: as in :class:`air_ft.config.TrainConfig`; trains on
+            ``max_steps * batch_size * grad_accum`` blocks of ``seq_len`` tokens.
+        lora_rank, lora_alpha, lora_dropout, placement, merge: as in :class:`air_ft.config.LoraConfig`
+            (``lora_alpha`` defaults to ``2 * lora_rank``).
+        eval_texts: held-out texts for the periodic evaluation loss.
+        output_dir: where checkpoints and the loss log go (default: a temporary directory, removed afterwards).
+        train_options: any other :class:`TrainConfig` field (``grad_accum``, ``warmup_ratio``, ``eval_steps``...).
+
+    Returns:
+        The merged model (plain transformers model with LowRankLinear layers; rank ``k`` for ``factors``,
+        ``k + r`` for ``layer`` with ``merge="exact"``), in eval mode. ``model.air_ft_train`` holds the log.
+    """
+    cfg = TrainConfig(max_steps=max_steps, learning_rate=learning_rate, seq_len=seq_len, batch_size=batch_size,
+                      seed=seed, **{"save_steps": 0, "eval_steps": 25 if eval_texts else 0, **train_options})
+    lcfg = LoraConfig(placement=placement, rank=lora_rank, alpha=lora_alpha if lora_alpha else 2.0 * lora_rank,
+                      dropout=lora_dropout, merge=merge)
+    set_seed(seed)  # adapter initialization (lora_A) is random
+    peft_model = apply_lora(model, lcfg.placement, lcfg.rank, lcfg.alpha, lcfg.dropout, lcfg.targets, lcfg.merge)
+    budget = lora_budget(peft_model)
+    with tempfile.TemporaryDirectory(prefix="air_ft_train_") as tmp:
+        out = Path(output_dir or tmp)
+        train_ds, eval_ds = _datasets(tok, cfg, texts, eval_texts, 1)
+        trainer = build_trainer(peft_model, tok, train_ds, eval_ds, cfg, out / "checkpoints",
+                                [LossLog(out / "train_log.jsonl")])
+        result = trainer.train()
+        log = list(trainer.state.log_history)
+    merged = merge_lora(peft_model)
+    merged.eval()
+    merged.air_ft_train = {"budget": budget, "train_loss": result.training_loss, "log": log,
+                           "tokens": cfg.max_steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len}
+    return merged
+
+
+def _load_base(recipe: Recipe, out: Path):
+    """The factored model to train: ``train.compressed_path``, or compress now (saved under ``out/base``)."""
+    import air_ft
+
+    if recipe.train.compressed_path:
+        model, tok = air_ft.load_compressed(recipe.train.compressed_path, dtype=recipe.model.dtype)
+        return model, tok, recipe.train.compressed_path
+    from air_ft.cli import run_compress
+
+    base_recipe = Recipe(**{**recipe.__dict__, "output_dir": str(out / "base")})
+    from accelerate import PartialState
+
+    state = PartialState()
+    with state.main_process_first():  # compress once; the other ranks then read the saved checkpoint
+        if state.is_main_process and not (out / "base" / "air_ft.json").exists():
+            run_compress(base_recipe)
+    model, tok = air_ft.load_compressed(out / "base", dtype=recipe.model.dtype)
+    return model, tok, str(out / "base")
+
+
+def run_train(recipe: Recipe, callbacks: list | None = None) -> dict:
+    """``air-ft train``: LoRA on a factored checkpoint, then adapters + merged factored checkpoint + logs.
+
+    Writes into ``output_dir``: ``checkpoints/`` (Trainer checkpoints, resumable), ``adapter/`` (PEFT adapter and
+    ``air_ft_adapter.json``), ``merged/`` (factored checkpoint for :func:`air_ft.load_compressed`),
+    ``train_log.jsonl``, ``train_summary.json``, ``recipe.resolved.yaml``.
+    """
+    from accelerate import PartialState
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from air_ft.cli import _texts, save_resolved
+
+    cfg, lcfg, out = recipe.train, recipe.lora, Path(recipe.output_dir)
+    if not cfg.data and not recipe.data.calibration:
+        raise RecipeError("no training data: set train.data (or data.calibration) to [{source: ...}]")
+    state = PartialState()
+    if state.is_main_process:
+        save_resolved(recipe, out)
+    model, tok, base_path = _load_base(recipe, out)
+    if cfg.data_format == "instruction":
+        train_src = instruction_dataset(cfg.data)
+        eval_src = instruction_dataset(cfg.eval_data) if cfg.eval_data else None
+    else:
+        train_src = _texts(cfg.data or recipe.data.calibration)
+        eval_src = _texts(cfg.eval_data) if cfg.eval_data else None
+    set_seed(cfg.seed)
+    peft_model = apply_lora(model, lcfg.placement, lcfg.rank, lcfg.alpha, lcfg.dropout, lcfg.targets, lcfg.merge,
+                            autocast_adapter_dtype=not _zero3())
+    budget = lora_budget(peft_model)
+    if state.is_main_process:
+        print(f"LoRA ({lcfg.placement}, r={lcfg.rank}): {budget['trainable_params']:,} trainable parameters; "
+              f"retention {budget['retention']:.3f} without adapters, {budget['retention_with_adapters']:.3f} with")
+    train_ds, eval_ds = _datasets(tok, cfg, train_src, eval_src, state.num_processes)
+    ckpt_dir = out / "checkpoints"
+    trainer = build_trainer(peft_model, tok, train_ds, eval_ds, cfg, ckpt_dir,
+                            [LossLog(out / "train_log.jsonl"), *(callbacks or [])])
+    last = get_last_checkpoint(str(ckpt_dir)) if cfg.resume and ckpt_dir.is_dir() else None
+    if last and state.is_main_process:
+        print(f"resuming from {last}")
+    result = trainer.train(resume_from_checkpoint=last)
+    adapter_dir = out / "adapter"
+    trainer.save_model(str(adapter_dir))  # collective under ZeRO-3: every rank must call it
+    summary = {"budget": budget, "train_loss": result.training_loss, "global_step": trainer.state.global_step,
+               "resumed_from": last, "tokens": cfg.max_steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len
+               * state.num_processes, "base": base_path}
+    if state.is_main_process:
+        meta = {"base": os.path.abspath(base_path), "placement": lcfg.placement, "rank": lcfg.rank,
+                "alpha": lcfg.alpha, "dropout": lcfg.dropout, "targets": lcfg.targets, "merge": lcfg.merge}
+        (adapter_dir / ADAPTER_MARKER).write_text(json.dumps(meta, indent=2))
+        merged_path = run_merge(str(adapter_dir), str(out / "merged"), base_path, dtype=recipe.model.dtype)
+        summary["merged"] = str(merged_path)
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        print(f"saved adapters to {adapter_dir} and the merged factored checkpoint to {merged_path}")
+    state.wait_for_everyone()
+    return summary
+
+
+def _read_adapter(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = adapter_dir / "adapter_model.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"{adapter_dir} has no adapter_model.safetensors; is it an `air-ft train` adapter?")
+    state = load_file(str(path))
+    empty = [k for k, v in state.items() if v.numel() == 0]
+    if not state or empty:
+        raise RuntimeError(f"adapter file {path} holds empty tensors ({empty[:3]}): under DeepSpeed ZeRO-3 set "
+                           "zero3_save_16bit_model: true (accelerate_configs/deepspeed_zero3.yaml)")
+    return state
+
+
+def run_merge(adapter_dir: str, output_dir: str, base: str | None = None, dtype: str | None = None) -> Path:
+    """``air-ft merge``: adapters + factored base -> one factored checkpoint that :func:`load_compressed` reads."""
+    from peft import set_peft_model_state_dict
+
+    import air_ft
+
+    adir = Path(adapter_dir)
+    marker = adir / ADAPTER_MARKER
+    if not marker.exists():
+        raise FileNotFoundError(f"{adir} has no {ADAPTER_MARKER}; pass an adapter directory written by `air-ft train`")
+    meta = json.loads(marker.read_text())
+    model, tok = air_ft.load_compressed(base or meta["base"], dtype=dtype)
+    peft_model = apply_lora(model, meta["placement"], meta["rank"], meta["alpha"], meta["dropout"], meta["targets"],
+                            meta["merge"])
+    state = _read_adapter(adir)
+    res = set_peft_model_state_dict(peft_model, state)
+    expected = {n for n, _ in peft_model.named_parameters() if "lora_" in n}
+    missing = [k for k in res.missing_keys if "lora_" in k]
+    if res.unexpected_keys or missing or not expected:
+        raise RuntimeError(f"adapter {adir} does not fit base {base or meta['base']}: missing {missing[:3]}, "
+                           f"unexpected {list(res.unexpected_keys)[:3]}")
+    budget = lora_budget(peft_model)
+    merged = merge_lora(peft_model)
+    return air_ft.save_compressed(merged, tok, output_dir,
+                                  metadata={"lora": meta, "budget": budget, "adapter": str(adir.resolve())})
+

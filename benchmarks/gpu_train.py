@@ -1,0 +1,172 @@
+"""GPU training throughput and peak memory: factored + LoRA against dense + LoRA at the same LoRA rank.
+
+    python benchmarks/gpu_train.py --shape 1b                                             # single GPU, bf16
+    accelerate launch --config_file accelerate_configs/single_gpu.yaml benchmarks/gpu_train.py --shape 7b
+    accelerate launch --config_file accelerate_configs/deepspeed_zero2.yaml benchmarks/gpu_train.py --shape 1b
+
+A LLaMA-shaped model with random weights (Llama-3.2-1B or Llama-2-7B dimensions; no download) is trained with the
+product's own trainer (:func:`air_ft.train.build_trainer`, TRL SFTTrainer, bf16) on random tokens, once dense with
+LoRA on every decoder linear and once factored at ``--retention`` with LoRA on the factors (``factors`` placement)
+or on each factored layer (``layer``), same rank. Factors are random too: the throughput and memory of a factored
+layer do not depend on its values. Reported per variant: tokens/s over the timed steps (after ``--warmup`` steps),
+peak allocated GPU memory, trainable and total parameters. Writes benchmarks/results/gpu_train_<shape>_<mode>.json.
+
+Needs a CUDA GPU; without one it stops with a message (it has not been run in the CPU-only development sandbox).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+from common import environment, write_json
+from transformers import TrainerCallback
+
+SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab
+    "1b": (2048, 8192, 16, 32, 8, 128256),
+    "3b": (3072, 8192, 28, 24, 8, 128256),
+    "7b": (4096, 11008, 32, 32, 32, 32000),
+    "tiny": (64, 128, 2, 4, 2, 256),  # CPU smoke test of the script itself (--cpu-smoke-test)
+}
+CUDA = torch.cuda.is_available()
+
+
+def _sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def _tokenizer():
+    """A two-token tokenizer: the data are random ids, the trainer only needs pad/eos ids for collation."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel({"<pad>": 0, "<eos>": 1}, unk_token="<pad>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>")
+
+
+def build_model(shape: str, factored: bool, retention: float, dtype: torch.dtype, device: str):
+    """Random-weight LLaMA; with ``factored`` every decoder linear becomes a LowRankLinear at the engine's ranks."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from air_ft.compress import plan_ranks
+    from air_ft.modeling import LowRankLinear, find_targets, set_module
+
+    hidden, inter, layers, heads, kv, vocab = SHAPES[shape]
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
+                      max_position_embeddings=4096)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype)
+    if factored:
+        for name, k in plan_ranks(find_targets(model), retention).items():
+            dense = model.get_submodule(name)
+            if k is not None:
+                set_module(model, name, LowRankLinear(dense.in_features, dense.out_features, k,
+                                                      bias=dense.bias is not None, dtype=dtype, device=device))
+    return model
+
+
+class Timer(TrainerCallback):
+    """Wall time and peak memory from the end of ``warmup`` steps to the end of training."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.t0, self.seconds, self.timed_steps = warmup, 0.0, 0.0, 0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.warmup:
+            _sync()
+            if CUDA:
+                torch.cuda.reset_peak_memory_stats()
+            self.t0 = time.perf_counter()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        _sync()
+        self.seconds, self.timed_steps = time.perf_counter() - self.t0, state.global_step - self.warmup
+
+
+def run_variant(args, factored: bool) -> dict:
+    from datasets import Dataset
+
+    from air_ft.config import TrainConfig
+    from air_ft.lora import apply_lora, lora_budget
+    from air_ft.train import build_trainer
+
+    if CUDA:
+        torch.cuda.empty_cache()
+    torch.manual_seed(0)
+    dtype, device = (torch.bfloat16, "cuda") if CUDA else (torch.float32, "cpu")
+    model = build_model(args.shape, factored, args.retention, dtype, device)
+    if factored:
+        peft_model = apply_lora(model, args.placement, args.lora_rank, 2.0 * args.lora_rank)
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        peft_model = get_peft_model(model, LoraConfig(
+            r=args.lora_rank, lora_alpha=2 * args.lora_rank, task_type="CAUSAL_LM",
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    budget = lora_budget(peft_model) if factored else {
+        "trainable_params": sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
+        "total_params": sum(p.numel() for p in peft_model.parameters())}
+    vocab = SHAPES[args.shape][5]
+    steps = args.warmup + args.steps
+    ids = torch.randint(0, vocab, (steps * args.batch_size, args.seq_len), generator=torch.Generator().manual_seed(0))
+    data = Dataset.from_dict({"input_ids": ids.tolist()})
+    cfg = TrainConfig(max_steps=steps, learning_rate=1e-4, batch_size=args.batch_size, seq_len=args.seq_len,
+                      bf16=CUDA, gradient_checkpointing=args.gradient_checkpointing, eval_steps=0, save_steps=0,
+                      logging_steps=max(1, steps // 4), progress=False)
+    timer = Timer(args.warmup)
+    trainer = build_trainer(peft_model, _tokenizer(), data, None, cfg, f"/tmp/air_ft_gpu_train/{args.shape}",
+                            [timer])
+    trainer.train()
+    world = trainer.accelerator.num_processes
+    tokens = timer.timed_steps * args.batch_size * args.seq_len * world
+    peak = torch.cuda.max_memory_allocated() / 2**30 if CUDA else None
+    out = {"tokens_per_s": tokens / timer.seconds, "peak_memory_gib": peak,
+           "processes": world, "timed_steps": timer.timed_steps, **budget}
+    del trainer, peft_model, model
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    ap.add_argument("--retention", type=float, default=0.6)
+    ap.add_argument("--placement", choices=["factors", "layer"], default="factors")
+    ap.add_argument("--lora-rank", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=20, help="timed steps")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--cpu-smoke-test", action="store_true", help="run --shape tiny on CPU to check the script only")
+    args = ap.parse_args()
+    if args.cpu_smoke_test:
+        args.shape, args.seq_len, args.steps, args.warmup = "tiny", 32, 2, 1
+    elif not CUDA:
+        sys.exit("gpu_train.py needs a CUDA GPU (bf16 training throughput); none is visible here. Run it on a GPU "
+                 "machine, e.g. `python benchmarks/gpu_train.py --shape 1b`.")
+    if CUDA and not torch.cuda.is_bf16_supported():
+        sys.exit("this GPU does not support bf16; the benchmark measures bf16 training (Ampere or newer)")
+
+    from accelerate import PartialState
+
+    state = PartialState()
+    mode = state.distributed_type.value.lower()
+    report = {"args": vars(args), "environment": environment(),
+              "device": torch.cuda.get_device_name() if CUDA else "cpu (smoke test, not a measurement)",
+              "distributed": mode, "results": {}}
+    for label, factored in (("dense+lora", False), (f"factored+lora[{args.placement}]", True)):
+        res = report["results"][label] = run_variant(args, factored)
+        if state.is_main_process:
+            peak = f"{res['peak_memory_gib']:6.2f} GiB" if res["peak_memory_gib"] is not None else "n/a"
+            print(f"{label:<28} {res['tokens_per_s']:>10.0f} tokens/s  peak {peak}  "
+                  f"trainable {res['trainable_params']:,} of {res['total_params']:,}", flush=True)
+    if state.is_main_process and not args.cpu_smoke_test:
+        print(f"wrote {write_json(f'gpu_train_{args.shape}_{mode}.json', report)}")
+
+
+if __name__ == "__main__":
+    main()

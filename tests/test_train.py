@@ -1,0 +1,244 @@
+"""The training stage on a tiny in-process LLaMA: one step leaves the base alone, the loss falls, checkpoints
+resume, the merged checkpoint reproduces the adapter model, and ``accelerate launch`` runs end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback
+
+import air_ft
+from air_ft.config import load_recipe
+from air_ft.lora import apply_lora
+from air_ft.train import build_trainer, finetune, run_train, text_blocks
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ("the of and to in a is that it was for on as with by he his at from this be which or an are had not but "
+         "king queen lord sword castle river city north south east west army ship gold iron wheat wine").split()
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over a fixed vocabulary, built locally (no downloads)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<unk>": 1, "<eos>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
+
+
+def make_text(n_words: int, seed: int) -> str:
+    """Text with learnable structure: word i is usually followed by word i+1."""
+    g = torch.Generator().manual_seed(seed)
+    idx, out = 0, []
+    for _ in range(n_words):
+        idx = (idx + 1) % len(WORDS) if torch.rand(1, generator=g) < 0.9 else int(torch.randint(len(WORDS), (1,),
+                                                                                               generator=g))
+        out.append(WORDS[idx])
+    return " ".join(out)
+
+
+def make_compressed(seed: int = 0):
+    torch.manual_seed(seed)
+    tok = make_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      pad_token_id=0, eos_token_id=2, bos_token_id=2)
+    model = LlamaForCausalLM(cfg)
+    air_ft.compress(model, tok, None, method="svd", retention=0.6, progress=False)
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def compressed_dir(tmp_path_factory) -> Path:
+    model, tok = make_compressed()
+    return air_ft.save_compressed(model, tok, tmp_path_factory.mktemp("base") / "svd")
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "train.txt"
+    path.write_text(make_text(6000, 0))
+    return path
+
+
+def tiny_recipe(tmp_path: Path, base: Path, text: Path, *overrides: str):
+    return load_recipe(str(ROOT / "recipes" / "tiny" / "svd-lora.yaml"),
+                       [f"output_dir={tmp_path / 'run'}", f"train.compressed_path={base}",
+                        f"train.data=[{{source: {text}}}]", *overrides])
+
+
+def test_text_blocks_share_sources_equally_and_are_seeded():
+    tok = make_tokenizer()
+    short, long = make_text(100, 1), make_text(2000, 2)
+    blocks = text_blocks(tok, [short, long], seq_len=16, num_blocks=20, seed=0)
+    assert blocks.shape == (20, 16)
+    short_ids = tok(short, add_special_tokens=False).input_ids
+    short_windows = {tuple(short_ids[i:i + 16]) for i in range(0, len(short_ids) - 15, 16)}
+    assert all(tuple(b.tolist()) in short_windows for b in blocks[0::2])  # every other block: the short source
+    torch.testing.assert_close(blocks, text_blocks(tok, [short, long], 16, 20, seed=0))
+    assert not torch.equal(blocks, text_blocks(tok, [short, long], 16, 20, seed=1))
+
+
+def test_one_step_changes_adapters_and_leaves_base_factors_alone(tmp_path):
+    model, tok = make_compressed()
+    peft_model = apply_lora(model, "factors", rank=4)
+    before = {n: p.detach().clone() for n, p in peft_model.named_parameters()}
+    from air_ft.config import TrainConfig
+    from air_ft.train import _datasets
+
+    cfg = TrainConfig(max_steps=1, learning_rate=1e-2, seq_len=32, batch_size=2, warmup_ratio=0.0, save_steps=0,
+                      eval_steps=0, logging_steps=1, progress=False)
+    train_ds, _ = _datasets(tok, cfg, [make_text(500, 0)], None, 1)
+    build_trainer(peft_model, tok, train_ds, None, cfg, tmp_path).train()
+    after = dict(peft_model.named_parameters())
+    lora_a = [n for n in before if "lora_A" in n]
+    base = [n for n in before if "lora_" not in n]
+    assert lora_a and any("factor_u.base_layer" in n for n in base)
+    assert all(torch.equal(before[n], after[n].detach()) for n in base)
+    # lora_B starts at zero, so after one step it moved (lora_A only moves from the second step on)
+    assert all(not torch.equal(before[n], after[n].detach()) for n in before if "lora_B" in n)
+
+
+def test_loss_falls_over_a_few_dozen_steps():
+    model, tok = make_compressed()
+    tuned = finetune(model, tok, [make_text(4000, 0)], max_steps=24, lora_rank=4, learning_rate=1e-2, seq_len=32,
+                     batch_size=4, seed=0, logging_steps=1, progress=False)
+    losses = [e["loss"] for e in tuned.air_ft_train["log"] if "loss" in e]
+    assert len(losses) == 24
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.2
+    assert not tuned.training and not any("lora_" in n for n, _ in tuned.named_parameters())
+
+
+class _Crash(TrainerCallback):
+    """Kill the run after ``step`` optimizer steps, as an interruption would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt("simulated interruption")
+
+
+def _adapter(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, compressed_dir, text_file):
+    steps = ["train.max_steps=4", "train.save_steps=2", "train.eval_steps=0"]
+    recipe = tiny_recipe(tmp_path, compressed_dir, text_file, *steps)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(recipe, callbacks=[_Crash(3)])
+    assert (tmp_path / "run" / "checkpoints" / "checkpoint-2").is_dir()
+    assert not (tmp_path / "run" / "adapter").exists()
+    summary = run_train(recipe)
+    assert summary["resumed_from"].endswith("checkpoint-2") and summary["global_step"] == 4
+
+    straight = tiny_recipe(tmp_path / "straight", compressed_dir, text_file, *steps)
+    run_train(straight)
+    resumed, reference = _adapter(tmp_path / "run"), _adapter(tmp_path / "straight" / "run")
+    assert resumed.keys() == reference.keys()
+    for key in reference:
+        torch.testing.assert_close(resumed[key], reference[key], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("placement", ["factors", "layer"])
+def test_merged_checkpoint_reproduces_the_adapter_model(tmp_path, compressed_dir, text_file, placement):
+    recipe = tiny_recipe(tmp_path, compressed_dir, text_file, f"lora.placement={placement}", "train.max_steps=3",
+                         "train.learning_rate=0.01", "train.eval_steps=0", "train.save_steps=0")
+    run_train(recipe)
+    run = tmp_path / "run"
+    meta = json.loads((run / "adapter" / "air_ft_adapter.json").read_text())
+    base, tok = air_ft.load_compressed(meta["base"])
+    peft_model = apply_lora(base, placement, meta["rank"], meta["alpha"], meta["dropout"], meta["targets"])
+    from peft import set_peft_model_state_dict
+
+    set_peft_model_state_dict(peft_model, _adapter(run))
+    merged, _ = air_ft.load_compressed(run / "merged")
+    x = torch.tensor([tok(make_text(40, 9), add_special_tokens=False).input_ids])
+    with torch.no_grad():
+        expected = peft_model(input_ids=x).logits
+        with peft_model.disable_adapter():
+            untuned = peft_model(input_ids=x).logits
+        got = merged(input_ids=x).logits
+    assert (expected - untuned).abs().max() > 1e-4  # training changed the model
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    extra = meta["rank"] if placement == "layer" else 0
+    ranks = json.loads((run / "merged" / "air_ft.json").read_text())["ranks"]
+    base_ranks = json.loads((compressed_dir / "air_ft.json").read_text())["ranks"]
+    assert ranks == {k: v + extra for k, v in base_ranks.items()}
+    # `air-ft merge` writes the same checkpoint
+    from air_ft.cli import main
+
+    assert main(["merge", "--adapter", str(run / "adapter"), "--output", str(tmp_path / "merged2")]) == 0
+    remerged, _ = air_ft.load_compressed(tmp_path / "merged2")
+    with torch.no_grad():
+        torch.testing.assert_close(remerged(input_ids=x).logits, got, atol=0, rtol=0)
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert any("loss" in e for e in log) and (run / "recipe.resolved.yaml").exists()
+
+
+def test_instruction_data_puts_the_loss_on_the_completion_only(tmp_path):
+    model, tok = make_compressed()
+    path = tmp_path / "sft.jsonl"
+    rows = [{"prompt": make_text(12, i), "completion": " " + make_text(6, 100 + i)} for i in range(8)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    from air_ft.config import TrainConfig
+    from air_ft.train import instruction_dataset
+
+    cfg = TrainConfig(max_steps=1, seq_len=64, batch_size=2, data_format="instruction", data=[{"source": str(path)}],
+                      eval_steps=0, save_steps=0, progress=False)
+    trainer = build_trainer(apply_lora(model, "factors", rank=2), tok, instruction_dataset(cfg.data), None, cfg,
+                            tmp_path / "out")
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    n_prompt = len(tok(rows[0]["prompt"], add_special_tokens=False).input_ids)
+    labels = batch["labels"][0]
+    assert (labels[:n_prompt] == -100).all() and (labels[n_prompt:] != -100).any()
+
+
+def test_every_recipe_parses():
+    recipes = sorted((ROOT / "recipes").rglob("*.yaml"))
+    assert any("lora" in p.name for p in recipes)
+    for path in recipes:
+        load_recipe(str(path))
+
+
+def test_accelerate_launch_cpu_end_to_end(tmp_path, compressed_dir, text_file):
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    out = tmp_path / "launched"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "accelerate_configs" / "cpu.yaml"), "-m", "air_ft", "train",
+           "--recipe", str(ROOT / "recipes" / "tiny" / "svd-lora.yaml"), f"output_dir={out}",
+           f"train.compressed_path={compressed_dir}", f"train.data=[{{source: {text_file}}}]",
+           f"train.eval_data=[{{source: {text_file}, start: 0.9}}]", "train.max_steps=2", "train.eval_steps=1"]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["global_step"] == 2 and summary["budget"]["trainable_params"] > 0
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert any("eval_loss" in e for e in log)
+    model, _ = air_ft.load_compressed(out / "merged")
+    resolved = yaml.safe_load((out / "recipe.resolved.yaml").read_text())
+    assert resolved["train"]["max_steps"] == 2 and model.config.air_ft["ranks"]
+
+
+def test_an_adapter_saved_empty_is_refused(tmp_path):
+    """What DeepSpeed ZeRO-3 writes without gathering: zero-size shards. Merging them would silently do nothing."""
+    from safetensors.torch import save_file
+
+    from air_ft.train import _read_adapter
+
+    save_file({"base_model.model.x.lora_A.weight": torch.empty(0)}, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(RuntimeError, match="zero3_save_16bit_model"):
+        _read_adapter(tmp_path)

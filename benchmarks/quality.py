@@ -50,6 +50,15 @@ def run_method(dense, tok, stats, method, retention, **opts):
     return model, info
 
 
+def air_defaults(dense, tok, stats, rho, evl, val, args) -> dict:
+    """AIR with the library's defaults: evaluation, validation, time, size."""
+    model, info = run_method(dense, tok, stats, "air", rho)
+    return {"eval": evaluate(model, tok, evl, args.seq_len, args.eval_windows),
+            "validation": val_score(model, tok, val, args.seq_len, args.val_windows),
+            "seconds": info["compression_seconds"], "retention_actual": info["retention_actual"],
+            "model_params": info["model_params_after"], "objective_reduction": _mean_reduction(info["objective"])}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=MODEL)
@@ -133,14 +142,8 @@ def main() -> None:
             write_json(args.output, report)
         default_key = f"{defaults.influence}/{defaults.normalization}/{defaults.whitening}/{defaults.delta}"
         if not grid:  # no search at this retention: the library defaults alone
-            model, info = run_method(dense, tok, stats, "air", rho)
-            row["air"] = {"eval": evaluate(model, tok, evl, args.seq_len, args.eval_windows),
-                          "validation": val_score(model, tok, val, args.seq_len, args.val_windows),
-                          "seconds": info["compression_seconds"], "retention_actual": info["retention_actual"],
-                          "model_params": info["model_params_after"],
-                          "objective_reduction": _mean_reduction(info["objective"])}
+            row["air"] = air_defaults(dense, tok, stats, rho, evl, val, args)
             _print(rho, "air (defaults)", row["air"])
-            del model
             write_json(args.output, report)
             continue
         score, chosen, (model, info) = best
@@ -159,13 +162,7 @@ def main() -> None:
         if default_key == chosen:  # the library defaults are this very configuration: same numbers
             row["air"] = {**row["air_selected"], "same_as": "air_selected"}
         else:
-            model, info = run_method(dense, tok, stats, "air", rho)
-            row["air"] = {"eval": evaluate(model, tok, evl, args.seq_len, args.eval_windows),
-                          "validation": val_score(model, tok, val, args.seq_len, args.val_windows),
-                          "seconds": info["compression_seconds"], "retention_actual": info["retention_actual"],
-                          "model_params": info["model_params_after"],
-                          "objective_reduction": _mean_reduction(info["objective"])}
-            del model
+            row["air"] = air_defaults(dense, tok, stats, rho, evl, val, args)
         _print(rho, "air (defaults)", row["air"])
         write_json(args.output, report)
     _table(report)

@@ -257,6 +257,9 @@ def als_sweep(target: torch.Tensor, c: torch.Tensor, u: torch.Tensor, sigma: tor
     tiny = torch.finfo(dtype).tiny
     for _ in range(sweeps):
         pending: tuple[torch.Tensor, torch.Tensor] | None = None  # last step's -u~ b^T, folded into the next update
+        # Eq. 5's denominators sum_i C_ij u_r[i]^2 for every r at once: within a sweep u_r only changes at its own
+        # step, so one matrix product at the sweep start replaces k matrix-vector passes over C
+        den_all = (us * us) @ c
         for r in range(len(sg) - 1, -1, -1):
             ur = us[r]
             if pending is None:
@@ -264,8 +267,7 @@ def als_sweep(target: torch.Tensor, c: torch.Tensor, u: torch.Tensor, sigma: tor
             else:  # one rank-2 pass instead of two rank-1 passes over the residual
                 resid.addmm_(torch.stack([pending[0], ur * sg[r]], 1), torch.stack([-pending[1], vs[r]], 0))
             torch.mul(c, resid, out=ce)
-            den_b = c.T @ (ur * ur)
-            b = (ce.T @ ur) / den_b.clamp_min(tiny)  # Eq. 5 (b = sigma_r v_r)
+            b = (ce.T @ ur) / den_all[r].clamp_min(tiny)  # Eq. 5 (b = sigma_r v_r)
             den_u = c @ (b * b)
             ut = (ce @ b) / den_u.clamp_min(tiny)  # Eq. 6
             pending = (ut, b)

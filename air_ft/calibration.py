@@ -25,7 +25,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["CalibrationStats", "CalibrationError", "calibrate", "stats_key", "load_stats", "save_stats"]
+__all__ = ["CalibrationStats", "CalibrationError", "calibrate", "model_fingerprint", "stats_key", "load_stats",
+           "save_stats"]
 
 SIGNALS = ("wxg", "fisher")
 CACHE_VERSION = 1
@@ -196,11 +197,11 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def stats_key(model: nn.Module, windows: torch.Tensor, targets: list[str], influence: bool) -> str:
-    """Cache key: model content, exact calibration tokens, target set, whether influence was computed."""
+def stats_key(fingerprint: str, windows: torch.Tensor, targets: list[str], influence: bool) -> str:
+    """Cache key: model content (:func:`model_fingerprint`), exact calibration tokens, target set, influence or not."""
     h = hashlib.sha256()
     h.update(f"v{CACHE_VERSION}".encode())
-    h.update(model_fingerprint(model).encode())
+    h.update(fingerprint.encode())
     h.update(windows.cpu().numpy().tobytes())
     h.update(json.dumps(sorted(targets)).encode())
     h.update(str(influence).encode())

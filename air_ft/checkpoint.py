@@ -133,13 +133,13 @@ def load_compressed(path: str | os.PathLike, dtype: torch.dtype | str | None = N
     if tied:
         model.tie_weights()
     # non-persistent buffers (rotary inv_freq) live on meta after from_config: recompute them on the device
-    model = _materialize_buffers(model, config, device, torch_dtype)
+    model = _materialize_buffers(model, device)
     model.eval()
     tok = AutoTokenizer.from_pretrained(local) if (local / "tokenizer_config.json").exists() else None
     return model, tok
 
 
-def _materialize_buffers(model: nn.Module, config, device: str, dtype: torch.dtype) -> nn.Module:
+def _materialize_buffers(model: nn.Module, device: str) -> nn.Module:
     """Recreate non-persistent buffers (rotary ``inv_freq``) that a meta-device skeleton leaves empty.
 
     They are not in the checkpoint by design; the module that owns them is rebuilt from its config on the real

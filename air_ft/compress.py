@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from air_ft import linalg
 from air_ft.assets import cache_root
-from air_ft.calibration import CalibrationStats, calibrate, load_stats, save_stats, stats_key
+from air_ft.calibration import CalibrationStats, calibrate, load_stats, model_fingerprint, save_stats, stats_key
 from air_ft.config import CompressConfig, RecipeError, build_dataclass
 from air_ft.data import sample_windows
 from air_ft.modeling import LowRankLinear, count_parameters, find_targets, set_module
@@ -88,11 +88,11 @@ def get_stats(model: nn.Module, tok, texts: list[str], targets: dict[str, nn.Lin
     windows = sample_windows(tok, texts, cfg.num_samples, cfg.seq_len, cfg.seed)
     path = None
     if cfg.cache:
-        key = stats_key(model, windows, list(targets), influence)
-        path = cache_root() / "stats" / key
+        fingerprint = model_fingerprint(model)  # hashes every parameter byte: compute it once
+        path = stats_dir() / stats_key(fingerprint, windows, list(targets), influence)
         stats = load_stats(path)
         if stats is None and not influence:  # statistics with influence also hold the Grams
-            stats = load_stats(cache_root() / "stats" / stats_key(model, windows, list(targets), True))
+            stats = load_stats(stats_dir() / stats_key(fingerprint, windows, list(targets), True))
         if stats is not None:
             return stats
     stats = calibrate(model, windows, targets, influence=influence, batch_size=cfg.batch_size,
@@ -204,4 +204,5 @@ def _layer_inputs(name: str, stats: CalibrationStats | None, cfg: CompressConfig
 
 
 def stats_dir() -> Path:
+    """Where calibration statistics are cached."""
     return cache_root() / "stats"

@@ -175,6 +175,10 @@ class TrainConfig:
     eval_data: list[dict] = _f([], "held-out sources for the evaluation loss during training (empty: none)")
     eval_blocks: int = _f(16, "held-out blocks of seq_len tokens evaluated every eval_steps (text format)")
     progress: bool = _f(True, "show a progress bar (the loss log is written either way)")
+    distill: float = _f(0.0, "weight of the KL divergence from the dense model's next-token distribution in the "
+                        "loss (knowledge distillation; 0: language-modeling loss only, 1: KL only); the dense model "
+                        "is loaded from `model` and kept frozen beside the student")
+    distill_temperature: float = _f(1.0, "softmax temperature of the distillation term")
 
     def __post_init__(self) -> None:
         if self.data_format not in ("text", "instruction"):
@@ -187,6 +191,10 @@ class TrainConfig:
             raise RecipeError(f"train.learning_rate must be > 0, got {self.learning_rate!r}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise RecipeError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if not 0.0 <= self.distill <= 1.0:
+            raise RecipeError(f"train.distill must be in [0, 1] (a loss weight), got {self.distill!r}")
+        if not self.distill_temperature > 0:
+            raise RecipeError(f"train.distill_temperature must be > 0, got {self.distill_temperature!r}")
         if self.data_format == "instruction" and not self.data:
             raise RecipeError("train.data_format 'instruction' needs train.data: [{source: file.jsonl}]")
 

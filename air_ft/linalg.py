@@ -243,11 +243,15 @@ def als_sweep(target: torch.Tensor, c: torch.Tensor, u: torch.Tensor, sigma: tor
     """
     c = c.to(dtype)
     tgt = target.to(dtype)
-    us = u.to(dtype).T.clone(memory_format=torch.contiguous_format)  # k x m, rows are components
-    vs = vh.to(dtype).clone(memory_format=torch.contiguous_format)  # k x n; never mutate the caller's tensor
-    sg = sigma.to(dtype).clone()
-    resid = tgt - (us.T * sg) @ vs
+    # Components are kept unnormalized during the sweeps: row r of ``us`` / ``vs`` is u~_r / b_r with sigma folded
+    # in (Eqs. 5-6 are invariant to how the scale is split), normalized once at the end. Copies: the caller's
+    # tensors are never mutated.
+    us = (u.to(dtype) * sigma.to(dtype)).T.contiguous()  # k x m
+    vs = vh.to(dtype).contiguous().clone()  # k x n
+    resid = tgt - us.T @ vs
     ce = torch.empty_like(resid)
+    b2, den_u = torch.empty(vs.shape[1], dtype=dtype), torch.empty(us.shape[1], dtype=dtype)
+    k = us.shape[0]
 
     def objective() -> float:
         return float((c.to(torch.float64) * resid.to(torch.float64).square()).sum())
@@ -256,37 +260,41 @@ def als_sweep(target: torch.Tensor, c: torch.Tensor, u: torch.Tensor, sigma: tor
     done = 0
     tiny = torch.finfo(dtype).tiny
     for _ in range(sweeps):
-        pending: tuple[torch.Tensor, torch.Tensor] | None = None  # last step's -u~ b^T, folded into the next update
-        # Eq. 5's denominators sum_i C_ij u_r[i]^2 for every r at once: within a sweep u_r only changes at its own
-        # step, so one matrix product at the sweep start replaces k matrix-vector passes over C
-        den_all = (us * us) @ c
-        for r in range(len(sg) - 1, -1, -1):
-            ur = us[r]
-            if pending is None:
-                resid.addr_(ur, vs[r], alpha=float(sg[r]))  # resid is now E_r
-            else:  # one rank-2 pass instead of two rank-1 passes over the residual
-                resid.addmm_(torch.stack([pending[0], ur * sg[r]], 1), torch.stack([-pending[1], vs[r]], 0))
+        # Eq. 5's denominators sum_i C_ij u_r[i]^2 for every r at once (u_r only changes at its own step), negated
+        neg_den = ((us * us) @ c).clamp_min_(tiny).neg_()
+        # While a sweep runs, updated rows hold (u~, -b): then the previous step's downdate -u~ b^T and this
+        # step's add-back u_r v_r^T are one rank-2 product of two adjacent rows, with no copies
+        folded = False  # True when the previous step's downdate is already in ``resid``
+        for r in range(k - 1, -1, -1):
+            if r == k - 1 or folded:
+                resid.addr_(us[r], vs[r])  # resid is now E_r
+            else:
+                resid.addmm_(us[r:r + 2].T, vs[r:r + 2])
             torch.mul(c, resid, out=ce)
-            b = (ce.T @ ur) / den_all[r].clamp_min(tiny)  # Eq. 5 (b = sigma_r v_r)
-            den_u = c @ (b * b)
-            ut = (ce @ b) / den_u.clamp_min(tiny)  # Eq. 6
-            pending = (ut, b)
-            nu, nb = torch.linalg.vector_norm(ut), torch.linalg.vector_norm(b)
-            if nu > 0 and nb > 0:
-                us[r], vs[r], sg[r] = ut / nu, b / nb, nu * nb
-            else:  # a component the weights drive to zero: keep a valid direction, weight 0
-                sg[r] = 0.0
+            torch.mv(ce.T, us[r], out=vs[r])
+            vs[r].div_(neg_den[r])  # -b, Eq. 5
+            torch.mul(vs[r], vs[r], out=b2)
+            torch.addmv(den_u, c, b2, beta=0.0, alpha=-1.0, out=den_u)  # -sum_j C_ij b_j^2
+            den_u.clamp_max_(-tiny)
+            torch.mv(ce, vs[r], out=us[r])
+            us[r].div_(den_u)  # u~, Eq. 6
+            folded = track_steps
             if track_steps:
-                resid.addr_(ut, b, alpha=-1.0)
-                pending = None
+                resid.addr_(us[r], vs[r])
                 trace.append(objective())
-        if pending is not None:
-            resid.addr_(pending[0], pending[1], alpha=-1.0)
+        if not folded:
+            resid.addr_(us[0], vs[0])
+        vs.neg_()  # rows back to (u~, b)
         done += 1
         if not track_steps:
             trace.append(objective())
-        prev, cur = trace[-2 - (len(sg) - 1 if track_steps else 0)], trace[-1]
+        prev, cur = trace[-2 - (k - 1 if track_steps else 0)], trace[-1]
         if tol > 0 and prev > 0 and (prev - cur) / prev < tol:
             break
+    nu, nv = torch.linalg.vector_norm(us, dim=1), torch.linalg.vector_norm(vs, dim=1)
+    live = (nu > 0) & (nv > 0)  # a component the weights drove to zero gets weight 0 and any unit direction
+    sg = torch.where(live, nu * nv, torch.zeros_like(nu))
+    us = torch.where(live[:, None], us / torch.where(live, nu, 1.0)[:, None], u.to(dtype).T)
+    vs = torch.where(live[:, None], vs / torch.where(live, nv, 1.0)[:, None], vh.to(dtype))
     order = torch.argsort(sg, descending=True)
     return ALSResult(u=us[order].T.contiguous(), sigma=sg[order], vh=vs[order], objective=trace, sweeps=done)

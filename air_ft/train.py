@@ -137,10 +137,77 @@ class LossLog(TrainerCallback):
                 fh.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
 
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, weight: float,
+                      temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed next-token loss ``(1 - weight) * CE + weight * T^2 * KL(teacher || student)`` over labelled positions.
+
+    Returns ``(loss_sum, ce_sum, kl_sum, tokens)``; positions whose (shifted) label is -100 are ignored, exactly as
+    in the language-modeling loss, so instruction data distils on the completion only.
+    """
+    target = labels[:, 1:]
+    mask = target != -100
+    student = logits[:, :-1][mask].float()
+    teacher = teacher_logits[:, :-1][mask].float()
+    ce = nn.functional.cross_entropy(student, target[mask], reduction="sum")
+    s_logp = torch.log_softmax(student / temperature, dim=-1)
+    t_logp = torch.log_softmax(teacher / temperature, dim=-1)
+    kl = (t_logp.exp() * (t_logp - s_logp)).sum()
+    loss = (1.0 - weight) * ce + weight * temperature**2 * kl
+    return loss, ce.detach(), kl.detach(), mask.sum()
+
+
+_MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+def _trainer_class(distill: bool):
+    """``SFTTrainer``, or its subclass whose training loss adds distillation from a frozen dense teacher."""
+    from trl import SFTTrainer
+
+    if not distill:
+        return SFTTrainer
+
+    class DistillSFTTrainer(SFTTrainer):
+        """Training loss mixes CE with KL to the teacher's next-token distribution; evaluation loss stays plain CE."""
+
+        def __init__(self, *args, teacher: nn.Module, weight: float, temperature: float, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.teacher = teacher.to(self.args.device).eval().requires_grad_(False)
+            self.weight, self.temperature = weight, temperature
+            self._sums = torch.zeros(3, dtype=torch.float64)  # ce, kl, tokens since the last log
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if not model.training:  # held-out loss: the plain LM loss, comparable across runs
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            feed = {k: inputs[k] for k in _MODEL_INPUTS if k in inputs}
+            outputs = model(**feed, use_cache=False)
+            with torch.no_grad():
+                teacher_logits = self.teacher(**feed, use_cache=False).logits
+            loss, ce, kl, tokens = distillation_loss(outputs.logits, teacher_logits, inputs["labels"], self.weight,
+                                                     self.temperature)
+            self._sums += torch.stack([ce, kl, tokens]).double().cpu()
+            loss = loss / torch.as_tensor(num_items_in_batch if num_items_in_batch is not None else tokens).clamp(
+                min=1).to(loss.device)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes  # as Trainer: DDP averages the gradients across ranks
+            return (loss, outputs) if return_outputs else loss
+
+        def log(self, logs: dict, *args, **kwargs) -> None:
+            if "loss" in logs and self._sums[2] > 0:
+                logs = {**logs, "ce": float(self._sums[0] / self._sums[2]), "kl": float(self._sums[1] / self._sums[2])}
+                self._sums.zero_()
+            super().log(logs, *args, **kwargs)
+
+    return DistillSFTTrainer
+
+
 def build_trainer(model: nn.Module, tok, train_ds, eval_ds, cfg: TrainConfig, output_dir: str | Path,
-                  callbacks: list | None = None):
-    """TRL ``SFTTrainer`` on an already PEFT-wrapped model (cosine schedule, warm-up, fp32 on CPU)."""
-    from trl import SFTConfig, SFTTrainer
+                  callbacks: list | None = None, teacher: nn.Module | None = None):
+    """TRL ``SFTTrainer`` on an already PEFT-wrapped model (cosine schedule, warm-up, fp32 on CPU).
+
+    With ``cfg.distill > 0`` the training loss adds KL divergence to ``teacher`` (the dense model) over the same
+    positions as the LM loss (:func:`distillation_loss`).
+    """
+    from trl import SFTConfig
 
     bf16 = use_bf16(cfg.bf16)
     has_eval = eval_ds is not None and cfg.eval_steps > 0
@@ -160,8 +227,14 @@ def build_trainer(model: nn.Module, tok, train_ds, eval_ds, cfg: TrainConfig, ou
     )
     if cfg.gradient_checkpointing:
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks need an input that requires grad
-    return SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds if has_eval else None,
-                      processing_class=tok, callbacks=callbacks or [])
+    extra = {}
+    if cfg.distill > 0:
+        if teacher is None:
+            raise RecipeError("train.distill > 0 needs the dense teacher model (finetune(..., teacher=dense_model))")
+        extra = {"teacher": teacher, "weight": cfg.distill, "temperature": cfg.distill_temperature}
+    return _trainer_class(cfg.distill > 0)(model=model, args=args, train_dataset=train_ds,
+                                           eval_dataset=eval_ds if has_eval else None, processing_class=tok,
+                                           callbacks=callbacks or [], **extra)
 
 
 def _datasets(tok, cfg: TrainConfig, train_texts, eval_texts, world: int):
@@ -180,7 +253,7 @@ def finetune(model: nn.Module, tok, texts: list[str], max_steps: int = 100, lora
              learning_rate: float = 2e-4, seq_len: int = 512, batch_size: int = 4, seed: int = 0,
              placement: str = "factors", lora_alpha: float | None = None, lora_dropout: float = 0.0,
              merge: str = "exact", eval_texts: list[str] | None = None, output_dir: str | None = None,
-             **train_options) -> nn.Module:
+             teacher: nn.Module | None = None, **train_options) -> nn.Module:
     """LoRA recovery fine-tuning from Python; returns the merged factored model, ready to evaluate.
 
     Args:
@@ -194,6 +267,8 @@ def finetune(model: nn.Module, tok, texts: list[str], max_steps: int = 100, lora
             (``lora_alpha`` defaults to ``2 * lora_rank``).
         eval_texts: held-out texts for the periodic evaluation loss.
         output_dir: where checkpoints and the loss log go (default: a temporary directory, removed afterwards).
+        teacher: the dense model, for distillation (``distill=0.5`` mixes CE and KL to its next-token distribution
+            half and half); it stays frozen.
         train_options: any other :class:`TrainConfig` field (``grad_accum``, ``warmup_ratio``, ``eval_steps``...).
 
     Returns:
@@ -204,6 +279,8 @@ def finetune(model: nn.Module, tok, texts: list[str], max_steps: int = 100, lora
                       seed=seed, **{"save_steps": 0, "eval_steps": 25 if eval_texts else 0, **train_options})
     lcfg = LoraConfig(placement=placement, rank=lora_rank, alpha=lora_alpha if lora_alpha else 2.0 * lora_rank,
                       dropout=lora_dropout, merge=merge)
+    if cfg.distill > 0 and teacher is None:  # before the model is wrapped: a refused call leaves it untouched
+        raise RecipeError(f"distill={cfg.distill} needs the dense teacher model: finetune(..., teacher=dense_model)")
     set_seed(seed)  # adapter initialization (lora_A) is random
     peft_model = apply_lora(model, lcfg.placement, lcfg.rank, lcfg.alpha, lcfg.dropout, lcfg.targets, lcfg.merge)
     budget = lora_budget(peft_model)
@@ -211,7 +288,7 @@ def finetune(model: nn.Module, tok, texts: list[str], max_steps: int = 100, lora
         out = Path(output_dir or tmp)
         train_ds, eval_ds = _datasets(tok, cfg, texts, eval_texts, 1)
         trainer = build_trainer(peft_model, tok, train_ds, eval_ds, cfg, out / "checkpoints",
-                                [LossLog(out / "train_log.jsonl")])
+                                [LossLog(out / "train_log.jsonl")], teacher=teacher)
         result = trainer.train()
         log = list(trainer.state.log_history)
     merged = merge_lora(peft_model)
@@ -274,9 +351,15 @@ def run_train(recipe: Recipe, callbacks: list | None = None) -> dict:
         print(f"LoRA ({lcfg.placement}, r={lcfg.rank}): {budget['trainable_params']:,} trainable parameters; "
               f"retention {budget['retention']:.3f} without adapters, {budget['retention_with_adapters']:.3f} with")
     train_ds, eval_ds = _datasets(tok, cfg, train_src, eval_src, state.num_processes)
+    teacher = None
+    if cfg.distill > 0:  # the uncompressed model, frozen, as the distillation teacher
+        import air_ft
+
+        teacher, _ = air_ft.load_model(recipe.model.name_or_path, recipe.model.gguf_file, recipe.model.dtype,
+                                       recipe.model.device)
     ckpt_dir = out / "checkpoints"
     trainer = build_trainer(peft_model, tok, train_ds, eval_ds, cfg, ckpt_dir,
-                            [LossLog(out / "train_log.jsonl"), *(callbacks or [])])
+                            [LossLog(out / "train_log.jsonl"), *(callbacks or [])], teacher=teacher)
     last = get_last_checkpoint(str(ckpt_dir)) if cfg.resume and ckpt_dir.is_dir() else None
     if last and state.is_main_process:
         print(f"resuming from {last}")

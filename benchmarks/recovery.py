@@ -58,8 +58,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--lora-rank", type=int, default=8)
+    ap.add_argument("--distill", type=float, default=0.0,
+                    help="weight of the KL to the dense model's next-token distribution in the training loss")
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=32)
+    ap.add_argument("--eval-split", choices=["evaluation", "validation"], default="evaluation",
+                    help="validation: britannica 70-80 %% and plays 45-50 %%, for choosing training settings")
     ap.add_argument("--output", default=OUTPUT)
     ap.add_argument("--fresh", action="store_true", help="ignore an existing results file")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -72,7 +76,7 @@ def main() -> None:
 
     path = RESULTS / args.output
     report = json.loads(path.read_text()) if path.exists() and not args.fresh else {}
-    settings = {k: getattr(args, k) for k in ("max_steps", "seq_len", "batch_size", "lr", "lora_rank")}
+    settings = {k: getattr(args, k) for k in ("max_steps", "seq_len", "batch_size", "lr", "lora_rank", "distill")}
     if report.get("train_settings") not in (None, settings):
         raise SystemExit(f"{path} was written with other training settings {report['train_settings']}; "
                          "pass --fresh or --output")
@@ -94,7 +98,9 @@ def main() -> None:
 
     t0 = time.perf_counter()
     dense, tok = air_ft.load_model(args.model)
-    cal, evl = load_split("calibration"), load_split("evaluation")
+    cal = load_split("calibration")
+    evl = (load_split("evaluation") if args.eval_split == "evaluation"
+           else dict(zip(("britannica", "plays"), load_split("validation"))))
     stats = get_stats(dense, tok, cal, find_targets(dense), CompressConfig(num_samples=64, seq_len=512),
                       influence=True)
     print(f"model + calibration statistics in {time.perf_counter() - t0:.0f}s (cached: {stats.cached})")
@@ -129,7 +135,8 @@ def main() -> None:
                 tuned = air_ft.finetune(copy.deepcopy(compressed[rho, method]), tok, cal, max_steps=args.max_steps,
                                         lora_rank=args.lora_rank, learning_rate=args.lr, seq_len=args.seq_len,
                                         batch_size=args.batch_size, seed=0, placement=placement,
-                                        logging_steps=2, progress=False)
+                                        logging_steps=2, progress=False, distill=args.distill,
+                                        teacher=dense if args.distill > 0 else None)
                 seconds = time.perf_counter() - t1
                 log = tuned.air_ft_train
                 entry[key] = {"eval": evaluate(tuned, tok, evl, args.eval_seq_len, args.eval_windows),

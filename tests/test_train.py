@@ -15,7 +15,7 @@ import yaml
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback
 
 import air_ft
-from air_ft.config import load_recipe
+from air_ft.config import RecipeError, load_recipe
 from air_ft.lora import apply_lora
 from air_ft.train import build_trainer, finetune, run_train, text_blocks
 
@@ -45,13 +45,17 @@ def make_text(n_words: int, seed: int) -> str:
     return " ".join(out)
 
 
-def make_compressed(seed: int = 0):
+def make_dense(seed: int = 0):
     torch.manual_seed(seed)
     tok = make_tokenizer()
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       pad_token_id=0, eos_token_id=2, bos_token_id=2)
-    model = LlamaForCausalLM(cfg)
+    return LlamaForCausalLM(cfg), tok
+
+
+def make_compressed(seed: int = 0):
+    model, tok = make_dense(seed)
     air_ft.compress(model, tok, None, method="svd", retention=0.6, progress=False)
     return model, tok
 
@@ -115,6 +119,59 @@ def test_loss_falls_over_a_few_dozen_steps():
     assert len(losses) == 24
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.2
     assert not tuned.training and not any("lora_" in n for n, _ in tuned.named_parameters())
+
+
+def test_distillation_loss_identities():
+    from air_ft.train import distillation_loss
+
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 7, 11, generator=g), 3 * torch.randn(2, 7, 11, generator=g)
+    labels = torch.randint(11, (2, 7), generator=g)
+    labels[0, :3] = -100  # e.g. a prompt: no loss there
+    valid = labels[:, 1:] != -100
+    ce_ref = torch.nn.functional.cross_entropy(student[:, :-1][valid], labels[:, 1:][valid], reduction="sum")
+    loss, ce, kl, n = distillation_loss(student, teacher, labels, weight=0.0)
+    assert int(n) == int(valid.sum()) == 10
+    torch.testing.assert_close(loss, ce_ref)
+    torch.testing.assert_close(ce, ce_ref)
+    kl_ref = torch.nn.functional.kl_div(torch.log_softmax(student[:, :-1][valid], -1),
+                                        torch.log_softmax(teacher[:, :-1][valid], -1), log_target=True,
+                                        reduction="sum")
+    torch.testing.assert_close(kl, kl_ref)
+    assert kl > 0
+    loss_half, *_ = distillation_loss(student, teacher, labels, weight=0.5, temperature=2.0)
+    kl_t2 = distillation_loss(student, teacher, labels, weight=1.0, temperature=2.0)[2]
+    torch.testing.assert_close(loss_half, 0.5 * ce_ref + 0.5 * 4.0 * kl_t2)
+    # a student that equals its teacher has nothing to learn from it
+    torch.testing.assert_close(distillation_loss(teacher, teacher, labels, weight=1.0)[0], torch.tensor(0.0),
+                               atol=1e-5, rtol=0)
+    # positions without a label do not count
+    moved = student.clone()
+    moved[0, :2] += 5.0
+    torch.testing.assert_close(distillation_loss(moved, teacher, labels, 0.5)[0],
+                               distillation_loss(student, teacher, labels, 0.5)[0])
+
+
+def test_distillation_pulls_the_student_toward_the_dense_teacher():
+    teacher, tok = make_dense()
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(20.0)  # a confident teacher, so the KL starts far from zero
+    student = LlamaForCausalLM(teacher.config)
+    student.load_state_dict(teacher.state_dict())
+    air_ft.compress(student, tok, None, method="svd", retention=0.6, progress=False)
+    text = [make_text(4000, 0)]
+    with pytest.raises(RecipeError, match="teacher"):
+        finetune(student, tok, text, max_steps=1, seq_len=32, distill=0.5, progress=False)
+    frozen = {n: p.detach().clone() for n, p in teacher.named_parameters()}
+    tuned = finetune(student, tok, text, max_steps=24, lora_rank=4, learning_rate=1e-2, seq_len=32, batch_size=4,
+                     seed=0, logging_steps=1, progress=False, distill=1.0, teacher=teacher)
+    log = [e for e in tuned.air_ft_train["log"] if "kl" in e]
+    assert len(log) == 24 and all(e["kl"] >= 0 for e in log)
+    kl = [e["kl"] for e in log]
+    assert sum(kl[-4:]) / 4 < 0.8 * sum(kl[:4]) / 4
+    # pure distillation: the optimized loss is the KL itself
+    assert abs(log[-1]["loss"] - log[-1]["kl"]) < 1e-3 * max(1.0, log[-1]["kl"])
+    assert all(torch.equal(frozen[n], p) for n, p in teacher.named_parameters())
 
 
 class _Crash(TrainerCallback):

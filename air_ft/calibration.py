@@ -9,6 +9,11 @@ as the weight gradient of a normal backward), from which it accumulates
 - ``wxg``:    ``sum_d |W * g_d|`` (absolute value per sample, AIR_METHOD.md section 3),
 - ``fisher``: ``sum_d g_d^2`` (element-wise empirical Fisher).
 
+A second, optional pass measures the Fisher in the whitened coordinates the ALS works in (``W' = W S``): the
+gradient with respect to ``W'`` is ``g_d S^-T``, i.e. the weight gradient of whitened inputs ``x S^-T``, so the
+hook whitens each input once and forms the same per-sample products (``fisher_whitened``; it needs the Grams, hence
+the second pass).
+
 Nothing per token is stored. Statistics are cached on disk, keyed by model, data and settings.
 """
 
@@ -29,6 +34,7 @@ __all__ = ["CalibrationStats", "CalibrationError", "calibrate", "model_fingerpri
            "save_stats"]
 
 SIGNALS = ("wxg", "fisher")
+WHITENED = "fisher_whitened"
 CACHE_VERSION = 1
 
 
@@ -72,14 +78,18 @@ def _check_finite(t: torch.Tensor, what: str, name: str) -> None:
 class _Hooks:
     """Forward/backward hooks that accumulate Grams and influence for a set of target linears."""
 
-    def __init__(self, targets: dict[str, nn.Linear], influence: bool) -> None:
+    def __init__(self, targets: dict[str, nn.Linear], influence: bool,
+                 unwhiten: dict[str, torch.Tensor] | None = None) -> None:
         self.targets = targets
-        self.influence = influence
+        self.influence = influence or unwhiten is not None
+        self.unwhiten = unwhiten  # layer -> S^-T: measure the Fisher in whitened coordinates only
         self.group_of: dict[str, str] = {}
         self.grams: dict[str, torch.Tensor] = {}
         self.abs_sum: dict[str, torch.Tensor] = {}
-        self.imaps: dict[str, dict[str, torch.Tensor]] = {s: {} for s in SIGNALS} if influence else {}
+        signals = (WHITENED,) if unwhiten is not None else SIGNALS
+        self.imaps: dict[str, dict[str, torch.Tensor]] = {s: {} for s in signals} if self.influence else {}
         self._seen: dict[int, tuple[str, torch.Tensor]] = {}  # id(input) -> (leader, input) during the first batch
+        self._whitened: dict[str, torch.Tensor] = {}  # group leader -> x S^-T for the current batch
         self.handles: list = []
         self.first_batch = True
 
@@ -96,6 +106,7 @@ class _Hooks:
     def end_batch(self) -> None:
         self.first_batch = False
         self._seen.clear()
+        self._whitened.clear()
 
     def _forward_hook(self, name: str):
         def hook(mod: nn.Linear, inputs: tuple, output: torch.Tensor) -> None:
@@ -113,7 +124,29 @@ class _Hooks:
                 self.grams[name].addmm_(flat.T, flat)
                 self.abs_sum[name] += flat.abs().sum(0)
             if self.influence and output.requires_grad:
-                output.register_hook(self._grad_hook(name, mod, x))
+                if self.unwhiten is not None:
+                    leader = self.group_of[name]
+                    if leader not in self._whitened:  # whiten once per input, shared by q/k/v and gate/up
+                        self._whitened[leader] = x.to(torch.float32) @ self.unwhiten[name].to(x.device)
+                    output.register_hook(self._whitened_grad_hook(name, self._whitened[leader]))
+                else:
+                    output.register_hook(self._grad_hook(name, mod, x))
+
+        return hook
+
+    def _accumulate(self, sig: str, name: str, val: torch.Tensor) -> None:
+        acc = self.imaps[sig]
+        if name in acc:
+            acc[name] += val
+        else:
+            acc[name] = val
+
+    def _whitened_grad_hook(self, name: str, xw: torch.Tensor):
+        def hook(grad_out: torch.Tensor) -> None:
+            _check_finite(grad_out, "the output gradient", name)
+            g = grad_out.to(torch.float32).reshape(grad_out.shape[0], -1, grad_out.shape[-1])
+            xs = xw.reshape(xw.shape[0], -1, xw.shape[-1])
+            self._accumulate(WHITENED, name, torch.bmm(g.transpose(1, 2), xs).square_().sum(0))
 
         return hook
 
@@ -124,20 +157,15 @@ class _Hooks:
             xs = x.to(torch.float32).reshape(x.shape[0], -1, x.shape[-1])
             per_sample = torch.bmm(g.transpose(1, 2), xs)  # (B, m, n): dL_d/dW for each sample d
             w = mod.weight.detach().to(torch.float32)
-            wxg = (per_sample * w).abs_().sum(0)
-            fisher = per_sample.square_().sum(0)
-            for sig, val in (("wxg", wxg), ("fisher", fisher)):
-                acc = self.imaps[sig]
-                if name in acc:
-                    acc[name] += val
-                else:
-                    acc[name] = val
+            self._accumulate("wxg", name, (per_sample * w).abs_().sum(0))
+            self._accumulate("fisher", name, per_sample.square_().sum(0))
 
         return hook
 
 
 def calibrate(model: nn.Module, windows: torch.Tensor, targets: dict[str, nn.Linear], influence: bool,
-              batch_size: int = 4, progress: bool = True) -> CalibrationStats:
+              batch_size: int = 4, progress: bool = True,
+              whitening: dict[str, torch.Tensor] | None = None) -> CalibrationStats:
     """Run the calibration windows through ``model`` once and collect :class:`CalibrationStats`.
 
     Args:
@@ -146,9 +174,21 @@ def calibrate(model: nn.Module, windows: torch.Tensor, targets: dict[str, nn.Lin
         targets: layers to observe (from :func:`air_ft.modeling.find_targets`).
         influence: also run the backward pass for ``wxg``/``fisher`` maps.
         batch_size: windows per forward pass.
+        whitening: layer -> whitening factor ``S`` (``W' = W S``): instead of ``wxg``/``fisher``, measure
+            ``fisher_whitened = sum_d (g_d S^-T)^2``, the Fisher of the whitened weight (a second pass: ``S``
+            comes from the Grams of a first one).
     """
     device = next(model.parameters()).device
-    hooks = _Hooks(targets, influence)
+    unwhiten = None
+    if whitening is not None:
+        inverse: dict[int, torch.Tensor] = {}  # S^-T once per distinct factor (layers of one input share S)
+        unwhiten = {}
+        for name, s in whitening.items():
+            if id(s) not in inverse:
+                inverse[id(s)] = torch.linalg.inv(s.to(torch.float64)).T.to(torch.float32).contiguous()
+            unwhiten[name] = inverse[id(s)]
+        influence = True
+    hooks = _Hooks(targets, influence, unwhiten)
     saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
     was_training = model.training
     model.eval()
@@ -160,7 +200,8 @@ def calibrate(model: nn.Module, windows: torch.Tensor, targets: dict[str, nn.Lin
     t0 = time.perf_counter()
     try:
         batches = windows.split(batch_size)
-        desc = "calibration (forward+backward)" if influence else "calibration (forward)"
+        desc = ("calibration (forward+backward)" if whitening is None else "whitened influence (forward+backward)"
+                ) if influence else "calibration (forward)"
         for batch in tqdm(batches, desc=desc, disable=not progress):
             batch = batch.to(device)
             with torch.set_grad_enabled(influence):
@@ -197,8 +238,8 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def stats_key(fingerprint: str, windows: torch.Tensor, targets: list[str], influence: bool) -> str:
-    """Cache key: model content (:func:`model_fingerprint`), exact calibration tokens, target set, influence or not."""
+def stats_key(fingerprint: str, windows: torch.Tensor, targets: list[str], influence: bool | str) -> str:
+    """Cache key: model content (:func:`model_fingerprint`), exact calibration tokens, target set, which pass."""
     h = hashlib.sha256()
     h.update(f"v{CACHE_VERSION}".encode())
     h.update(fingerprint.encode())

@@ -126,9 +126,13 @@ def run_demo(recipe: Recipe) -> dict:
         _print_row(method, rows[method])
         air_model = model
     if recipe.train.max_steps > 0:
-        tuned = air_ft.finetune(air_model, tok, cal, max_steps=recipe.train.max_steps, lora_rank=recipe.lora.rank,
-                                learning_rate=recipe.train.learning_rate, seq_len=recipe.train.seq_len,
-                                batch_size=recipe.train.batch_size, seed=recipe.train.seed)
+        t, lc = recipe.train, recipe.lora
+        tuned = air_ft.finetune(air_model, tok, cal, max_steps=t.max_steps, lora_rank=lc.rank,
+                                learning_rate=t.learning_rate, seq_len=t.seq_len, batch_size=t.batch_size,
+                                seed=t.seed, placement=lc.placement, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                                merge=lc.merge, warmup_ratio=t.warmup_ratio, grad_accum=t.grad_accum,
+                                distill=t.distill, distill_temperature=t.distill_temperature,
+                                teacher=dense if t.distill > 0 else None, progress=t.progress)
         rows["air+lora"] = ppl(tuned)
         _print_row("air+lora", rows["air+lora"])
     _print_table(rows, recipe)

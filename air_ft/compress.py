@@ -15,7 +15,15 @@ from tqdm.auto import tqdm
 
 from air_ft import linalg
 from air_ft.assets import cache_root
-from air_ft.calibration import CalibrationStats, calibrate, load_stats, model_fingerprint, save_stats, stats_key
+from air_ft.calibration import (
+    WHITENED,
+    CalibrationStats,
+    calibrate,
+    load_stats,
+    model_fingerprint,
+    save_stats,
+    stats_key,
+)
 from air_ft.config import CompressConfig, RecipeError, build_dataclass
 from air_ft.data import sample_windows
 from air_ft.modeling import LowRankLinear, count_parameters, find_targets, set_module
@@ -84,22 +92,42 @@ def plan_ranks(targets: dict[str, nn.Linear], retention: float) -> dict[str, int
 
 def get_stats(model: nn.Module, tok, texts: list[str], targets: dict[str, nn.Linear], cfg: CompressConfig,
               influence: bool) -> CalibrationStats:
-    """Calibration statistics from the disk cache, or computed (and cached) now."""
+    """Calibration statistics from the disk cache, or computed (and cached) now.
+
+    ``cfg.influence == "fisher_whitened"`` adds a second pass that measures the Fisher of the whitened weight with
+    the whitening factors of the first pass's Grams (the first pass then needs no backward).
+    """
     windows = sample_windows(tok, texts, cfg.num_samples, cfg.seq_len, cfg.seed)
-    path = None
-    if cfg.cache:
-        fingerprint = model_fingerprint(model)  # hashes every parameter byte: compute it once
-        path = stats_dir() / stats_key(fingerprint, windows, list(targets), influence)
-        stats = load_stats(path)
-        if stats is None and not influence:  # statistics with influence also hold the Grams
+    whitened = influence and cfg.influence == WHITENED
+    fingerprint = model_fingerprint(model) if cfg.cache else None  # hashes every parameter byte: once
+
+    def cached(flag, compute):
+        path = stats_dir() / stats_key(fingerprint, windows, list(targets), flag) if cfg.cache else None
+        stats = load_stats(path) if path is not None else None
+        if stats is None and flag is False and path is not None:  # statistics with influence also hold the Grams
             stats = load_stats(stats_dir() / stats_key(fingerprint, windows, list(targets), True))
-        if stats is not None:
-            return stats
-    stats = calibrate(model, windows, targets, influence=influence, batch_size=cfg.batch_size,
-                      progress=cfg.progress)
-    if path is not None:
-        save_stats(stats, path)
-    return stats
+        if stats is None:
+            stats = compute()
+            if path is not None:
+                save_stats(stats, path)
+        return stats
+
+    base = cached(influence and not whitened, lambda: calibrate(
+        model, windows, targets, influence=influence and not whitened, batch_size=cfg.batch_size,
+        progress=cfg.progress))
+    if whitened:
+        def second_pass() -> CalibrationStats:
+            factors = {}
+            for group in set(base.group_of.values()):
+                factors[group] = linalg.whitening_factor(base.grams[group], cfg.eps, cfg.whitening)[0]
+            return calibrate(model, windows, targets, influence=True, batch_size=cfg.batch_size,
+                             progress=cfg.progress, whitening={n: factors[g] for n, g in base.group_of.items()})
+
+        extra = cached(f"{WHITENED}:{cfg.whitening}:{cfg.eps}", second_pass)
+        base.influence[WHITENED] = extra.influence[WHITENED]
+        base.seconds += extra.seconds
+        base.cached = base.cached and extra.cached
+    return base
 
 
 def compress(model: nn.Module, tok, texts: list[str] | None = None, method: str = "air", retention: float = 0.6,

@@ -17,7 +17,7 @@ __all__ = ["CompressConfig", "ModelConfig", "DataConfig", "EvalConfig", "TrainCo
            "load_recipe", "apply_overrides", "build_dataclass", "RecipeError"]
 
 METHODS = ("svd", "asvd", "fwsvd", "svdllm", "air")
-INFLUENCES = ("wxg", "fisher")
+INFLUENCES = ("wxg", "fisher", "fisher_whitened")
 NORMALIZATIONS = ("mean", "power", "rank")
 
 

@@ -65,6 +65,34 @@ def test_influence_equals_per_sample_autograd(model, tokenizer, text):
     assert not torch.allclose(summed, stats.influence["wxg"][name], rtol=1e-3)
 
 
+def test_whitened_fisher_is_the_fisher_of_the_whitened_weight(model, tokenizer, text):
+    """fisher_whitened = sum_d (g_d S^-T)^2: the per-sample gradient with respect to W' = W S."""
+    from air_ft.linalg import whitening_factor
+
+    windows = sample_windows(tokenizer, [text], 3, 24, seed=1)
+    targets = find_targets(model)
+    first = calibrate(model, windows, targets, influence=False, batch_size=2, progress=False)
+    factors = {g: whitening_factor(first.grams[g])[0] for g in set(first.group_of.values())}
+    whitening = {n: factors[first.group_of[n]] for n in targets}
+    stats = calibrate(model, windows, targets, influence=False, batch_size=2, progress=False, whitening=whitening)
+    assert set(stats.influence) == {"fisher_whitened"}
+    expected = {n: torch.zeros_like(m.weight, dtype=torch.float64) for n, m in targets.items()}
+    for d in range(windows.shape[0]):
+        model.zero_grad()
+        model(input_ids=windows[d:d + 1], labels=windows[d:d + 1]).loss.backward()
+        for n, m in targets.items():
+            s = whitening[n]
+            g_white = torch.linalg.solve_triangular(s.T, m.weight.grad.double(), upper=True, left=False)  # g S^-T
+            expected[n] += g_white.square()
+    for n in targets:  # float32 hooks vs a float64 reference through S^-1 (some Grams here are near-singular)
+        got = stats.influence["fisher_whitened"][n].double()
+        assert (got - expected[n]).abs().max() <= 1e-3 * expected[n].max(), n
+    # a different signal from the plain Fisher
+    name = "model.layers.0.self_attn.q_proj"
+    plain = calibrate(model, windows, targets, influence=True, batch_size=2, progress=False).influence["fisher"][name]
+    assert not torch.allclose(plain.double() / plain.mean(), expected[name] / expected[name].mean(), rtol=0.1)
+
+
 def test_hooks_removed_and_model_state_restored(model, tokenizer, text):
     windows = sample_windows(tokenizer, [text], 2, 16, seed=0)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}

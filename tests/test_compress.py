@@ -79,6 +79,19 @@ def test_calibration_is_cached_across_retentions(model, tokenizer, text):
     assert not first["calibration_cached"] and second["calibration_cached"] and third["calibration_cached"]
 
 
+def test_whitened_influence_runs_a_cached_second_pass(model, tokenizer, text):
+    plain = air_ft.compress(copy.deepcopy(model), tokenizer, [text], method="air", retention=0.5, **KW)
+    white = air_ft.compress(copy.deepcopy(model), tokenizer, [text], method="air", retention=0.5,
+                            influence="fisher_whitened", **KW)
+    again = air_ft.compress(copy.deepcopy(model), tokenizer, [text], method="air", retention=0.4,
+                            influence="fisher_whitened", **KW)
+    assert not white["calibration_cached"] and again["calibration_cached"]
+    for name, (start, end) in white["objective"].items():
+        assert end <= start * (1 + 1e-6), name
+    # another signal, so other weights and other factors than the plain Fisher
+    assert white["objective"] != plain["objective"]
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(retention=1.5), "strictly between 0 and 1"),
     (dict(retention=0.0), "strictly between 0 and 1"),

@@ -174,6 +174,21 @@ def test_distillation_pulls_the_student_toward_the_dense_teacher():
     assert all(torch.equal(frozen[n], p) for n, p in teacher.named_parameters())
 
 
+def test_train_stage_distils_from_the_recipe_model(tmp_path, compressed_dir, text_file):
+    dense, tok = make_dense()
+    dense.save_pretrained(tmp_path / "dense")
+    tok.save_pretrained(tmp_path / "dense")
+    recipe = tiny_recipe(tmp_path, compressed_dir, text_file, f"model.name_or_path={tmp_path / 'dense'}",
+                         "train.distill=0.5", "train.max_steps=3", "train.logging_steps=1", "train.save_steps=0")
+    summary = run_train(recipe)
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    steps = [e for e in log if "loss" in e]
+    assert len(steps) == 3 and all(e["kl"] > 0 and e["ce"] > 0 for e in steps)
+    # half CE, half KL (temperature 1): the logged loss is their mean
+    assert all(abs(e["loss"] - 0.5 * (e["ce"] + e["kl"])) < 1e-3 * e["loss"] for e in steps)
+    assert Path(summary["merged"]).is_dir()
+
+
 class _Crash(TrainerCallback):
     """Kill the run after ``step`` optimizer steps, as an interruption would."""
 

@@ -67,9 +67,15 @@ def main() -> None:
     ap.add_argument("--output", default=OUTPUT)
     ap.add_argument("--fresh", action="store_true", help="ignore an existing results file")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--combine", nargs="+", default=None, metavar="FILE",
+                    help="no training: merge these results files (same training settings, e.g. one per method run "
+                         "in parallel) into --output and print the table")
     ap.add_argument("--baseline-from", default=None,
                     help="results file whose dense and compressed (no LoRA) evaluations to reuse (same protocol)")
     args = ap.parse_args()
+    if args.combine:
+        combine(args.combine, args.output)
+        return
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -154,6 +160,61 @@ def main() -> None:
                       f"  train {seconds:.0f}s")
                 del tuned
     _table(report)
+    print(f"wrote {plot(report, path.with_suffix('.png'))}")
+
+
+def combine(files: list[str], output: str) -> None:
+    """Merge results files written with the same training settings and evaluation into one."""
+    parts = [json.loads((RESULTS / f).read_text()) for f in files]
+    first = parts[0]
+    for f, part in zip(files, parts):
+        for key in ("train_settings", "dense"):
+            if part[key] != first[key]:
+                raise SystemExit(f"{f} differs from {files[0]} in {key}; only runs of one protocol can be combined")
+    report = {k: v for k, v in first.items() if k != "results"}
+    report["combined_from"] = files
+    report["results"] = {}
+    for part in parts:
+        for rho, row in part["results"].items():
+            for method, entry in row.items():
+                report["results"].setdefault(rho, {}).setdefault(method, {}).update(entry)
+    path = write_json(output, report)
+    _table(report)
+    print(f"wrote {path} and {plot(report, path.with_suffix('.png'))}")
+
+
+def plot(report: dict, path):
+    """Grouped bars: perplexity of each model before and after LoRA, one panel per retention and text."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, rhos = list(report["dense"]), sorted(report["results"], key=float, reverse=True)
+    fig, axes = plt.subplots(len(rhos), len(names), figsize=(5.5 * len(names), 3.6 * len(rhos)), squeeze=False)
+    for i, rho in enumerate(rhos):
+        for j, name in enumerate(names):
+            ax, labels, vals = axes[i][j], [], []
+            for method, entry in report["results"][rho].items():
+                if "eval" in entry:
+                    labels.append(LABELS[method])
+                    vals.append(entry["eval"][name]["ppl"])
+                for key, sub in entry.items():
+                    if key.startswith("lora_"):
+                        labels.append(f"{LABELS[method]}\n+LoRA[{key[5:]}]")
+                        vals.append(sub["eval"][name]["ppl"])
+            ax.bar(range(len(vals)), vals, color=["#999" if "LoRA" not in lab else
+                                                  ("#1f77b4" if lab.startswith("AIR") else "#ff7f0e")
+                                                  for lab in labels])
+            ax.set_xticks(range(len(vals)), labels, fontsize=7)
+            ax.axhline(report["dense"][name]["ppl"], color="k", ls="--", lw=1, label="dense")
+            ax.set_ylabel("perplexity")
+            ax.set_title(f"retention {rho}, {name} (held out)")
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def _line(rho, label, ev, dense, extra="") -> None:

@@ -48,7 +48,8 @@ class CompressConfig:
     seed: int = _f(0, "seed for drawing calibration windows")
     batch_size: int = _f(4, "calibration windows per forward/backward pass (memory vs speed)")
     delta: float = _f(2.0, "AIR influence strength in C = 1 + delta * I; 0 gives SVD-LLM(W) exactly")
-    influence: str = _f("fisher", f"AIR influence signal: {INFLUENCES}")
+    influence: str = _f("fisher_whitened", f"AIR influence signal: {INFLUENCES} (fisher_whitened: the Fisher of the "
+                        "whitened weight W S, from a second calibration pass; best on validation)")
     normalization: str = _f("mean", f"per-matrix influence normalization: {NORMALIZATIONS}")
     max_ratio: float = _f(100.0, "'power' normalization: cap on max/mean of the influence map")
     sweeps: int = _f(1, "maximum ALS sweeps (each provably non-increasing)")

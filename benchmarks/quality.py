@@ -78,6 +78,9 @@ def main() -> None:
                          "(instead of the product of --signals --normalizations --whitenings --deltas)")
     ap.add_argument("--later-deltas", type=float, nargs="*", default=None,
                     help="deltas searched at later retentions (default: --deltas; empty: library defaults only)")
+    ap.add_argument("--reuse-baselines", default=None, metavar="FILE",
+                    help="copy the baseline rows (and dense) from an earlier results file of the same protocol "
+                         "instead of recomputing them (they do not depend on AIR's settings)")
     ap.add_argument("--no-eval", action="store_true", help="validation only (for exploring the AIR grid)")
     ap.add_argument("--plot-only", action="store_true", help="redraw the plot and table from the JSON")
     ap.add_argument("--output", default="quality_smollm2.json")
@@ -111,10 +114,22 @@ def main() -> None:
               "dense_validation": val_score(dense, tok, val, args.seq_len, args.val_windows),
               "results": {}}
     print(f"model loaded + calibration in {time.perf_counter() - t0:.0f}s (cached: {stats.cached})")
+    reuse = {}
+    if args.reuse_baselines:
+        old = json.loads((RESULTS / args.reuse_baselines).read_text())
+        same = ("num_samples", "seq_len", "eval_windows", "val_windows")
+        if any(old["args"][k] != getattr(args, k) for k in same) or old["dense"] != report["dense"]:
+            raise SystemExit(f"{args.reuse_baselines} was measured under another protocol ({same} or dense differ)")
+        reuse = old["results"]
+        report["baselines_from"] = args.reuse_baselines
     best_pair = None
     for rho in args.retentions:
         row = report["results"][str(rho)] = {}
         for method in args.baselines:
+            if method in reuse.get(str(rho), {}):
+                row[method] = reuse[str(rho)][method]
+                _print(rho, f"{method} (reused)", row[method])
+                continue
             model, info = run_method(dense, tok, stats, method, rho)
             row[method] = {"eval": {} if args.no_eval else evaluate(model, tok, evl, args.seq_len, args.eval_windows),
                            "validation": val_score(model, tok, val, args.seq_len, args.val_windows)
@@ -174,7 +189,8 @@ def main() -> None:
         write_json(args.output, report)
     _table(report)
     path = write_json(args.output, report)
-    print(f"wrote {path} and {plot(report, path.with_suffix('.png'))}")
+    if not args.no_eval:
+        print(f"wrote {path} and {plot(report, path.with_suffix('.png'))}")
 
 
 def plot(report: dict, path):

@@ -98,7 +98,7 @@ def get_stats(model: nn.Module, tok, texts: list[str], targets: dict[str, nn.Lin
     the whitening factors of the first pass's Grams (the first pass then needs no backward).
     """
     windows = sample_windows(tok, texts, cfg.num_samples, cfg.seq_len, cfg.seed)
-    whitened = influence and cfg.influence == WHITENED
+    whitened = influence and cfg.method == "air" and cfg.influence == WHITENED
     fingerprint = model_fingerprint(model) if cfg.cache else None  # hashes every parameter byte: once
 
     def cached(flag, compute):

@@ -99,8 +99,10 @@ def main() -> None:
     cal, val, evl = load_split("calibration"), load_split("validation"), load_split("evaluation")
     defaults = CompressConfig()
     cfg = CompressConfig(num_samples=args.num_samples, seq_len=args.seq_len)
-    stats = get_stats(dense, tok, cal, find_targets(dense), cfg, influence=True)
-    wanted = {c.split("/")[0] for c in args.grid or []} | set(args.signals)
+    # first pass with wxg/fisher (FWSVD and the non-whitened AIR signals need them), then the whitened pass
+    stats = get_stats(dense, tok, cal, find_targets(dense), dataclasses.replace(cfg, influence="fisher"),
+                      influence=True)
+    wanted = {c.split("/")[0] for c in args.grid or []} | set(args.signals) | {defaults.influence}
     if "fisher_whitened" in wanted:  # a second calibration pass (cached like the first)
         white = get_stats(dense, tok, cal, find_targets(dense), dataclasses.replace(cfg, influence="fisher_whitened"),
                           influence=True)

@@ -80,7 +80,8 @@ def test_calibration_is_cached_across_retentions(model, tokenizer, text):
 
 
 def test_whitened_influence_runs_a_cached_second_pass(model, tokenizer, text):
-    plain = air_ft.compress(copy.deepcopy(model), tokenizer, [text], method="air", retention=0.5, **KW)
+    plain = air_ft.compress(copy.deepcopy(model), tokenizer, [text], method="air", retention=0.5,
+                            influence="fisher", **KW)
     white = air_ft.compress(copy.deepcopy(model), tokenizer, [text], method="air", retention=0.5,
                             influence="fisher_whitened", **KW)
     again = air_ft.compress(copy.deepcopy(model), tokenizer, [text], method="air", retention=0.4,

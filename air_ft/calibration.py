@@ -115,7 +115,7 @@ class _Hooks:
                 self.group_of[name] = leader
             x = inputs[0].detach()
             _check_finite(x, "the input", name)
-            if self.group_of[name] == name:
+            if self.group_of[name] == name and self.unwhiten is None:  # the whitened pass already has its Grams
                 flat = x.reshape(-1, x.shape[-1]).to(torch.float64)
                 if name not in self.grams:
                     self.grams[name] = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float64,

@@ -94,7 +94,7 @@ def main() -> None:
     if args.calibration:
         fresh = get_stats(dense, tok, cal, find_targets(dense), CompressConfig(cache=False), influence=True)
         report["calibration_seconds"] = fresh.seconds
-        print(f"calibration (64 x 512 tokens, forward + per-sample backward): {fresh.seconds:.0f}s")
+        print(f"calibration (64 x 512 tokens, every pass the library defaults need): {fresh.seconds:.0f}s")
     stats = get_stats(dense, tok, cal, find_targets(dense), cfg, influence=True)
     tolerances = {"float32": 1e-6, "float64": 1e-12}
     if args.audit_dtypes:

@@ -72,3 +72,23 @@ def write_json(name: str, obj: dict) -> Path:
     tmp.write_text(json.dumps(obj, indent=2, default=str))
     os.replace(tmp, path)
     return path
+
+
+def subplots(rows: int, cols: int, width: float, height: float):
+    """A headless matplotlib grid of ``rows x cols`` panels of ``width x height`` inches: ``(fig, axes[row][col])``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+
+
+def save_figure(fig, path):
+    """Lay out, write (120 dpi) and close ``fig``; returns ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

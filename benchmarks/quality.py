@@ -21,7 +21,7 @@ import math
 import time
 
 import torch
-from common import MODEL, RESULTS, environment, load_split, set_threads, write_json
+from common import MODEL, RESULTS, environment, load_split, save_figure, set_threads, subplots, write_json
 
 import air_ft
 from air_ft.compress import get_stats
@@ -197,13 +197,8 @@ def main() -> None:
 
 def plot(report: dict, path):
     """Perplexity against retention, one panel per evaluation text, log scale (plain SVD explodes)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(report["dense"])
-    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
+    fig, axes = subplots(1, len(names), 5, 4)
     rhos = sorted(report["results"], key=float)
     for ax, name in zip(axes[0], names):
         for method in ("svd", "asvd", "fwsvd", "svdllm", "air"):
@@ -218,10 +213,7 @@ def plot(report: dict, path):
         ax.set_ylabel("perplexity (log scale)")
         ax.set_title(f"SmolLM2-135M, {name} (held out)")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _count(rungs: dict) -> dict:

@@ -20,7 +20,7 @@ import json
 import time
 
 import torch
-from common import MODEL, RESULTS, environment, load_split, write_json
+from common import MODEL, RESULTS, environment, load_split, save_figure, subplots, write_json
 
 import air_ft
 from air_ft.compress import get_stats
@@ -185,13 +185,8 @@ def combine(files: list[str], output: str) -> None:
 
 def plot(report: dict, path):
     """Grouped bars: perplexity of each model before and after LoRA, one panel per retention and text."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names, rhos = list(report["dense"]), sorted(report["results"], key=float, reverse=True)
-    fig, axes = plt.subplots(len(rhos), len(names), figsize=(5.5 * len(names), 3.6 * len(rhos)), squeeze=False)
+    fig, axes = subplots(len(rhos), len(names), 5.5, 3.6)
     for i, rho in enumerate(rhos):
         for j, name in enumerate(names):
             ax, labels, vals = axes[i][j], [], []
@@ -211,10 +206,7 @@ def plot(report: dict, path):
             ax.set_ylabel("perplexity")
             ax.set_title(f"retention {rho}, {name} (held out)")
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _line(rho, label, ev, dense, extra="") -> None:

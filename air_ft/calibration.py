@@ -81,7 +81,7 @@ class _Hooks:
     def __init__(self, targets: dict[str, nn.Linear], influence: bool,
                  unwhiten: dict[str, torch.Tensor] | None = None) -> None:
         self.targets = targets
-        self.influence = influence or unwhiten is not None
+        self.influence = influence
         self.unwhiten = unwhiten  # layer -> S^-T: measure the Fisher in whitened coordinates only
         self.group_of: dict[str, str] = {}
         self.grams: dict[str, torch.Tensor] = {}
@@ -127,7 +127,7 @@ class _Hooks:
                 if self.unwhiten is not None:
                     leader = self.group_of[name]
                     if leader not in self._whitened:  # whiten once per input, shared by q/k/v and gate/up
-                        self._whitened[leader] = x.to(torch.float32) @ self.unwhiten[name].to(x.device)
+                        self._whitened[leader] = x.to(torch.float32) @ self.unwhiten[name]
                     output.register_hook(self._whitened_grad_hook(name, self._whitened[leader]))
                 else:
                     output.register_hook(self._grad_hook(name, mod, x))
@@ -185,7 +185,7 @@ def calibrate(model: nn.Module, windows: torch.Tensor, targets: dict[str, nn.Lin
         unwhiten = {}
         for name, s in whitening.items():
             if id(s) not in inverse:
-                inverse[id(s)] = torch.linalg.inv(s.to(torch.float64)).T.to(torch.float32).contiguous()
+                inverse[id(s)] = torch.linalg.inv(s.to(device, torch.float64)).T.to(torch.float32).contiguous()
             unwhiten[name] = inverse[id(s)]
         influence = True
     hooks = _Hooks(targets, influence, unwhiten)
@@ -200,8 +200,8 @@ def calibrate(model: nn.Module, windows: torch.Tensor, targets: dict[str, nn.Lin
     t0 = time.perf_counter()
     try:
         batches = windows.split(batch_size)
-        desc = ("calibration (forward+backward)" if whitening is None else "whitened influence (forward+backward)"
-                ) if influence else "calibration (forward)"
+        desc = ("whitened influence" if whitening is not None else "calibration") + (
+            " (forward+backward)" if influence else " (forward)")
         for batch in tqdm(batches, desc=desc, disable=not progress):
             batch = batch.to(device)
             with torch.set_grad_enabled(influence):

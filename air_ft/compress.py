@@ -73,7 +73,8 @@ def _air(w, k, layer, cfg):
         imap = linalg.normalize_influence(layer[cfg.influence], cfg.normalization, cfg.max_ratio)
         c = 1.0 + cfg.delta * imap.to(wp.device)
         dtype = torch.float64 if cfg.als_dtype == "float64" else torch.float32
-        res = linalg.als_sweep(wp, c, u, sig, vh, sweeps=cfg.sweeps, tol=cfg.tol, dtype=dtype)
+        res = linalg.als_sweep(wp, c, u, sig, vh, sweeps=cfg.sweeps, tol=cfg.tol, dtype=dtype,
+                               backend=cfg.als_backend)
         u, sig, vh = res.u.to(wp.dtype), res.sigma.to(wp.dtype), res.vh.to(wp.dtype)
         extra.update(objective_start=res.objective[0], objective_end=res.objective[-1], sweeps=res.sweeps)
     return (*linalg.back_project(u, sig, vh, s), extra)
@@ -144,7 +145,7 @@ def compress(model: nn.Module, tok, texts: list[str] | None = None, method: str 
         retention: fraction of the compressed layers' parameters kept.
         stats: precomputed :class:`CalibrationStats` (skips calibration; benchmarks share one).
         **options: any other :class:`~air_ft.config.CompressConfig` field (delta, influence, normalization,
-            sweeps, tol, include, exclude, als_dtype, eps, batch_size, cache, progress, device).
+            sweeps, tol, include, exclude, als_dtype, als_backend, eps, batch_size, cache, progress, device).
 
     Returns:
         dict with ``ranks``, ``rungs``, per-layer ``objective`` (AIR), parameter counts, timings.

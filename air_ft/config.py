@@ -55,6 +55,8 @@ class CompressConfig:
     sweeps: int = _f(1, "maximum ALS sweeps (each provably non-increasing)")
     tol: float = _f(0.0, "stop sweeping once a sweep improves the objective by less than this (relative)")
     als_dtype: str = _f("float32", "ALS working precision: float32 | float64")
+    als_backend: str = _f("auto", "ALS implementation: auto (the fused C kernel on CPU when a C compiler is "
+                                  "available, else torch) | native (require the kernel) | torch (reference)")
     eps: float = _f(0.0, "initial damping added to the Gram diagonal before Cholesky")
     whitening: str = _f("cholesky", "square root of the Gram: 'cholesky' (the paper) or 'symmetric' (keeps AIR's "
                                     "element weights attached to input features); same SVD-LLM(W) result")
@@ -78,6 +80,8 @@ class CompressConfig:
             raise RecipeError(f"whitening must be 'cholesky' or 'symmetric', got {self.whitening!r}")
         if self.als_dtype not in ("float32", "float64"):
             raise RecipeError(f"als_dtype must be 'float32' or 'float64', got {self.als_dtype!r}")
+        if self.als_backend not in ("auto", "native", "torch"):
+            raise RecipeError(f"als_backend must be 'auto', 'native' or 'torch', got {self.als_backend!r}")
         for name, low in (("num_samples", 1), ("seq_len", 2), ("batch_size", 1), ("sweeps", 1)):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < low:
                 raise RecipeError(f"{name} must be an integer >= {low}, got {getattr(self, name)!r}")

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from air_ft import native
+
 __all__ = [
     "rank_for_retention",
     "whitening_factor",
@@ -220,9 +222,34 @@ class ALSResult:
     sweeps: int
 
 
+def _use_native(backend: str, resid: torch.Tensor) -> bool:
+    if backend not in ("auto", "native", "torch"):
+        raise ValueError(f"ALS backend must be 'auto', 'native' or 'torch', got {backend!r}")
+    if backend == "torch":
+        return False
+    if not native.usable(resid):
+        if backend == "native":
+            raise ValueError(f"the native ALS kernel runs on CPU float32/float64 tensors, not {resid.dtype} on "
+                             f"{resid.device}; use backend 'torch' or 'auto'")
+        return False
+    if backend == "native":
+        native.load()  # raises NativeUnavailable with the compiler's message
+        return True
+    if not native.available():
+        native.warn_fallback()
+        return False
+    return True
+
+
+def _converged(trace: list[float], steps: int, tol: float) -> bool:
+    """The last sweep (``steps`` entries of the trace) improved Eq. 4 by less than ``tol`` relative."""
+    prev, cur = trace[-1 - steps], trace[-1]
+    return tol > 0 and prev > 0 and (prev - cur) / prev < tol
+
+
 def als_sweep(target: torch.Tensor, c: torch.Tensor, u: torch.Tensor, sigma: torch.Tensor, vh: torch.Tensor,
               sweeps: int = 1, tol: float = 0.0, track_steps: bool = False,
-              dtype: torch.dtype = torch.float32) -> ALSResult:
+              dtype: torch.dtype = torch.float32, backend: str = "auto") -> ALSResult:
     """Weighted low-rank refinement by alternating least squares over rank-1 components (Eqs. 5-6).
 
     Starts from ``target ~= U diag(sigma) Vh`` (the SVD-LLM(W) solution of the whitened weight) and visits
@@ -240,6 +267,9 @@ def als_sweep(target: torch.Tensor, c: torch.Tensor, u: torch.Tensor, sigma: tor
         tol: stop early once a sweep improves the objective by less than ``tol`` relative.
         track_steps: record the exact objective after every rank step (one extra pass each; for tests/audits).
         dtype: working precision of the sweep.
+        backend: ``torch`` (the reference below, any device), ``native`` (the fused C kernel of
+            :mod:`air_ft.native`: the same updates in the same order, one pass over the residual per rank step;
+            CPU only) or ``auto`` (native on CPU when it builds, else torch).
     """
     c = c.to(dtype)
     tgt = target.to(dtype)
@@ -259,9 +289,18 @@ def als_sweep(target: torch.Tensor, c: torch.Tensor, u: torch.Tensor, sigma: tor
     trace = [objective()]
     done = 0
     tiny = torch.finfo(dtype).tiny
+    fused = _use_native(backend, resid)
     for _ in range(sweeps):
-        # Eq. 5's denominators sum_i C_ij u_r[i]^2 for every r at once (u_r only changes at its own step), negated
-        neg_den = ((us * us) @ c).clamp_min_(tiny).neg_()
+        # Eq. 5's denominators sum_i C_ij u_r[i]^2 for every r at once (u_r only changes at its own step)
+        den = ((us * us) @ c).clamp_min_(tiny)
+        if fused:
+            steps = native.sweep(resid, c, us, vs, den, track=track_steps)
+            trace.extend(steps if track_steps else [objective()])
+            done += 1
+            if _converged(trace, k if track_steps else 1, tol):
+                break
+            continue
+        neg_den = den.neg_()
         # While a sweep runs, updated rows hold (u~, -b): then the previous step's downdate -u~ b^T and this
         # step's add-back u_r v_r^T are one rank-2 product of two adjacent rows, with no copies
         folded = False  # True when the previous step's downdate is already in ``resid``
@@ -288,8 +327,7 @@ def als_sweep(target: torch.Tensor, c: torch.Tensor, u: torch.Tensor, sigma: tor
         done += 1
         if not track_steps:
             trace.append(objective())
-        prev, cur = trace[-2 - (k - 1 if track_steps else 0)], trace[-1]
-        if tol > 0 and prev > 0 and (prev - cur) / prev < tol:
+        if _converged(trace, k if track_steps else 1, tol):
             break
     nu, nv = torch.linalg.vector_norm(us, dim=1), torch.linalg.vector_norm(vs, dim=1)
     live = (nu > 0) & (nv > 0)  # a component the weights drove to zero gets weight 0 and any unit direction

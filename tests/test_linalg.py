@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from air_ft import linalg
+from air_ft import linalg, native
 
 
 def _gram(n: int, tokens: int = 400, seed: int = 0, rank: int | None = None) -> torch.Tensor:
@@ -142,18 +142,24 @@ def _instance(m=10, n=14, k=4, seed=0, delta=2.0):
     return w, c, u, s, vh
 
 
-def test_als_matches_literal_equations():
+BACKENDS = ["torch", pytest.param("native", marks=pytest.mark.skipif(
+    not native.available(), reason="no C compiler for the fused ALS kernel"))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_als_matches_literal_equations(backend):
     w, c, u, s, vh = _instance()
-    res = linalg.als_sweep(w, c, u, s, vh, dtype=torch.float64)
+    res = linalg.als_sweep(w, c, u, s, vh, dtype=torch.float64, backend=backend)
     ref = _reference_als(w, c, u, s, vh)
     assert torch.allclose((res.u * res.sigma) @ res.vh, ref, atol=1e-10)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("seed", range(12))
-def test_als_objective_never_increases_at_any_rank_step(seed):
+def test_als_objective_never_increases_at_any_rank_step(seed, backend):
     m, n = [(20, 30), (30, 20), (8, 64), (25, 25)][seed % 4]
     w, c, u, s, vh = _instance(m, n, k=1 + seed % 7, seed=seed, delta=[0.5, 2.0, 10.0][seed % 3])
-    res = linalg.als_sweep(w, c, u, s, vh, sweeps=3, track_steps=True, dtype=torch.float64)
+    res = linalg.als_sweep(w, c, u, s, vh, sweeps=3, track_steps=True, dtype=torch.float64, backend=backend)
     trace = torch.tensor(res.objective, dtype=torch.float64)
     assert len(trace) == 1 + 3 * len(s)
     assert (trace[1:] <= trace[:-1] * (1 + 1e-12)).all(), trace
@@ -163,16 +169,66 @@ def test_als_objective_never_increases_at_any_rank_step(seed):
         linalg.weighted_objective(c, w, (res.u * res.sigma) @ res.vh), rel=1e-10)
 
 
-def test_als_with_uniform_weights_keeps_the_svd_solution():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_als_with_uniform_weights_keeps_the_svd_solution(backend):
     w, _, u, s, vh = _instance()
-    res = linalg.als_sweep(w, torch.ones_like(w), u, s, vh, dtype=torch.float64)
+    res = linalg.als_sweep(w, torch.ones_like(w), u, s, vh, dtype=torch.float64, backend=backend)
     assert torch.allclose((res.u * res.sigma) @ res.vh, (u * s) @ vh, atol=1e-10)
 
 
-def test_als_tolerance_stops_early():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_als_tolerance_stops_early(backend):
     w, c, u, s, vh = _instance()
-    res = linalg.als_sweep(w, c, u, s, vh, sweeps=50, tol=1e-3, dtype=torch.float64)
+    res = linalg.als_sweep(w, c, u, s, vh, sweeps=50, tol=1e-3, dtype=torch.float64, backend=backend)
     assert 1 < res.sweeps < 50
+
+
+@pytest.mark.skipif(not native.available(), reason="no C compiler for the fused ALS kernel")
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize(("m", "n", "k"), [(37, 23, 9), (23, 37, 23), (1, 9, 1), (64, 16, 1)])
+def test_native_kernel_equals_the_torch_path(m, n, k, threads, monkeypatch):
+    """Same updates, same order: factors and the per-step objective agree to rounding, any row split."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    w, c, u, s, vh = _instance(m, n, k, seed=m + k)
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
+        ref = linalg.als_sweep(w, c, u, s, vh, sweeps=2, track_steps=True, dtype=dtype, backend="torch")
+        got = linalg.als_sweep(w, c, u, s, vh, sweeps=2, track_steps=True, dtype=dtype, backend="native")
+        scale = float(w.abs().max())
+        assert torch.allclose((got.u * got.sigma) @ got.vh, (ref.u * ref.sigma) @ ref.vh, atol=tol * scale)
+        assert torch.allclose(got.sigma, ref.sigma, rtol=tol, atol=tol * scale)
+        obj = torch.tensor(ref.objective, dtype=torch.float64)
+        total = float((c * w * w).sum())  # the objective of the zero approximation
+        assert torch.allclose(torch.tensor(got.objective, dtype=torch.float64), obj, rtol=tol, atol=tol * total)
+
+
+def test_native_backend_falls_back_to_torch_without_a_compiler(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_error", None)
+    monkeypatch.setenv("AIR_FT_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    w, c, u, s, vh = _instance()
+    with pytest.warns(UserWarning, match="fused ALS kernel is unavailable"):
+        auto = linalg.als_sweep(w, c, u, s, vh, dtype=torch.float64)
+    ref = linalg.als_sweep(w, c, u, s, vh, dtype=torch.float64, backend="torch")
+    assert torch.equal(auto.u, ref.u) and torch.equal(auto.vh, ref.vh)
+    with pytest.raises(native.NativeUnavailable, match="no-such-cc"):
+        linalg.als_sweep(w, c, u, s, vh, dtype=torch.float64, backend="native")
+    with pytest.raises(ValueError, match="backend must be"):
+        linalg.als_sweep(w, c, u, s, vh, backend="cuda")
+    assert not list(tmp_path.glob("kernels/*.so"))  # nothing half-built left behind
+
+
+@pytest.mark.skipif(not native.available(), reason="no C compiler for the fused ALS kernel")
+def test_native_kernel_rejects_tensors_it_cannot_read():
+    w, c, u, s, vh = _instance()
+    with pytest.raises(ValueError, match="CPU float32/float64"):
+        linalg.als_sweep(w.half(), c.half(), u.half(), s.half(), vh.half(), dtype=torch.float16, backend="native")
+    k = len(s)
+    resid, us, vs = w.clone(), (u * s).T.contiguous(), vh.contiguous()
+    with pytest.raises(ValueError, match="contiguous"):
+        native.sweep(resid.T, c, us, vs, torch.ones(k, w.shape[1], dtype=w.dtype))
+    with pytest.raises(ValueError, match="shape mismatch"):
+        native.sweep(resid, c, us, vs, torch.ones(k + 1, w.shape[1], dtype=w.dtype))
 
 
 def test_symmetric_root_whitens_like_cholesky_and_gives_the_same_svdllm_solution():

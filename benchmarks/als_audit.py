@@ -23,13 +23,13 @@ from common import MODEL, RESULTS, environment, load_split, set_threads, write_j
 from tqdm.auto import tqdm
 
 import air_ft
-from air_ft import linalg
+from air_ft import linalg, native
 from air_ft.compress import get_stats
 from air_ft.config import CompressConfig
 from air_ft.modeling import find_targets
 
 
-def audit(dense, stats, cfg: CompressConfig, dtype: torch.dtype, tol: float) -> dict:
+def audit(dense, stats, cfg: CompressConfig, dtype: torch.dtype, tol: float, backend: str) -> dict:
     targets = find_targets(dense)
     violations, worst, steps, reductions = 0, 0.0, 0, []
     whiten: dict = {}
@@ -44,29 +44,32 @@ def audit(dense, stats, cfg: CompressConfig, dtype: torch.dtype, tol: float) -> 
         u, sig, vh = linalg.truncated_svd(wp, k)
         c = 1 + cfg.delta * linalg.normalize_influence(stats.influence[cfg.influence][name], cfg.normalization,
                                                        cfg.max_ratio)
-        res = linalg.als_sweep(wp, c, u, sig, vh, sweeps=cfg.sweeps, track_steps=True, dtype=dtype)
+        res = linalg.als_sweep(wp, c, u, sig, vh, sweeps=cfg.sweeps, track_steps=True, dtype=dtype,
+                               backend=backend)
         trace = torch.tensor(res.objective, dtype=torch.float64)
         rel = (trace[1:] - trace[:-1]) / trace[:-1]
         violations += int((rel > tol).sum())
         worst = max(worst, float(rel.max()))
         steps += len(rel)
         reductions.append(float((trace[0] - trace[-1]) / trace[0]))
-    return {"matrices": len(targets), "rank_steps": steps, "violations": violations, "tolerance": tol,
+    return {"backend": backend, "matrices": len(targets), "rank_steps": steps, "violations": violations,
+            "tolerance": tol,
             "largest_relative_step_increase": worst,
             "objective_reduction_mean": sum(reductions) / len(reductions),
             "objective_reduction_min": min(reductions), "objective_reduction_max": max(reductions)}
 
 
-def timing(dense, tok, stats, retention: float, repeats: int) -> dict:
+def timing(dense, tok, stats, retention: float, repeats: int, backend: str) -> dict:
     best = {"svdllm": float("inf"), "air": float("inf")}
     for _ in range(repeats):
         for method in best:
             model = copy.deepcopy(dense)
             info = air_ft.compress(model, tok, None, method=method, retention=retention, stats=stats,
-                                   progress=False)
+                                   progress=False, als_backend=backend)
             best[method] = min(best[method], info["compression_seconds"])
             del model
-    return {**{f"{k}_seconds": v for k, v in best.items()}, "ratio_air_over_svdllm": best["air"] / best["svdllm"]}
+    return {**{f"{k}_seconds": v for k, v in best.items()}, "ratio_air_over_svdllm": best["air"] / best["svdllm"],
+            "als_backend": backend}
 
 
 def main() -> None:
@@ -77,6 +80,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--calibration", action="store_true", help="also time an uncached calibration")
     ap.add_argument("--audit-dtypes", nargs="*", default=["float32", "float64"], help="ALS precisions to audit")
+    ap.add_argument("--als-backend", choices=["native", "torch"],
+                    default="native" if native.available() else "torch",
+                    help="ALS implementation (default: the fused C kernel when it builds here, as the library does)")
     ap.add_argument("--output", default="als_audit_smollm2.json")
     ap.add_argument("--merge", action="store_true", help="add to an existing JSON instead of replacing it")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -98,16 +104,18 @@ def main() -> None:
     stats = get_stats(dense, tok, cal, find_targets(dense), cfg, influence=True)
     tolerances = {"float32": 1e-6, "float64": 1e-12}
     if args.audit_dtypes:
-        report["audit"] = {d: audit(dense, stats, cfg, getattr(torch, d), tolerances[d]) for d in args.audit_dtypes}
+        report["audit"] = {d: audit(dense, stats, cfg, getattr(torch, d), tolerances[d],
+                                    args.als_backend) for d in args.audit_dtypes}
     for key, rec in report.get("audit", {}).items():
-        print(f"ALS {key}: {rec['violations']} violations in {rec['rank_steps']} rank steps over {rec['matrices']} "
+        print(f"ALS {key} ({rec.get('backend', 'torch')}): {rec['violations']} violations in {rec['rank_steps']} "
+              f"rank steps over {rec['matrices']} "
               f"matrices (tol {rec['tolerance']:g} relative; largest step change "
               f"{rec['largest_relative_step_increase']:+.2e}); objective reduced by "
               f"{100 * rec['objective_reduction_mean']:.2f} % on average")
     write_json(args.output, report)
     report.setdefault("timing", {})
     for rho in args.timing_retentions:
-        t = report["timing"][str(rho)] = timing(dense, tok, stats, rho, args.repeats)
+        t = report["timing"][str(rho)] = timing(dense, tok, stats, rho, args.repeats, args.als_backend)
         print(f"retention {rho}: SVD-LLM(W) {t['svdllm_seconds']:.1f}s, AIR {t['air_seconds']:.1f}s "
               f"(ratio {t['ratio_air_over_svdllm']:.2f})", flush=True)
         write_json(args.output, report)

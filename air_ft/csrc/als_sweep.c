@@ -106,13 +106,14 @@ static void barrier_wait(barrier_t *b) {
                 const T u = num / (dd > J->tiny ? dd : J->tiny);                                                 \
                 J->US[r * m + i] = u;                                                                            \
                 if (J->obj) {                                                                                    \
-                    T o = 0;                                                                                     \
+                    /* the objective of the working-precision state, accumulated in double */                   \
+                    double o = 0;                                                                                \
                     _Pragma("omp simd reduction(+:o)")                                                           \
                     for (int64_t j = 0; j < n; ++j) {                                                            \
                         const T d = row[j] - u * b[j];                                                           \
-                        o += c[j] * d * d;                                                                       \
+                        o += (double)c[j] * (double)d * (double)d;                                               \
                     }                                                                                            \
-                    obj += (double)o;                                                                            \
+                    obj += o;                                                                                    \
                 }                                                                                                \
                 if (r > 0) {                                                                                     \
                     /* downdate step r, add back component r-1, and its Eq. 5 column sums */                     \

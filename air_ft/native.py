@@ -124,7 +124,8 @@ def sweep(resid: torch.Tensor, c: torch.Tensor, us: torch.Tensor, vs: torch.Tens
     if c.shape != (m, n) or us.shape != (k, m) or vs.shape != (k, n) or den.shape != (k, n):
         raise ValueError(f"shape mismatch: resid {tuple(resid.shape)}, c {tuple(c.shape)}, us {tuple(us.shape)}, "
                          f"vs {tuple(vs.shape)}, den {tuple(den.shape)}")
-    nthreads = max(1, min(threads or torch.get_num_threads(), m))
+    # every thread forms all of b from the per-thread column sums, so keep blocks of at least 32 rows
+    nthreads = max(1, min(threads or torch.get_num_threads(), m // 32, 64))
     obj = torch.zeros(nthreads, k, dtype=torch.float64) if track else None
     fn = lib.als_sweep_f32 if dtype == torch.float32 else lib.als_sweep_f64
     rc = fn(resid.data_ptr(), c.data_ptr(), us.data_ptr(), vs.data_ptr(), den.data_ptr(), m, n, k,

@@ -185,9 +185,10 @@ def test_als_tolerance_stops_early(backend):
 
 @pytest.mark.skipif(not native.available(), reason="no C compiler for the fused ALS kernel")
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize(("m", "n", "k"), [(37, 23, 9), (23, 37, 23), (1, 9, 1), (64, 16, 1)])
+@pytest.mark.parametrize(("m", "n", "k"), [(100, 23, 9), (23, 37, 23), (1, 9, 1), (97, 16, 1), (96, 96, 96)])
 def test_native_kernel_equals_the_torch_path(m, n, k, threads, monkeypatch):
-    """Same updates, same order: factors and the per-step objective agree to rounding, any row split."""
+    """Same updates, same order: factors and the per-step objective agree to rounding, any row split (rows are
+    split over up to m // 32 threads)."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     w, c, u, s, vh = _instance(m, n, k, seed=m + k)
     for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):

@@ -59,6 +59,32 @@ def audit(dense, stats, cfg: CompressConfig, dtype: torch.dtype, tol: float, bac
             "objective_reduction_min": min(reductions), "objective_reduction_max": max(reductions)}
 
 
+def backends(dense, stats, cfg: CompressConfig, retention: float, repeats: int) -> dict:
+    """One ALS sweep on layer 0's matrices at ``retention``'s ranks: the fused C kernel against the torch path."""
+    out = {}
+    for name, mod in find_targets(dense).items():
+        if not name.startswith("model.layers.0."):
+            continue
+        m, n = mod.weight.shape
+        k = linalg.rank_for_retention(m, n, retention)
+        s = linalg.whitening_factor(stats.grams[stats.group_of[name]], cfg.eps)[0]
+        wp = (mod.weight.detach().double() @ s).float()
+        u, sig, vh = linalg.truncated_svd(wp, k)
+        c = 1 + cfg.delta * linalg.normalize_influence(stats.influence[cfg.influence][name], cfg.normalization,
+                                                       cfg.max_ratio)
+        best = {}
+        for backend in ("native", "torch"):
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                linalg.als_sweep(wp, c, u, sig, vh, backend=backend)
+                best[backend] = min(best.get(backend, float("inf")), time.perf_counter() - t0)
+        out[name.split(".")[-1]] = {"shape": [m, n], "rank": k, "native_seconds": best["native"],
+                                    "torch_seconds": best["torch"], "speedup": best["torch"] / best["native"]}
+        print(f"  {name}: {m}x{n} rank {k}: kernel {best['native']:.3f}s, torch {best['torch']:.3f}s "
+              f"({best['torch'] / best['native']:.1f}x)", flush=True)
+    return out
+
+
 def timing(dense, tok, stats, retention: float, repeats: int, backend: str) -> dict:
     best = {"svdllm": float("inf"), "air": float("inf")}
     for _ in range(repeats):
@@ -83,6 +109,8 @@ def main() -> None:
     ap.add_argument("--als-backend", choices=["native", "torch"],
                     default="native" if native.available() else "torch",
                     help="ALS implementation (default: the fused C kernel when it builds here, as the library does)")
+    ap.add_argument("--backends", action="store_true",
+                    help="time one sweep per layer-0 matrix (at the first timing retention) with both ALS backends")
     ap.add_argument("--output", default="als_audit_smollm2.json")
     ap.add_argument("--merge", action="store_true", help="add to an existing JSON instead of replacing it")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -113,6 +141,11 @@ def main() -> None:
               f"{rec['largest_relative_step_increase']:+.2e}); objective reduced by "
               f"{100 * rec['objective_reduction_mean']:.2f} % on average")
     write_json(args.output, report)
+    if args.backends and native.available():
+        rho = (args.timing_retentions or [0.8])[0]
+        report["backends"] = {"retention": rho, "threads": torch.get_num_threads(),
+                              "matrices": backends(dense, stats, cfg, rho, args.repeats)}
+        write_json(args.output, report)
     report.setdefault("timing", {})
     for rho in args.timing_retentions:
         t = report["timing"][str(rho)] = timing(dense, tok, stats, rho, args.repeats, args.als_backend)

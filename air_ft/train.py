@@ -24,6 +24,7 @@ files on the main process, so no partitioned tensor is ever merged.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -211,12 +212,16 @@ def build_trainer(model: nn.Module, tok, train_ds, eval_ds, cfg: TrainConfig, ou
 
     bf16 = use_bf16(cfg.bf16)
     has_eval = eval_ds is not None and cfg.eval_steps > 0
+    # transformers 5 renamed gradient_checkpointing* to activation_checkpointing* (the old names warn)
+    ckpt = ("activation_checkpointing" if "activation_checkpointing" in {f.name for f in dataclasses.fields(SFTConfig)}
+            else "gradient_checkpointing")
+    checkpointing = {ckpt: cfg.gradient_checkpointing,
+                     f"{ckpt}_kwargs": {"use_reentrant": False} if cfg.gradient_checkpointing else None}
     args = SFTConfig(
+        **checkpointing,
         output_dir=str(output_dir), max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
         lr_scheduler_type="cosine", warmup_steps=cfg.warmup_ratio, per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         bf16=bf16, fp16=False, use_cpu=not torch.cuda.is_available(),
         eval_strategy="steps" if has_eval else "no", eval_steps=cfg.eval_steps if has_eval else None,
         save_strategy="steps" if cfg.save_steps > 0 else "no", save_steps=cfg.save_steps or cfg.max_steps,

@@ -123,6 +123,17 @@ def test_loss_falls_over_a_few_dozen_steps():
     assert not tuned.training and not any("lora_" in n for n, _ in tuned.named_parameters())
 
 
+def test_gradient_checkpointing_gives_the_same_first_steps():
+    """Recomputing activations in backward changes memory, not the math: same losses as without it."""
+    runs = []
+    for ckpt in (False, True):
+        model, tok = make_compressed()
+        tuned = finetune(model, tok, [make_text(500, 0)], max_steps=3, lora_rank=4, learning_rate=1e-2, seq_len=32,
+                         batch_size=2, seed=0, logging_steps=1, progress=False, gradient_checkpointing=ckpt)
+        runs.append([e["loss"] for e in tuned.air_ft_train["log"] if "loss" in e])
+    assert len(runs[0]) == 3 and runs[0] == pytest.approx(runs[1], rel=1e-4)
+
+
 def test_distillation_loss_identities():
     from air_ft.train import distillation_loss
 

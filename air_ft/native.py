@@ -108,7 +108,7 @@ def warn_fallback() -> None:
 
 
 def sweep(resid: torch.Tensor, c: torch.Tensor, us: torch.Tensor, vs: torch.Tensor, den: torch.Tensor,
-          track: bool = False, threads: int | None = None) -> list[float] | None:
+          track: bool = False) -> list[float] | None:
     """One backward sweep in place on ``resid`` (m x n), ``us`` (k x m), ``vs`` (k x n); see ``csrc/als_sweep.c``.
 
     ``den`` (k x n) holds Eq. 5's denominators ``sum_i C_ij u_r[i]^2`` for the entering ``us``, clamped to the
@@ -125,7 +125,7 @@ def sweep(resid: torch.Tensor, c: torch.Tensor, us: torch.Tensor, vs: torch.Tens
         raise ValueError(f"shape mismatch: resid {tuple(resid.shape)}, c {tuple(c.shape)}, us {tuple(us.shape)}, "
                          f"vs {tuple(vs.shape)}, den {tuple(den.shape)}")
     # every thread forms all of b from the per-thread column sums, so keep blocks of at least 32 rows
-    nthreads = max(1, min(threads or torch.get_num_threads(), m // 32, 64))
+    nthreads = max(1, min(torch.get_num_threads(), m // 32, 64))
     obj = torch.zeros(nthreads, k, dtype=torch.float64) if track else None
     fn = lib.als_sweep_f32 if dtype == torch.float32 else lib.als_sweep_f64
     rc = fn(resid.data_ptr(), c.data_ptr(), us.data_ptr(), vs.data_ptr(), den.data_ptr(), m, n, k,

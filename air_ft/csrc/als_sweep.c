@@ -46,6 +46,7 @@ static void barrier_wait(barrier_t *b) {
         int64_t m, n, k, i0, i1, tid, nthreads;                                                                  \
         T tiny;                                                                                                  \
         T *acc;  /* 2 x nthreads x n column sums, by step parity */                                             \
+        T *b, *b2; /* this thread's copy of b and b^2 (n each) */                                                \
         double *obj; /* nthreads x k, or NULL */                                                                 \
         barrier_t *bar;                                                                                          \
         atomic_int *gate; /* 0: wait, 1: go, -1: abandon (a thread could not be started) */                     \
@@ -57,9 +58,7 @@ static void barrier_wait(barrier_t *b) {
         while ((g = atomic_load_explicit(J->gate, memory_order_acquire)) == 0) sched_yield();                    \
         if (g < 0) return NULL;                                                                                  \
         const int64_t m = J->m, n = J->n, k = J->k, nt = J->nthreads;                                            \
-        T *restrict b = (T *)malloc(sizeof(T) * (size_t)n);                                                      \
-        T *restrict b2 = (T *)malloc(sizeof(T) * (size_t)n);                                                     \
-        (void)m;                                                                                                 \
+        T *restrict b = J->b, *restrict b2 = J->b2;                                                              \
         /* prologue: add back component k-1 and take this block's share of its Eq. 5 column sums */              \
         {                                                                                                        \
             T *restrict acc = J->acc + (((k - 1) & 1) * nt + J->tid) * n;                                        \
@@ -91,7 +90,7 @@ static void barrier_wait(barrier_t *b) {
             if (J->tid == 0) memcpy(J->VS + r * n, b, sizeof(T) * (size_t)n);                                    \
             T *restrict acc = J->acc + (((r - 1) & 1) * nt + J->tid) * n;                                        \
             if (r > 0) memset(acc, 0, sizeof(T) * (size_t)n);                                                    \
-            const T *restrict v = r > 0 ? J->VS + (r - 1) * n : b;                                               \
+            const T *restrict v = J->VS + (r > 0 ? r - 1 : 0) * n; /* component r-1, read only when r > 0 */     \
             double obj = 0.0;                                                                                    \
             for (int64_t i = J->i0; i < J->i1; ++i) {                                                            \
                 T *restrict row = J->R + i * n;                                                                  \
@@ -132,8 +131,6 @@ static void barrier_wait(barrier_t *b) {
             if (J->obj) J->obj[J->tid * k + r] = obj;                                                            \
             if (r > 0) barrier_wait(J->bar);                                                                     \
         }                                                                                                        \
-        free(b);                                                                                                 \
-        free(b2);                                                                                                \
         return NULL;                                                                                             \
     }                                                                                                            \
                                                                                                                  \
@@ -142,7 +139,7 @@ static void barrier_wait(barrier_t *b) {
         if (k <= 0) return 0;                                                                                    \
         if (nthreads < 1) nthreads = 1;                                                                          \
         if (nthreads > m) nthreads = m;                                                                          \
-        T *acc = (T *)calloc((size_t)(2 * nthreads * n), sizeof(T));                                             \
+        T *acc = (T *)calloc((size_t)(4 * nthreads * n), sizeof(T)); /* column sums, then b and b^2 */          \
         job_##SUFFIX *jobs = (job_##SUFFIX *)calloc((size_t)nthreads, sizeof(job_##SUFFIX));                     \
         pthread_t *th = (pthread_t *)calloc((size_t)nthreads, sizeof(pthread_t));                                \
         if (!acc || !jobs || !th) { free(acc); free(jobs); free(th); return 1; }                                 \
@@ -154,7 +151,8 @@ static void barrier_wait(barrier_t *b) {
         atomic_init(&gate, 0);                                                                                   \
         for (int64_t t = 0; t < nthreads; ++t) {                                                                 \
             job_##SUFFIX J = {R, C, US, VS, DEN, m, n, k, m * t / nthreads, m * (t + 1) / nthreads, t,           \
-                              nthreads, tiny, acc, obj, &bar, &gate};                                             \
+                              nthreads, tiny, acc, acc + (2 * nthreads + 2 * t) * n,                               \
+                              acc + (2 * nthreads + 2 * t + 1) * n, obj, &bar, &gate};                            \
             jobs[t] = J;                                                                                         \
         }                                                                                                        \
         int64_t started = 1;                                                                                     \

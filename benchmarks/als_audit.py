@@ -29,21 +29,29 @@ from air_ft.config import CompressConfig
 from air_ft.modeling import find_targets
 
 
-def audit(dense, stats, cfg: CompressConfig, dtype: torch.dtype, tol: float, backend: str) -> dict:
-    targets = find_targets(dense)
-    violations, worst, steps, reductions = 0, 0.0, 0, []
+def problems(dense, stats, cfg: CompressConfig, retention: float, only: str = ""):
+    """Yield ``(name, (W S, C, U, sigma, Vh))`` per decoder matrix (names starting with ``only``), formed as
+    ``air_ft.compress`` forms them: whitened weight, influence weights, SVD start at ``retention``'s rank."""
     whiten: dict = {}
-    for name, mod in tqdm(targets.items(), desc=f"audit {dtype}"):
+    for name, mod in find_targets(dense).items():
+        if not name.startswith(only):
+            continue
         m, n = mod.weight.shape
-        k = linalg.rank_for_retention(m, n, cfg.retention)
         group = stats.group_of[name]
-        if group not in whiten:
+        if group not in whiten:  # q/k/v and gate/up share one input, hence one factor
             whiten = {group: linalg.whitening_factor(stats.grams[group], cfg.eps)[0]}
-        s = whiten[group]
-        wp = mod.weight.detach().double() @ s
-        u, sig, vh = linalg.truncated_svd(wp, k)
+        wp = mod.weight.detach().double() @ whiten[group]
+        u, sig, vh = linalg.truncated_svd(wp, linalg.rank_for_retention(m, n, retention))
         c = 1 + cfg.delta * linalg.normalize_influence(stats.influence[cfg.influence][name], cfg.normalization,
                                                        cfg.max_ratio)
+        yield name, (wp, c, u, sig, vh)
+
+
+def audit(dense, stats, cfg: CompressConfig, dtype: torch.dtype, tol: float, backend: str) -> dict:
+    violations, worst, steps, reductions, matrices = 0, 0.0, 0, [], 0
+    for _, (wp, c, u, sig, vh) in tqdm(problems(dense, stats, cfg, cfg.retention), desc=f"audit {dtype}",
+                                       total=len(find_targets(dense))):
+        matrices += 1
         res = linalg.als_sweep(wp, c, u, sig, vh, sweeps=cfg.sweeps, track_steps=True, dtype=dtype,
                                backend=backend)
         trace = torch.tensor(res.objective, dtype=torch.float64)
@@ -52,7 +60,7 @@ def audit(dense, stats, cfg: CompressConfig, dtype: torch.dtype, tol: float, bac
         worst = max(worst, float(rel.max()))
         steps += len(rel)
         reductions.append(float((trace[0] - trace[-1]) / trace[0]))
-    return {"backend": backend, "matrices": len(targets), "rank_steps": steps, "violations": violations,
+    return {"backend": backend, "matrices": matrices, "rank_steps": steps, "violations": violations,
             "tolerance": tol,
             "largest_relative_step_increase": worst,
             "objective_reduction_mean": sum(reductions) / len(reductions),
@@ -62,16 +70,9 @@ def audit(dense, stats, cfg: CompressConfig, dtype: torch.dtype, tol: float, bac
 def backends(dense, stats, cfg: CompressConfig, retention: float, repeats: int) -> dict:
     """One ALS sweep on layer 0's matrices at ``retention``'s ranks: the fused C kernel against the torch path."""
     out = {}
-    for name, mod in find_targets(dense).items():
-        if not name.startswith("model.layers.0."):
-            continue
-        m, n = mod.weight.shape
-        k = linalg.rank_for_retention(m, n, retention)
-        s = linalg.whitening_factor(stats.grams[stats.group_of[name]], cfg.eps)[0]
-        wp = (mod.weight.detach().double() @ s).float()
-        u, sig, vh = linalg.truncated_svd(wp, k)
-        c = 1 + cfg.delta * linalg.normalize_influence(stats.influence[cfg.influence][name], cfg.normalization,
-                                                       cfg.max_ratio)
+    for name, (wp, c, u, sig, vh) in problems(dense, stats, cfg, retention, only="model.layers.0."):
+        (m, n), k = wp.shape, len(sig)
+        wp = wp.float()
         best = {}
         for backend in ("native", "torch"):
             for _ in range(repeats):

@@ -123,14 +123,25 @@ def test_loss_falls_over_a_few_dozen_steps():
     assert not tuned.training and not any("lora_" in n for n, _ in tuned.named_parameters())
 
 
-def test_gradient_checkpointing_gives_the_same_first_steps():
-    """Recomputing activations in backward changes memory, not the math: same losses as without it."""
-    runs = []
+def test_gradient_checkpointing_recomputes_and_gives_the_same_first_steps():
+    """Checkpointing recomputes each decoder layer in backward (its MLP runs twice per step, not once) and changes
+    memory, not the math: the losses equal those without it."""
+    runs, calls = [], []
     for ckpt in (False, True):
         model, tok = make_compressed()
+        act = model.model.layers[0].mlp.act_fn
+        count = [0]
+
+        def counted(x, forward=act.forward, count=count):  # module hooks are skipped on recompute; forward is not
+            count[0] += 1
+            return forward(x)
+
+        act.forward = counted
         tuned = finetune(model, tok, [make_text(500, 0)], max_steps=3, lora_rank=4, learning_rate=1e-2, seq_len=32,
                          batch_size=2, seed=0, logging_steps=1, progress=False, gradient_checkpointing=ckpt)
         runs.append([e["loss"] for e in tuned.air_ft_train["log"] if "loss" in e])
+        calls.append(count[0])
+    assert calls == [3, 6]  # one forward per step; with checkpointing, one more in every backward
     assert len(runs[0]) == 3 and runs[0] == pytest.approx(runs[1], rel=1e-4)
 
 

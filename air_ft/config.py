@@ -142,12 +142,19 @@ class LoraConfig:
     targets: list[str] = _f([], "regexes of plain (dense) linears to adapt besides every factored layer; empty: "
                                 "every linear the engine left dense, LM head excepted")
     merge: str = _f("exact", "'layer' placement merge: 'exact' (rank k+r) or 'truncate' (back to rank k, not exact)")
+    init: str = _f("zero", "'zero' (PEFT: B = 0) or 'residual' ('layer' placement: start at the whitened top-r SVD "
+                           "of the compression error W - UV; needs the dense model and calibration Grams)")
 
     def __post_init__(self) -> None:
         if self.placement not in ("factors", "layer"):
             raise RecipeError(f"lora.placement {self.placement!r} is unknown; choose 'factors' or 'layer'")
         if self.merge not in ("exact", "truncate"):
             raise RecipeError(f"lora.merge {self.merge!r} is unknown; choose 'exact' or 'truncate'")
+        if self.init not in ("zero", "residual"):
+            raise RecipeError(f"lora.init {self.init!r} is unknown; choose 'zero' or 'residual'")
+        if self.init == "residual" and self.placement != "layer":
+            raise RecipeError("lora.init 'residual' needs lora.placement 'layer' (one adapter per factored layer); "
+                              "use init 'zero' with 'factors'")
         if not isinstance(self.rank, int) or self.rank < 1:
             raise RecipeError(f"lora.rank must be an integer >= 1, got {self.rank!r}")
         if self.alpha <= 0:

@@ -11,6 +11,12 @@ Two placements on a :class:`~air_ft.modeling.LowRankLinear` ``y = U (V x) + b`` 
 
 Linear layers the compression engine left dense get ordinary LoRA in both placements. The LoRA parameters count
 against the size budget: :func:`lora_budget` reports retention without and with the adapters.
+
+Adapters start at zero (PEFT's default: ``B = 0``), or, for the ``layer`` placement, at the compression residual
+(:func:`residual_init`): ``s B A`` = the best rank-``r`` approximation of ``W - U V`` in the whitened norm
+``||(W - U V - s B A) S||_F`` (``S S^T`` = the calibration Gram), i.e. the error the truncation threw away, projected
+on the activations' principal directions (the idea of EoRA, Liu et al. 2024). Training then starts from the
+rank-``(k + r)`` model that the adapter's parameters can best express instead of from the rank-``k`` one.
 """
 
 from __future__ import annotations
@@ -24,11 +30,12 @@ from torch import nn
 
 from air_ft.modeling import LowRankLinear
 
-__all__ = ["PLACEMENTS", "MERGES", "LowRankLoraLinear", "adapter_targets", "apply_lora", "merge_lora",
+__all__ = ["PLACEMENTS", "MERGES", "INITS", "LowRankLoraLinear", "residual_init", "adapter_targets", "apply_lora", "merge_lora",
            "concat_factors", "truncate_factors", "lora_budget", "gathered"]
 
 PLACEMENTS = ("factors", "layer")
 MERGES = ("exact", "truncate")
+INITS = ("zero", "residual")
 
 
 def concat_factors(u: torch.Tensor, v: torch.Tensor, b: torch.Tensor, a: torch.Tensor,
@@ -160,6 +167,59 @@ def apply_lora(model: nn.Module, placement: str = "factors", rank: int = 8, alph
         if isinstance(mod, LowRankLoraLinear):
             mod.merge_mode = merge
     return peft_model
+
+
+@torch.no_grad()
+def residual_init(peft_model, dense: nn.Module, grams: dict[str, torch.Tensor], eps: float = 0.0) -> dict:
+    """Start every layer-placement adapter at the whitened top-``r`` SVD of its compression residual ``W - U V``.
+
+    With ``S S^T = G`` (the layer's calibration Gram, :func:`air_ft.linalg.whitening_factor`) and
+    ``(W - U V) S = P diag(lambda) Q^T``, sets ``s B A = P_r diag(lambda_r) Q_r^T S^{-1}`` with the scale split
+    evenly, ``B = P_r lambda_r^{1/2} / s^{1/2}`` and ``A = lambda_r^{1/2} Q_r^T S^{-1} / s^{1/2}``. If the base
+    ``U V`` is SVD-LLM(W) at rank ``k``, base + adapter is exactly SVD-LLM(W) at rank ``k + r``.
+
+    Args:
+        peft_model: from :func:`apply_lora` with ``placement="layer"``.
+        dense: the uncompressed model the factored one came from (same module names).
+        grams: layer name (in ``dense``) -> ``n x n`` Gram of its input.
+        eps: damping for the whitening factor, as in compression.
+
+    Returns:
+        layer name -> relative whitened residual before and after, ``||E S|| / ||W S||``.
+    """
+    from air_ft import linalg
+
+    weights = {n: m.weight for n, m in dense.named_modules() if isinstance(m, nn.Linear)}
+    layers = {n: m for n, m in peft_model.named_modules() if isinstance(m, LowRankLoraLinear)}
+    if not layers:
+        raise ValueError("residual initialization needs the 'layer' placement (one adapter per factored layer)")
+    report = {}
+    for full, mod in layers.items():
+        name = full.removeprefix("base_model.model.")  # PEFT's wrapper prefix
+        if name not in weights or name not in grams:
+            raise KeyError(f"no dense weight or calibration Gram for {full}: pass the model it was compressed from")
+        for adapter in mod.active_adapters:
+            base: LowRankLinear = mod.get_base_layer()
+            a_mod, b_mod, scale = mod.lora_A[adapter], mod.lora_B[adapter], mod.scaling[adapter]
+            r = a_mod.weight.shape[0]
+            with gathered([base.factor_u.weight, base.factor_v.weight, a_mod.weight, b_mod.weight]):
+                w = weights[name].detach().to(torch.float64)
+                resid = w - base.factor_u.weight.double() @ base.factor_v.weight.double()
+                s, _ = linalg.whitening_factor(grams[name].to(w.device), eps)
+                es = resid @ s
+                p, lam, qh = linalg.truncated_svd(es, min(r, min(es.shape)))
+                bf, af = linalg.back_project(p, lam, qh, s)
+                root = scale ** -0.5
+                b_new = torch.zeros_like(b_mod.weight)
+                a_new = torch.zeros_like(a_mod.weight)
+                b_new[:, : bf.shape[1]] = (bf * root).to(b_new.dtype)
+                a_new[: af.shape[0]] = (af * root).to(a_new.dtype)
+                b_mod.weight.copy_(b_new)
+                a_mod.weight.copy_(a_new)
+                after = (resid - scale * b_new.double() @ a_new.double()) @ s
+                norm = float((w @ s).norm())
+                report[name] = (float(es.norm()) / norm, float(after.norm()) / norm)
+    return report
 
 
 @contextlib.contextmanager

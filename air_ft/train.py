@@ -35,7 +35,7 @@ from torch import nn
 from transformers import TrainerCallback, set_seed
 
 from air_ft.config import LoraConfig, Recipe, RecipeError, TrainConfig
-from air_ft.lora import apply_lora, lora_budget, merge_lora
+from air_ft.lora import apply_lora, lora_budget, merge_lora, residual_init
 
 __all__ = ["finetune", "run_train", "run_merge", "text_blocks", "build_trainer", "instruction_dataset", "LossLog",
            "ADAPTER_MARKER"]
@@ -254,11 +254,36 @@ def _datasets(tok, cfg: TrainConfig, train_texts, eval_texts, world: int):
     return train, evald
 
 
+def init_adapters(peft_model, init: str, teacher: nn.Module | None, tok, texts: list[str],
+                  compress_cfg=None, stats=None) -> dict | None:
+    """Apply ``lora.init``: nothing for ``zero``; for ``residual``, :func:`air_ft.lora.residual_init` with the
+    dense ``teacher``'s weights and the calibration Grams (``stats``, else the disk cache, else a forward pass over
+    ``texts`` drawn as ``compress_cfg`` says, the compression defaults if None). Returns the residual report."""
+    if init == "zero":
+        return None
+    if teacher is None:
+        raise RecipeError("lora.init 'residual' needs the dense model the factored one came from "
+                          "(finetune(..., teacher=dense_model); air-ft train loads it from model.name_or_path)")
+    if stats is None:
+        from air_ft.compress import get_stats
+        from air_ft.config import CompressConfig
+        from air_ft.modeling import find_targets
+
+        cfg = compress_cfg or CompressConfig()
+        stats = get_stats(teacher, tok, texts, find_targets(teacher, cfg.include, cfg.exclude), cfg, influence=False)
+    report = residual_init(peft_model, teacher, {n: stats.gram(n) for n in stats.group_of}, compress_cfg.eps
+                           if compress_cfg else 0.0)
+    before = sum(b for b, _ in report.values()) / len(report)
+    after = sum(a for _, a in report.values()) / len(report)
+    print(f"adapters start at the compression residual: mean relative whitened error {before:.4f} -> {after:.4f}")
+    return {"layers": len(report), "mean_error_before": before, "mean_error_after": after}
+
+
 def finetune(model: nn.Module, tok, texts: list[str], max_steps: int = 100, lora_rank: int = 8,
              learning_rate: float = 2e-4, seq_len: int = 512, batch_size: int = 4, seed: int = 0,
              placement: str = "factors", lora_alpha: float | None = None, lora_dropout: float = 0.0,
              merge: str = "exact", eval_texts: list[str] | None = None, output_dir: str | None = None,
-             teacher: nn.Module | None = None, **train_options) -> nn.Module:
+             teacher: nn.Module | None = None, lora_init: str = "zero", stats=None, **train_options) -> nn.Module:
     """LoRA recovery fine-tuning from Python; returns the merged factored model, ready to evaluate.
 
     Args:
@@ -270,6 +295,10 @@ def finetune(model: nn.Module, tok, texts: list[str], max_steps: int = 100, lora
             ``max_steps * batch_size * grad_accum`` blocks of ``seq_len`` tokens.
         lora_rank, lora_alpha, lora_dropout, placement, merge: as in :class:`air_ft.config.LoraConfig`
             (``lora_alpha`` defaults to ``2 * lora_rank``).
+        lora_init: ``zero`` or ``residual`` (``layer`` placement; adapters start at the whitened top-``r`` SVD
+            of ``W - U V``, with ``W`` from ``teacher``; see :func:`air_ft.lora.residual_init`).
+        stats: calibration statistics (:func:`air_ft.compress.get_stats`) for ``residual``; default: the disk
+            cache or a calibration pass over ``texts`` with the compression defaults.
         eval_texts: held-out texts for the periodic evaluation loss.
         output_dir: where checkpoints and the loss log go (default: a temporary directory, removed afterwards).
         teacher: the dense model, for distillation (``distill=0.5`` mixes CE and KL to its next-token distribution
@@ -283,11 +312,13 @@ def finetune(model: nn.Module, tok, texts: list[str], max_steps: int = 100, lora
     cfg = TrainConfig(max_steps=max_steps, learning_rate=learning_rate, seq_len=seq_len, batch_size=batch_size,
                       seed=seed, **{"save_steps": 0, "eval_steps": 25 if eval_texts else 0, **train_options})
     lcfg = LoraConfig(placement=placement, rank=lora_rank, alpha=lora_alpha if lora_alpha else 2.0 * lora_rank,
-                      dropout=lora_dropout, merge=merge)
-    if cfg.distill > 0 and teacher is None:  # before the model is wrapped: a refused call leaves it untouched
-        raise RecipeError(f"distill={cfg.distill} needs the dense teacher model: finetune(..., teacher=dense_model)")
+                      dropout=lora_dropout, merge=merge, init=lora_init)
+    if (cfg.distill > 0 or lcfg.init == "residual") and teacher is None:  # refused before the model is wrapped
+        raise RecipeError(f"distill={cfg.distill}, lora_init={lcfg.init!r} need the dense model: "
+                          "finetune(..., teacher=dense_model)")
     set_seed(seed)  # adapter initialization (lora_A) is random
     peft_model = apply_lora(model, lcfg.placement, lcfg.rank, lcfg.alpha, lcfg.dropout, lcfg.targets, lcfg.merge)
+    init_report = init_adapters(peft_model, lcfg.init, teacher, tok, texts, stats=stats)
     budget = lora_budget(peft_model)
     with tempfile.TemporaryDirectory(prefix="air_ft_train_") as tmp:
         out = Path(output_dir or tmp)
@@ -298,7 +329,7 @@ def finetune(model: nn.Module, tok, texts: list[str], max_steps: int = 100, lora
         log = list(trainer.state.log_history)
     merged = merge_lora(peft_model)
     merged.eval()
-    merged.air_ft_train = {"budget": budget, "train_loss": result.training_loss, "log": log,
+    merged.air_ft_train = {"budget": budget, "train_loss": result.training_loss, "log": log, "init": init_report,
                            "tokens": cfg.max_steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len}
     return merged
 
@@ -348,24 +379,27 @@ def run_train(recipe: Recipe, callbacks: list | None = None) -> dict:
     else:
         train_src = _texts(cfg.data or recipe.data.calibration)
         eval_src = _texts(cfg.eval_data) if cfg.eval_data else None
+    teacher = None
+    if cfg.distill > 0 or lcfg.init == "residual":  # the uncompressed model, frozen: teacher and residual source
+        import air_ft
+
+        teacher, _ = air_ft.load_model(recipe.model.name_or_path, recipe.model.gguf_file, recipe.model.dtype,
+                                       recipe.model.device)
     set_seed(cfg.seed)
     peft_model = apply_lora(model, lcfg.placement, lcfg.rank, lcfg.alpha, lcfg.dropout, lcfg.targets, lcfg.merge,
                             autocast_adapter_dtype=not _zero3())
+    last = get_last_checkpoint(str(out / "checkpoints")) if cfg.resume and (out / "checkpoints").is_dir() else None
+    if not last:  # a resumed run loads its adapters from the checkpoint
+        init_adapters(peft_model, lcfg.init, teacher, tok, _texts(recipe.data.calibration), recipe.compress)
     budget = lora_budget(peft_model)
     if state.is_main_process:
         print(f"LoRA ({lcfg.placement}, r={lcfg.rank}): {budget['trainable_params']:,} trainable parameters; "
               f"retention {budget['retention']:.3f} without adapters, {budget['retention_with_adapters']:.3f} with")
     train_ds, eval_ds = _datasets(tok, cfg, train_src, eval_src, state.num_processes)
-    teacher = None
-    if cfg.distill > 0:  # the uncompressed model, frozen, as the distillation teacher
-        import air_ft
-
-        teacher, _ = air_ft.load_model(recipe.model.name_or_path, recipe.model.gguf_file, recipe.model.dtype,
-                                       recipe.model.device)
     ckpt_dir = out / "checkpoints"
     trainer = build_trainer(peft_model, tok, train_ds, eval_ds, cfg, ckpt_dir,
-                            [LossLog(out / "train_log.jsonl"), *(callbacks or [])], teacher=teacher)
-    last = get_last_checkpoint(str(ckpt_dir)) if cfg.resume and ckpt_dir.is_dir() else None
+                            [LossLog(out / "train_log.jsonl"), *(callbacks or [])], teacher=teacher if cfg.distill > 0
+                            else None)
     if last and state.is_main_process:
         print(f"resuming from {last}")
     result = trainer.train(resume_from_checkpoint=last)

@@ -64,6 +64,9 @@ def main() -> None:
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--distill", type=float, default=1.0,
                     help="weight of the KL to the dense model's next-token distribution in the training loss")
+    ap.add_argument("--lora-init", choices=["zero", "residual"], default="zero",
+                    help="residual: layer-placement adapters start at the whitened top-r SVD of W - UV")
+    ap.add_argument("--distill-temperature", type=float, default=1.0, help="KD temperature T (loss scaled by T^2)")
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--eval-split", choices=["evaluation", "validation"], default="evaluation",
@@ -87,6 +90,9 @@ def main() -> None:
     path = RESULTS / args.output
     report = json.loads(path.read_text()) if path.exists() and not args.fresh else {}
     settings = {k: getattr(args, k) for k in ("max_steps", "seq_len", "batch_size", "lr", "lora_rank", "distill")}
+    for key, default in (("distill_temperature", 1.0), ("lora_init", "zero")):  # recorded only when changed,
+        if getattr(args, key) != default:                                        # so earlier files stay comparable
+            settings[key] = getattr(args, key)
     if report.get("train_settings") not in (None, settings):
         raise SystemExit(f"{path} was written with other training settings {report['train_settings']}; "
                          "pass --fresh or --output")
@@ -146,12 +152,14 @@ def main() -> None:
                                         lora_rank=args.lora_rank, learning_rate=args.lr, seq_len=args.seq_len,
                                         batch_size=args.batch_size, seed=0, placement=placement,
                                         logging_steps=2, progress=False, distill=args.distill,
-                                        teacher=dense if args.distill > 0 else None)
+                                        distill_temperature=args.distill_temperature,
+                                        lora_init=args.lora_init if placement == "layer" else "zero", stats=stats,
+                                        teacher=dense)  # distillation teacher and residual source
                 seconds = time.perf_counter() - t1
                 log = tuned.air_ft_train
                 entry[key] = {"eval": evaluate(tuned, tok, evl, args.eval_seq_len, args.eval_windows),
                               "train_seconds": seconds, "train_loss": log["train_loss"], "tokens": log["tokens"],
-                              "budget": log["budget"],
+                              "budget": log["budget"], "init": log["init"],
                               "losses": [(e["step"], e["loss"]) for e in log["log"] if "loss" in e],
                               "ranks_after_merge": sorted({m.rank for m in tuned.modules()
                                                            if isinstance(m, air_ft.LowRankLinear)})}

@@ -133,3 +133,78 @@ def test_budget_counts_adapters_against_retention():
     assert after["adapter_params"] == after["trainable_params"] == adapters
     assert after["dense_layer_params"] == dense and after["retention"] == pytest.approx(before["retention"])
     assert after["retention_with_adapters"] == pytest.approx(before["retention"] + adapters / dense)
+
+
+def _dense_and_stats(tokenizer, text, seed: int = 0):
+    from air_ft.compress import get_stats
+    from air_ft.config import CompressConfig
+    from air_ft.modeling import find_targets
+
+    from .conftest import tiny_llama
+
+    dense = tiny_llama(vocab_size=len(tokenizer), seed=seed)
+    cfg = CompressConfig(method="svdllm", num_samples=8, seq_len=32, progress=False)
+    return dense, get_stats(dense, tokenizer, [text], find_targets(dense), cfg, influence=False), cfg
+
+
+def test_residual_init_extends_svdllm_from_rank_k_to_k_plus_r(tokenizer, text):
+    """Base SVD-LLM(W) at rank k + adapters at the whitened top-r SVD of W - UV = SVD-LLM(W) at rank k + r."""
+    from air_ft import linalg
+    from air_ft.lora import residual_init
+
+    dense, stats, cfg = _dense_and_stats(tokenizer, text)
+    model = copy.deepcopy(dense)
+    air_ft.compress(model, tokenizer, None, method="svdllm", retention=0.4, stats=stats, progress=False)
+    peft_model = apply_lora(model, "layer", rank=3, alpha=6.0)
+    report = residual_init(peft_model, dense, {n: stats.gram(n) for n in stats.group_of})
+    assert len(report) == sum(isinstance(m, LowRankLoraLinear) for m in peft_model.modules()) == 14
+    for name, mod in peft_model.named_modules():
+        if not isinstance(mod, LowRankLoraLinear):
+            continue
+        base, dense_name = mod.get_base_layer(), name.removeprefix("base_model.model.")
+        got = base.weight_product.double() + mod.get_delta_weight("default").double()
+        w = dense.get_submodule(dense_name).weight.double()
+        s, _ = linalg.whitening_factor(stats.gram(dense_name))
+        uf, vf = linalg.back_project(*linalg.truncated_svd(w @ s, base.rank + 3), s)
+        torch.testing.assert_close(got.detach(), uf @ vf, atol=1e-4 * float(w.abs().max()), rtol=1e-4)
+        before, after = report[dense_name]
+        assert after < before
+
+
+def test_residual_init_with_enough_rank_reproduces_the_dense_model_and_merges_exactly(tokenizer, text):
+    from air_ft.lora import residual_init
+
+    dense, stats, _ = _dense_and_stats(tokenizer, text)
+    model = copy.deepcopy(dense)
+    air_ft.compress(model, tokenizer, None, method="svdllm", retention=0.6, stats=stats, progress=False)
+    peft_model = apply_lora(model, "layer", rank=64, alpha=16.0)  # r >= min(m, n) - k for every layer
+    report = residual_init(peft_model, dense, {n: stats.gram(n) for n in stats.group_of})
+    assert max(after for _, after in report.values()) < 1e-5
+    x = torch.randint(0, len(tokenizer), (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = dense(input_ids=x).logits
+        got = peft_model(input_ids=x).logits
+        with peft_model.disable_adapter():
+            assert (peft_model(input_ids=x).logits - want).abs().max() > 1e-2  # compression hurt...
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)  # ...and the residual adapters undo it
+        merged = merge_lora(peft_model)
+        torch.testing.assert_close(merged(input_ids=x).logits, want, atol=1e-4, rtol=1e-4)
+
+
+def test_residual_init_refuses_what_it_cannot_do(tokenizer, text):
+    from air_ft.config import LoraConfig, RecipeError
+    from air_ft.lora import residual_init
+
+    with pytest.raises(RecipeError, match="needs lora.placement 'layer'"):
+        LoraConfig(placement="factors", init="residual")
+    with pytest.raises(RecipeError, match="lora.init 'nope' is unknown"):
+        LoraConfig(placement="layer", init="nope")
+    dense, stats, _ = _dense_and_stats(tokenizer, text)
+    model = copy.deepcopy(dense)
+    air_ft.compress(model, tokenizer, None, method="svdllm", retention=0.6, stats=stats, progress=False)
+    with pytest.raises(ValueError, match="needs the 'layer' placement"):
+        residual_init(apply_lora(copy.deepcopy(model), "factors"), dense, {})
+    with pytest.raises(KeyError, match="no dense weight or calibration Gram"):
+        residual_init(apply_lora(model, "layer"), dense, {})
+    with pytest.raises(RecipeError, match="need the dense model"):
+        air_ft.finetune(model, tokenizer, [text], placement="layer", lora_init="residual", distill=0.0)

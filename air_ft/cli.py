@@ -127,12 +127,20 @@ def run_demo(recipe: Recipe) -> dict:
         air_model = model
     if recipe.train.max_steps > 0:
         t, lc = recipe.train, recipe.lora
+        stats = None
+        if lc.init == "residual":  # the Grams of the compression above (disk cache)
+            from air_ft.compress import get_stats
+            from air_ft.modeling import find_targets
+
+            stats = get_stats(dense, tok, cal, find_targets(dense, recipe.compress.include, recipe.compress.exclude),
+                              recipe.compress, influence=False)
         tuned = air_ft.finetune(air_model, tok, cal, max_steps=t.max_steps, lora_rank=lc.rank,
                                 learning_rate=t.learning_rate, seq_len=t.seq_len, batch_size=t.batch_size,
                                 seed=t.seed, placement=lc.placement, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                                merge=lc.merge, warmup_ratio=t.warmup_ratio, grad_accum=t.grad_accum,
+                                merge=lc.merge, lora_init=lc.init, stats=stats, warmup_ratio=t.warmup_ratio,
+                                grad_accum=t.grad_accum,
                                 distill=t.distill, distill_temperature=t.distill_temperature,
-                                teacher=dense if t.distill > 0 else None, progress=t.progress)
+                                teacher=dense, progress=t.progress)
         rows["air+lora"] = ppl(tuned)
         _print_row("air+lora", rows["air+lora"])
     _print_table(rows, recipe)

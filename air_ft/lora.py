@@ -30,8 +30,8 @@ from torch import nn
 
 from air_ft.modeling import LowRankLinear
 
-__all__ = ["PLACEMENTS", "MERGES", "INITS", "LowRankLoraLinear", "residual_init", "adapter_targets", "apply_lora", "merge_lora",
-           "concat_factors", "truncate_factors", "lora_budget", "gathered"]
+__all__ = ["PLACEMENTS", "MERGES", "INITS", "LowRankLoraLinear", "residual_init", "adapter_targets", "apply_lora",
+           "merge_lora", "concat_factors", "truncate_factors", "lora_budget", "gathered"]
 
 PLACEMENTS = ("factors", "layer")
 MERGES = ("exact", "truncate")

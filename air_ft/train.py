@@ -369,6 +369,9 @@ def run_train(recipe: Recipe, callbacks: list | None = None) -> dict:
     cfg, lcfg, out = recipe.train, recipe.lora, Path(recipe.output_dir)
     if not cfg.data and not recipe.data.calibration:
         raise RecipeError("no training data: set train.data (or data.calibration) to [{source: ...}]")
+    grams_from = recipe.data.calibration or (cfg.data if cfg.data_format == "text" else [])
+    if lcfg.init == "residual" and not grams_from:
+        raise RecipeError("lora.init 'residual' needs calibration text for the Grams: set data.calibration")
     state = PartialState()
     if state.is_main_process:
         save_resolved(recipe, out)
@@ -389,8 +392,10 @@ def run_train(recipe: Recipe, callbacks: list | None = None) -> dict:
     peft_model = apply_lora(model, lcfg.placement, lcfg.rank, lcfg.alpha, lcfg.dropout, lcfg.targets, lcfg.merge,
                             autocast_adapter_dtype=not _zero3())
     last = get_last_checkpoint(str(out / "checkpoints")) if cfg.resume and (out / "checkpoints").is_dir() else None
+    init_report = None
     if not last:  # a resumed run loads its adapters from the checkpoint
-        init_adapters(peft_model, lcfg.init, teacher, tok, _texts(recipe.data.calibration), recipe.compress)
+        init_report = init_adapters(peft_model, lcfg.init, teacher, tok, _texts(grams_from) if grams_from else [],
+                                    recipe.compress)
     budget = lora_budget(peft_model)
     if state.is_main_process:
         print(f"LoRA ({lcfg.placement}, r={lcfg.rank}): {budget['trainable_params']:,} trainable parameters; "
@@ -407,7 +412,7 @@ def run_train(recipe: Recipe, callbacks: list | None = None) -> dict:
     trainer.save_model(str(adapter_dir))  # collective under ZeRO-3: every rank must call it
     summary = {"budget": budget, "train_loss": result.training_loss, "global_step": trainer.state.global_step,
                "resumed_from": last, "tokens": cfg.max_steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len
-               * state.num_processes, "base": base_path}
+               * state.num_processes, "base": base_path, "init": init_report}
     if state.is_main_process:
         meta = {"base": os.path.abspath(base_path), "placement": lcfg.placement, "rank": lcfg.rank,
                 "alpha": lcfg.alpha, "dropout": lcfg.dropout, "targets": lcfg.targets, "merge": lcfg.merge}

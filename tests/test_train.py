@@ -213,6 +213,19 @@ def test_train_stage_distils_from_the_recipe_model(tmp_path, compressed_dir, tex
     assert Path(summary["merged"]).is_dir()
 
 
+def test_train_stage_starts_layer_adapters_at_the_compression_residual(tmp_path, compressed_dir, text_file):
+    dense, tok = make_dense()
+    dense.save_pretrained(tmp_path / "dense")
+    tok.save_pretrained(tmp_path / "dense")
+    recipe = tiny_recipe(tmp_path, compressed_dir, text_file, f"model.name_or_path={tmp_path / 'dense'}",
+                         "lora.placement=layer", "lora.init=residual", "train.distill=0", "train.max_steps=1",
+                         "train.save_steps=0", "compress.num_samples=4", "compress.seq_len=16")
+    summary = run_train(recipe)
+    init = summary["init"]
+    assert init["layers"] == 14 and 0 <= init["mean_error_after"] < init["mean_error_before"]
+    assert json.loads((tmp_path / "run" / "train_summary.json").read_text())["init"] == init
+
+
 class _Crash(TrainerCallback):
     """Kill the run after ``step`` optimizer steps, as an interruption would."""
 

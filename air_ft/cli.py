@@ -129,11 +129,9 @@ def run_demo(recipe: Recipe) -> dict:
         t, lc = recipe.train, recipe.lora
         stats = None
         if lc.init == "residual":  # the Grams of the compression above (disk cache)
-            from air_ft.compress import get_stats
-            from air_ft.modeling import find_targets
+            from air_ft.train import calibration_stats
 
-            stats = get_stats(dense, tok, cal, find_targets(dense, recipe.compress.include, recipe.compress.exclude),
-                              recipe.compress, influence=False)
+            stats = calibration_stats(dense, tok, cal, recipe.compress)
         tuned = air_ft.finetune(air_model, tok, cal, max_steps=t.max_steps, lora_rank=lc.rank,
                                 learning_rate=t.learning_rate, seq_len=t.seq_len, batch_size=t.batch_size,
                                 seed=t.seed, placement=lc.placement, lora_alpha=lc.alpha, lora_dropout=lc.dropout,

@@ -30,12 +30,11 @@ from torch import nn
 
 from air_ft.modeling import LowRankLinear
 
-__all__ = ["PLACEMENTS", "MERGES", "INITS", "LowRankLoraLinear", "residual_init", "adapter_targets", "apply_lora",
+__all__ = ["PLACEMENTS", "MERGES", "LowRankLoraLinear", "residual_init", "adapter_targets", "apply_lora",
            "merge_lora", "concat_factors", "truncate_factors", "lora_budget", "gathered"]
 
 PLACEMENTS = ("factors", "layer")
 MERGES = ("exact", "truncate")
-INITS = ("zero", "residual")
 
 
 def concat_factors(u: torch.Tensor, v: torch.Tensor, b: torch.Tensor, a: torch.Tensor,
@@ -193,30 +192,28 @@ def residual_init(peft_model, dense: nn.Module, grams: dict[str, torch.Tensor], 
     layers = {n: m for n, m in peft_model.named_modules() if isinstance(m, LowRankLoraLinear)}
     if not layers:
         raise ValueError("residual initialization needs the 'layer' placement (one adapter per factored layer)")
-    report = {}
+    report, roots = {}, {}  # whitening factors by Gram: q/k/v (and gate/up) share one input
     for full, mod in layers.items():
         name = full.removeprefix("base_model.model.")  # PEFT's wrapper prefix
         if name not in weights or name not in grams:
             raise KeyError(f"no dense weight or calibration Gram for {full}: pass the model it was compressed from")
+        gram = grams[name]
+        if id(gram) not in roots:
+            roots[id(gram)] = linalg.whitening_factor(gram, eps)[0]
+        base: LowRankLinear = mod.get_base_layer()
         for adapter in mod.active_adapters:
-            base: LowRankLinear = mod.get_base_layer()
             a_mod, b_mod, scale = mod.lora_A[adapter], mod.lora_B[adapter], mod.scaling[adapter]
-            r = a_mod.weight.shape[0]
             with gathered([base.factor_u.weight, base.factor_v.weight, a_mod.weight, b_mod.weight]):
                 w = weights[name].detach().to(torch.float64)
+                s = roots[id(gram)].to(w.device)
                 resid = w - base.factor_u.weight.double() @ base.factor_v.weight.double()
-                s, _ = linalg.whitening_factor(grams[name].to(w.device), eps)
                 es = resid @ s
-                p, lam, qh = linalg.truncated_svd(es, min(r, min(es.shape)))
+                p, lam, qh = linalg.truncated_svd(es, min(a_mod.weight.shape[0], *es.shape))
                 bf, af = linalg.back_project(p, lam, qh, s)
-                root = scale ** -0.5
-                b_new = torch.zeros_like(b_mod.weight)
-                a_new = torch.zeros_like(a_mod.weight)
-                b_new[:, : bf.shape[1]] = (bf * root).to(b_new.dtype)
-                a_new[: af.shape[0]] = (af * root).to(a_new.dtype)
-                b_mod.weight.copy_(b_new)
-                a_mod.weight.copy_(a_new)
-                after = (resid - scale * b_new.double() @ a_new.double()) @ s
+                c = bf.shape[1]  # < r only if r exceeds the matrix rank: the rest of the adapter stays zero
+                b_mod.weight.zero_()[:, :c] = bf * scale**-0.5
+                a_mod.weight.zero_()[:c] = af * scale**-0.5
+                after = (resid - scale * b_mod.weight.double() @ a_mod.weight.double()) @ s
                 norm = float((w @ s).norm())
                 report[name] = (float(es.norm()) / norm, float(after.norm()) / norm)
     return report

@@ -254,25 +254,31 @@ def _datasets(tok, cfg: TrainConfig, train_texts, eval_texts, world: int):
     return train, evald
 
 
+def calibration_stats(dense: nn.Module, tok, texts: list[str], cfg=None):
+    """The calibration statistics (Grams) of ``dense`` on ``texts`` drawn as ``cfg`` (a
+    :class:`~air_ft.config.CompressConfig`, its defaults if None) says: the disk cache, else a forward pass."""
+    from air_ft.compress import get_stats
+    from air_ft.config import CompressConfig
+    from air_ft.modeling import find_targets
+
+    cfg = cfg or CompressConfig()
+    return get_stats(dense, tok, texts, find_targets(dense, cfg.include, cfg.exclude), cfg, influence=False)
+
+
 def init_adapters(peft_model, init: str, teacher: nn.Module | None, tok, texts: list[str],
                   compress_cfg=None, stats=None) -> dict | None:
     """Apply ``lora.init``: nothing for ``zero``; for ``residual``, :func:`air_ft.lora.residual_init` with the
-    dense ``teacher``'s weights and the calibration Grams (``stats``, else the disk cache, else a forward pass over
-    ``texts`` drawn as ``compress_cfg`` says, the compression defaults if None). Returns the residual report."""
+    dense ``teacher``'s weights and the calibration Grams (``stats``, else :func:`calibration_stats` over
+    ``texts`` with ``compress_cfg``). Returns a summary of the residual before and after."""
     if init == "zero":
         return None
     if teacher is None:
         raise RecipeError("lora.init 'residual' needs the dense model the factored one came from "
                           "(finetune(..., teacher=dense_model); air-ft train loads it from model.name_or_path)")
     if stats is None:
-        from air_ft.compress import get_stats
-        from air_ft.config import CompressConfig
-        from air_ft.modeling import find_targets
-
-        cfg = compress_cfg or CompressConfig()
-        stats = get_stats(teacher, tok, texts, find_targets(teacher, cfg.include, cfg.exclude), cfg, influence=False)
-    report = residual_init(peft_model, teacher, {n: stats.gram(n) for n in stats.group_of}, compress_cfg.eps
-                           if compress_cfg else 0.0)
+        stats = calibration_stats(teacher, tok, texts, compress_cfg)
+    report = residual_init(peft_model, teacher, {n: stats.gram(n) for n in stats.group_of},
+                           compress_cfg.eps if compress_cfg else 0.0)
     before = sum(b for b, _ in report.values()) / len(report)
     after = sum(a for _, a in report.values()) / len(report)
     print(f"adapters start at the compression residual: mean relative whitened error {before:.4f} -> {after:.4f}")
@@ -393,9 +399,8 @@ def run_train(recipe: Recipe, callbacks: list | None = None) -> dict:
                             autocast_adapter_dtype=not _zero3())
     last = get_last_checkpoint(str(out / "checkpoints")) if cfg.resume and (out / "checkpoints").is_dir() else None
     init_report = None
-    if not last:  # a resumed run loads its adapters from the checkpoint
-        init_report = init_adapters(peft_model, lcfg.init, teacher, tok, _texts(grams_from) if grams_from else [],
-                                    recipe.compress)
+    if lcfg.init == "residual" and not last:  # a resumed run loads its adapters from the checkpoint
+        init_report = init_adapters(peft_model, lcfg.init, teacher, tok, _texts(grams_from), recipe.compress)
     budget = lora_budget(peft_model)
     if state.is_main_process:
         print(f"LoRA ({lcfg.placement}, r={lcfg.rank}): {budget['trainable_params']:,} trainable parameters; "
@@ -403,8 +408,7 @@ def run_train(recipe: Recipe, callbacks: list | None = None) -> dict:
     train_ds, eval_ds = _datasets(tok, cfg, train_src, eval_src, state.num_processes)
     ckpt_dir = out / "checkpoints"
     trainer = build_trainer(peft_model, tok, train_ds, eval_ds, cfg, ckpt_dir,
-                            [LossLog(out / "train_log.jsonl"), *(callbacks or [])], teacher=teacher if cfg.distill > 0
-                            else None)
+                            [LossLog(out / "train_log.jsonl"), *(callbacks or [])], teacher=teacher)
     if last and state.is_main_process:
         print(f"resuming from {last}")
     result = trainer.train(resume_from_checkpoint=last)

@@ -144,7 +144,7 @@ def _dense_and_stats(tokenizer, text, seed: int = 0):
 
     dense = tiny_llama(vocab_size=len(tokenizer), seed=seed)
     cfg = CompressConfig(method="svdllm", num_samples=8, seq_len=32, progress=False)
-    return dense, get_stats(dense, tokenizer, [text], find_targets(dense), cfg, influence=False), cfg
+    return dense, get_stats(dense, tokenizer, [text], find_targets(dense), cfg, influence=False)
 
 
 def test_residual_init_extends_svdllm_from_rank_k_to_k_plus_r(tokenizer, text):
@@ -152,7 +152,7 @@ def test_residual_init_extends_svdllm_from_rank_k_to_k_plus_r(tokenizer, text):
     from air_ft import linalg
     from air_ft.lora import residual_init
 
-    dense, stats, cfg = _dense_and_stats(tokenizer, text)
+    dense, stats = _dense_and_stats(tokenizer, text)
     model = copy.deepcopy(dense)
     air_ft.compress(model, tokenizer, None, method="svdllm", retention=0.4, stats=stats, progress=False)
     peft_model = apply_lora(model, "layer", rank=3, alpha=6.0)
@@ -174,7 +174,7 @@ def test_residual_init_extends_svdllm_from_rank_k_to_k_plus_r(tokenizer, text):
 def test_residual_init_with_enough_rank_reproduces_the_dense_model_and_merges_exactly(tokenizer, text):
     from air_ft.lora import residual_init
 
-    dense, stats, _ = _dense_and_stats(tokenizer, text)
+    dense, stats = _dense_and_stats(tokenizer, text)
     model = copy.deepcopy(dense)
     air_ft.compress(model, tokenizer, None, method="svdllm", retention=0.6, stats=stats, progress=False)
     peft_model = apply_lora(model, "layer", rank=64, alpha=16.0)  # r >= min(m, n) - k for every layer
@@ -199,7 +199,7 @@ def test_residual_init_refuses_what_it_cannot_do(tokenizer, text):
         LoraConfig(placement="factors", init="residual")
     with pytest.raises(RecipeError, match="lora.init 'nope' is unknown"):
         LoraConfig(placement="layer", init="nope")
-    dense, stats, _ = _dense_and_stats(tokenizer, text)
+    dense, stats = _dense_and_stats(tokenizer, text)
     model = copy.deepcopy(dense)
     air_ft.compress(model, tokenizer, None, method="svdllm", retention=0.6, stats=stats, progress=False)
     with pytest.raises(ValueError, match="needs the 'layer' placement"):

@@ -8,6 +8,7 @@ temporary sibling and renamed into place only when complete, so a crash never le
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -91,6 +92,32 @@ def _load_safetensors_dir(path: Path, device: str) -> dict[str, torch.Tensor]:
     return state
 
 
+@contextlib.contextmanager
+def _without_zero3_init():
+    """Build modules whole even while a DeepSpeed ZeRO-3 run is alive in this process.
+
+    transformers wraps ``from_config`` in ``deepspeed.zero.Init`` whenever a ZeRO-3 ``TrainingArguments`` exists,
+    which partitions parameters as they are created and fails on the meta device ("Cannot copy out of meta
+    tensor"). Loading a checkpoint from files (the merge at the end of ``air-ft train``, on the main process) wants
+    the whole model, so the flag is lifted for the build and restored after.
+    """
+    try:
+        from transformers.integrations import deepspeed as hf_ds
+    except ImportError:  # pragma: no cover - transformers without the integration
+        yield
+        return
+    ref = getattr(hf_ds, "_hf_deepspeed_config_weak_ref", None)
+    active = ref() if ref is not None else None
+    if active is None or not hf_ds.is_deepspeed_zero3_enabled():
+        yield
+        return
+    hf_ds.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_ds.set_hf_deepspeed_config(active)
+
+
 def load_compressed(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str = "cpu"):
     """Rebuild a factored model and its tokenizer from :func:`save_compressed` output (or a hub repo holding one).
 
@@ -115,7 +142,7 @@ def load_compressed(path: str | os.PathLike, dtype: torch.dtype | str | None = N
     meta = json.loads(marker.read_text())
     config = AutoConfig.from_pretrained(local)
     torch_dtype = resolve_dtype(dtype or meta.get("dtype", "float32"))
-    with torch.device("meta"):
+    with _without_zero3_init(), torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     for name, rank in meta["ranks"].items():
         dense = model.get_submodule(name)

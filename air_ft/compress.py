@@ -85,9 +85,10 @@ NEEDS_GRAM = {"asvd", "svdllm", "air"}
 NEEDS_INFLUENCE = {"fwsvd", "air"}
 
 
-def plan_ranks(targets: dict[str, nn.Linear], retention: float) -> dict[str, int | None]:
-    """Rank per layer from its real shape (GQA k/v included); ``None`` keeps the layer dense."""
-    return {name: linalg.rank_for_retention(mod.out_features, mod.in_features, retention)
+def plan_ranks(targets: dict[str, nn.Linear], retention: float, multiple: int = 1) -> dict[str, int | None]:
+    """Rank per layer from its real shape (GQA k/v included), rounded down to ``multiple``; ``None`` keeps the layer
+    dense."""
+    return {name: linalg.rank_for_retention(mod.out_features, mod.in_features, retention, multiple)
             for name, mod in targets.items()}
 
 
@@ -158,7 +159,7 @@ def compress(model: nn.Module, tok, texts: list[str] | None = None, method: str 
         raise RecipeError("no nn.Linear layer matches the include/exclude patterns "
                           f"(include={cfg.include}, exclude={cfg.exclude}); widen include or drop exclude. "
                           "Layers must be torch.nn.Linear (GPT-2's Conv1D is not).")
-    ranks = plan_ranks(targets, cfg.retention)
+    ranks = plan_ranks(targets, cfg.retention, cfg.rank_multiple)
     if all(k is None for k in ranks.values()):
         raise RecipeError(f"retention {cfg.retention} saves nothing on any selected layer (rank*(m+n) >= m*n); "
                           "choose a lower retention")

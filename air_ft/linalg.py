@@ -32,16 +32,24 @@ class WhiteningError(RuntimeError):
     """No rung of the damping ladder produced a usable square root of the Gram matrix."""
 
 
-def rank_for_retention(m: int, n: int, retention: float) -> int | None:
+def rank_for_retention(m: int, n: int, retention: float, multiple: int = 1) -> int | None:
     """Rank ``k = floor(rho m n / (m + n))`` clipped to ``[1, min(m, n)]``; ``None`` if factoring saves nothing.
+
+    ``multiple > 1`` rounds ``k`` down to a multiple of it (never to zero: a rank below ``multiple`` is kept), so
+    the factors' inner dimension suits GPU matrix kernels (bf16 tensor cores want multiples of 8); the layer then
+    keeps slightly fewer parameters than ``retention`` allows, never more.
 
     The factored layer stores ``k (m + n)`` numbers instead of ``m n``; when that is not smaller the layer
     stays dense (AIR_METHOD.md section 1). ``m`` and ``n`` are the real shapes (GQA k/v projections included).
     """
     if not 0.0 < retention < 1.0:
         raise ValueError(f"retention must lie strictly between 0 and 1, got {retention}")
+    if multiple < 1:
+        raise ValueError(f"rank multiple must be a positive integer, got {multiple}")
     k = int(math.floor(retention * m * n / (m + n)))
     k = max(1, min(k, min(m, n)))
+    if k >= multiple:
+        k -= k % multiple
     if k * (m + n) >= m * n:
         return None
     return k

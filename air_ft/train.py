@@ -59,29 +59,42 @@ def _zero3() -> bool:
     return os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "") == "3"
 
 
-def text_blocks(tok, texts: list[str], seq_len: int, num_blocks: int | None = None, seed: int = 0) -> torch.Tensor:
-    """Pack raw texts into ``(num_blocks, seq_len)`` token blocks, each source contributing an equal share.
+def text_blocks(tok, texts: list[str], seq_len: int, num_blocks: int | None = None, seed: int = 0,
+                weights: list[float] | None = None) -> torch.Tensor:
+    """Pack raw texts into ``(num_blocks, seq_len)`` token blocks, each source contributing an equal share (or its
+    share of ``weights``).
 
     Each text is tokenized once and cut into non-overlapping blocks (the tail is dropped); blocks are then taken
     from the sources in turn, each source in a seeded random order that is re-shuffled when it runs out (a short
     source is repeated rather than drowned). ``num_blocks=None`` gives one pass over the longest source per source.
+    With ``weights`` the sources take turns by smooth weighted round robin: after ``N`` blocks every source has
+    ``N w_s / sum(w)`` of them to within one block, interleaved; equal weights give the plain alternation.
     """
     from air_ft.data import token_windows, tokenize_joined
 
-    per_source = []
-    for text in texts:
+    if weights is None:
+        weights = [1.0] * len(texts)
+    if len(weights) != len(texts) or any(not w > 0 for w in weights):
+        raise ValueError(f"need one positive weight per training text; got {weights} for {len(texts)} texts")
+    per_source, kept = [], []
+    for text, w in zip(texts, weights):
         ids = tokenize_joined(tok, text)
         if ids.numel() >= seq_len:
             per_source.append(token_windows(ids, seq_len))
+            kept.append(float(w))
     if not per_source:
         raise ValueError(f"no training text has {seq_len} tokens; give more text or a shorter train.seq_len")
+    weights = kept
     gen = torch.Generator().manual_seed(seed)
     if num_blocks is None:
         num_blocks = len(per_source) * max(b.shape[0] for b in per_source)
     orders = [torch.empty(0, dtype=torch.long) for _ in per_source]
+    credit, total = [0.0] * len(per_source), sum(weights)
     out = []
-    for i in range(num_blocks):
-        s = i % len(per_source)
+    for _ in range(num_blocks):
+        credit = [c + w for c, w in zip(credit, weights)]
+        s = max(range(len(credit)), key=lambda j: (credit[j], -j))  # ties: the earlier source
+        credit[s] -= total
         if orders[s].numel() == 0:
             orders[s] = torch.randperm(per_source[s].shape[0], generator=gen)
         out.append(per_source[s][orders[s][0]])
@@ -242,12 +255,12 @@ def build_trainer(model: nn.Module, tok, train_ds, eval_ds, cfg: TrainConfig, ou
                                            callbacks=callbacks or [], **extra)
 
 
-def _datasets(tok, cfg: TrainConfig, train_texts, eval_texts, world: int):
+def _datasets(tok, cfg: TrainConfig, train_texts, eval_texts, world: int, weights: list[float] | None = None):
     """Training and held-out datasets: packed blocks for ``text``, records for ``instruction``."""
     if cfg.data_format == "instruction":
         return train_texts, eval_texts  # already datasets of prompt/completion records
     needed = cfg.max_steps * cfg.batch_size * cfg.grad_accum * world
-    train = _blocks_dataset(text_blocks(tok, train_texts, cfg.seq_len, needed, cfg.seed))
+    train = _blocks_dataset(text_blocks(tok, train_texts, cfg.seq_len, needed, cfg.seed, weights))
     evald = None
     if eval_texts:
         evald = _blocks_dataset(text_blocks(tok, eval_texts, cfg.seq_len, cfg.eval_blocks, cfg.seed))
@@ -289,7 +302,8 @@ def finetune(model: nn.Module, tok, texts: list[str], max_steps: int = 100, lora
              learning_rate: float = 2e-4, seq_len: int = 512, batch_size: int = 4, seed: int = 0,
              placement: str = "factors", lora_alpha: float | None = None, lora_dropout: float = 0.0,
              merge: str = "exact", eval_texts: list[str] | None = None, output_dir: str | None = None,
-             teacher: nn.Module | None = None, lora_init: str = "zero", stats=None, **train_options) -> nn.Module:
+             teacher: nn.Module | None = None, lora_init: str = "zero", stats=None,
+             text_weights: list[float] | None = None, **train_options) -> nn.Module:
     """LoRA recovery fine-tuning from Python; returns the merged factored model, ready to evaluate.
 
     Args:
@@ -297,6 +311,7 @@ def finetune(model: nn.Module, tok, texts: list[str], max_steps: int = 100, lora
             in place: keep a copy if the un-tuned model is still needed.
         tok: its tokenizer.
         texts: raw training texts, packed into ``seq_len`` blocks (equal share per text).
+        text_weights: relative share of the training blocks per text (default: equal).
         max_steps, learning_rate, seq_len, batch_size, seed: as in :class:`air_ft.config.TrainConfig`; trains on
             ``max_steps * batch_size * grad_accum`` blocks of ``seq_len`` tokens.
         lora_rank, lora_alpha, lora_dropout, placement, merge: as in :class:`air_ft.config.LoraConfig`
@@ -328,7 +343,7 @@ def finetune(model: nn.Module, tok, texts: list[str], max_steps: int = 100, lora
     budget = lora_budget(peft_model)
     with tempfile.TemporaryDirectory(prefix="air_ft_train_") as tmp:
         out = Path(output_dir or tmp)
-        train_ds, eval_ds = _datasets(tok, cfg, texts, eval_texts, 1)
+        train_ds, eval_ds = _datasets(tok, cfg, texts, eval_texts, 1, text_weights)
         trainer = build_trainer(peft_model, tok, train_ds, eval_ds, cfg, out / "checkpoints",
                                 [LossLog(out / "train_log.jsonl")], teacher=teacher)
         result = trainer.train()
@@ -413,7 +428,7 @@ def run_train(recipe: Recipe, callbacks: list | None = None) -> dict:
         print(f"resuming from {last}")
     result = trainer.train(resume_from_checkpoint=last)
     adapter_dir = out / "adapter"
-    trainer.save_model(str(adapter_dir))  # collective under ZeRO-3: every rank must call it
+    save_adapters(trainer, peft_model, adapter_dir)  # collective: every rank must call it
     summary = {"budget": budget, "train_loss": result.training_loss, "global_step": trainer.state.global_step,
                "resumed_from": last, "tokens": cfg.max_steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len
                * state.num_processes, "base": base_path, "init": init_report}
@@ -427,6 +442,30 @@ def run_train(recipe: Recipe, callbacks: list | None = None) -> dict:
         print(f"saved adapters to {adapter_dir} and the merged factored checkpoint to {merged_path}")
     state.wait_for_everyone()
     return summary
+
+
+def save_adapters(trainer, peft_model, adapter_dir: Path) -> None:
+    """Write the trained adapters (PEFT format) to ``adapter_dir``; every rank must call it.
+
+    DeepSpeed (ZeRO-3 gathers the 16-bit weights) and plain runs go through ``Trainer.save_model``. Under FSDP that
+    wrote an adapter file with no tensors in it (seen on one H100 with ``accelerate_configs/fsdp.yaml``), so there
+    the parameters are gathered with ``summon_full_params`` and the FSDP wrapper names are taken out of the keys.
+    """
+    if not getattr(trainer, "is_fsdp_enabled", False):
+        trainer.save_model(str(adapter_dir))
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    several = trainer.accelerator.num_processes > 1  # one process runs NO_SHARD, which cannot offload while gathering
+    with FSDP.summon_full_params(trainer.model_wrapped, writeback=False, rank0_only=several, offload_to_cpu=several):
+        # named_parameters, not state_dict: FSDP's state-dict hooks hand back nothing for the inner module
+        params = {n.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", ""):
+                  p.detach().cpu().clone() for n, p in peft_model.named_parameters() if "lora_" in n}
+    if trainer.accelerator.is_main_process:  # save_pretrained selects and renames the adapter's keys itself
+        peft_model.save_pretrained(str(adapter_dir), state_dict=params)
+        if trainer.processing_class is not None:
+            trainer.processing_class.save_pretrained(str(adapter_dir))
+    trainer.accelerator.wait_for_everyone()
 
 
 def _read_adapter(adapter_dir: Path) -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@
 A LLaMA-shaped model with random weights (Llama-3.2-1B or Llama-2-7B dimensions; no download) is trained with the
 product's own trainer (:func:`air_ft.train.build_trainer`, TRL SFTTrainer, bf16) on random tokens, once dense with
 LoRA on every decoder linear and once factored at ``--retention`` with LoRA on the factors (``factors`` placement)
-or on each factored layer (``layer``), same rank. Factors are random too: the throughput and memory of a factored
+and on each factored layer (``layer``), same rank. Factors are random too: the throughput and memory of a factored
 layer do not depend on its values. Reported per variant: tokens/s over the timed steps (after ``--warmup`` steps),
 peak allocated GPU memory, trainable and total parameters. Writes benchmarks/results/gpu_train_<shape>_<mode>.json.
 
@@ -17,8 +17,14 @@ Needs a CUDA GPU; without one it stops with a message (it has not been run in th
 from __future__ import annotations
 
 import argparse
+import gc
+import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from common import environment, write_json
@@ -47,7 +53,8 @@ def _tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>")
 
 
-def build_model(shape: str, factored: bool, retention: float, dtype: torch.dtype, device: str):
+def build_model(shape: str, factored: bool, retention: float, dtype: torch.dtype, device: str,
+                multiple: int = 1):
     """Random-weight LLaMA; with ``factored`` every decoder linear becomes a LowRankLinear at the engine's ranks."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -61,7 +68,7 @@ def build_model(shape: str, factored: bool, retention: float, dtype: torch.dtype
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(dtype)
     if factored:
-        for name, k in plan_ranks(find_targets(model), retention).items():
+        for name, k in plan_ranks(find_targets(model), retention, multiple).items():
             dense = model.get_submodule(name)
             if k is not None:
                 set_module(model, name, LowRankLinear(dense.in_features, dense.out_features, k,
@@ -87,20 +94,23 @@ class Timer(TrainerCallback):
         self.seconds, self.timed_steps = time.perf_counter() - self.t0, state.global_step - self.warmup
 
 
-def run_variant(args, factored: bool) -> dict:
+def run_variant(args, placement: str | None) -> dict:
+    factored = placement is not None
     from datasets import Dataset
 
     from air_ft.config import TrainConfig
     from air_ft.lora import apply_lora, lora_budget
     from air_ft.train import build_trainer
 
+    gc.collect()
     if CUDA:
         torch.cuda.empty_cache()
     torch.manual_seed(0)
     dtype, device = (torch.bfloat16, "cuda") if CUDA else (torch.float32, "cpu")
-    model = build_model(args.shape, factored, args.retention, dtype, device)
+    model = build_model(args.shape, factored, args.retention, dtype, device, args.rank_multiple)
+    weights = torch.cuda.memory_allocated() / 2**30 if CUDA else None
     if factored:
-        peft_model = apply_lora(model, args.placement, args.lora_rank, 2.0 * args.lora_rank)
+        peft_model = apply_lora(model, placement, args.lora_rank, 2.0 * args.lora_rank)
     else:
         from peft import LoraConfig, get_peft_model
 
@@ -124,7 +134,7 @@ def run_variant(args, factored: bool) -> dict:
     world = trainer.accelerator.num_processes
     tokens = timer.timed_steps * args.batch_size * args.seq_len * world
     peak = torch.cuda.max_memory_allocated() / 2**30 if CUDA else None
-    out = {"tokens_per_s": tokens / timer.seconds, "peak_memory_gib": peak,
+    out = {"tokens_per_s": tokens / timer.seconds, "peak_memory_gib": peak, "weights_gib": weights,
            "processes": world, "timed_steps": timer.timed_steps, **budget}
     del trainer, peft_model, model
     return out
@@ -134,13 +144,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="1b")
     ap.add_argument("--retention", type=float, default=0.6)
-    ap.add_argument("--placement", choices=["factors", "layer"], default="factors")
+    ap.add_argument("--placements", nargs="+", choices=["factors", "layer"], default=["factors", "layer"])
+    ap.add_argument("--rank-multiple", type=int, default=8,
+                    help="round factored ranks down to this multiple (compress.rank_multiple); 1: the exact ranks")
     ap.add_argument("--lora-rank", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=20, help="timed steps")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--variant", choices=["dense", "factors", "layer"], help=argparse.SUPPRESS)
+    ap.add_argument("--result-file", help=argparse.SUPPRESS)
     ap.add_argument("--cpu-smoke-test", action="store_true", help="run --shape tiny on CPU to check the script only")
     args = ap.parse_args()
     if args.cpu_smoke_test:
@@ -151,21 +165,55 @@ def main() -> None:
     if CUDA and not torch.cuda.is_bf16_supported():
         sys.exit("this GPU does not support bf16; the benchmark measures bf16 training (Ampere or newer)")
 
-    from accelerate import PartialState
+    if args.variant is not None:  # one variant in this process (the orchestrator below starts it)
+        from accelerate import PartialState
 
-    state = PartialState()
-    mode = state.distributed_type.value.lower()
+        state = PartialState()
+        res = run_variant(args, None if args.variant == "dense" else args.variant)
+        res["distributed"] = {"NO": "single"}.get(state.distributed_type.value, state.distributed_type.value.lower())
+        if state.is_main_process:
+            Path(args.result_file).write_text(json.dumps(res))
+        state.wait_for_everyone()
+        return
+    # Each variant runs in a fresh process, so that none inherits another's allocations, caches or DeepSpeed engine
+    # (in one process the later variants' peaks included the earlier ones' leftovers). Under `accelerate launch`
+    # every rank starts its child with the launcher's environment, and the children form the process group.
+    main_rank = int(os.environ.get("RANK", "0")) == 0
     report = {"args": vars(args), "environment": environment(),
               "device": torch.cuda.get_device_name() if CUDA else "cpu (smoke test, not a measurement)",
-              "distributed": mode, "results": {}}
-    for label, factored in (("dense+lora", False), (f"factored+lora[{args.placement}]", True)):
-        res = report["results"][label] = run_variant(args, factored)
-        if state.is_main_process:
-            peak = f"{res['peak_memory_gib']:6.2f} GiB" if res["peak_memory_gib"] is not None else "n/a"
-            print(f"{label:<28} {res['tokens_per_s']:>10.0f} tokens/s  peak {peak}  "
-                  f"trainable {res['trainable_params']:,} of {res['total_params']:,}", flush=True)
-    if state.is_main_process and not args.cpu_smoke_test:
-        print(f"wrote {write_json(f'gpu_train_{args.shape}_{mode}.json', report)}")
+              "results": {}}
+    dense = None
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant in ("dense", *args.placements):
+            result_file = Path(tmp) / f"{variant}.json"
+            proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--variant", variant,
+                                   "--result-file", str(result_file)])
+            if proc.returncode:
+                sys.exit(f"the {variant} variant failed (exit {proc.returncode}); its output is above")
+            if not main_rank:
+                continue
+            res = json.loads(result_file.read_text())
+            report["distributed"] = res.pop("distributed")
+            label = "dense+lora" if variant == "dense" else f"factored+lora[{variant}]"
+            report["results"][label] = res
+            if variant == "dense":
+                dense = res
+            else:  # the ratios the benchmark exists for, measured in this one run
+                res["speed_vs_dense"] = res["tokens_per_s"] / dense["tokens_per_s"]
+                if CUDA:
+                    res["peak_memory_vs_dense"] = res["peak_memory_gib"] / dense["peak_memory_gib"]
+    if not main_rank:
+        return
+    for label, res in report["results"].items():
+        peak = f"{res['peak_memory_gib']:6.2f} GiB" if res["peak_memory_gib"] is not None else "n/a"
+        ratio = f"  x{res['speed_vs_dense']:.2f} speed" if "speed_vs_dense" in res else ""
+        ratio += f" x{res['peak_memory_vs_dense']:.2f} memory" if "peak_memory_vs_dense" in res else ""
+        print(f"{label:<28} {res['tokens_per_s']:>10.0f} tokens/s  peak {peak}  "
+              f"trainable {res['trainable_params']:,} of {res['total_params']:,}{ratio}", flush=True)
+    if not args.cpu_smoke_test:
+        suffix = "" if args.rank_multiple == 8 else f"_multiple{args.rank_multiple}"
+        name = f"gpu_train_{args.shape}_{report['distributed']}{suffix}.json"
+        print(f"wrote {write_json(name, report)}")
 
 
 if __name__ == "__main__":

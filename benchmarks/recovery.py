@@ -67,6 +67,8 @@ def main() -> None:
     ap.add_argument("--lora-init", choices=["zero", "residual"], default="zero",
                     help="residual: layer-placement adapters start at the whitened top-r SVD of W - UV")
     ap.add_argument("--distill-temperature", type=float, default=1.0, help="KD temperature T (loss scaled by T^2)")
+    ap.add_argument("--britannica-share", type=float, default=0.5,
+                    help="share of the training blocks drawn from britannica (the rest from plays)")
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--eval-split", choices=["evaluation", "validation"], default="evaluation",
@@ -90,7 +92,7 @@ def main() -> None:
     path = RESULTS / args.output
     report = json.loads(path.read_text()) if path.exists() and not args.fresh else {}
     settings = {k: getattr(args, k) for k in ("max_steps", "seq_len", "batch_size", "lr", "lora_rank", "distill")}
-    for key, default in (("distill_temperature", 1.0), ("lora_init", "zero")):  # recorded only when changed,
+    for key, default in (("distill_temperature", 1.0), ("lora_init", "zero"), ("britannica_share", 0.5)):  # recorded only when changed,
         if getattr(args, key) != default:                                        # so earlier files stay comparable
             settings[key] = getattr(args, key)
     if report.get("train_settings") not in (None, settings):
@@ -154,6 +156,7 @@ def main() -> None:
                                         logging_steps=2, progress=False, distill=args.distill,
                                         distill_temperature=args.distill_temperature,
                                         lora_init=args.lora_init if placement == "layer" else "zero", stats=stats,
+                                        text_weights=[args.britannica_share, 1.0 - args.britannica_share],
                                         teacher=dense)  # distillation teacher and residual source
                 seconds = time.perf_counter() - t1
                 log = tuned.air_ft_train

@@ -444,25 +444,39 @@ def run_train(recipe: Recipe, callbacks: list | None = None) -> dict:
     return summary
 
 
+def fsdp_adapter_state(fsdp_model, peft_model, offload: bool = False) -> dict[str, torch.Tensor]:
+    """The adapters of ``peft_model`` (wrapped inside ``fsdp_model``), gathered whole, under PEFT's saved names.
+
+    PEFT's own selection matches keys against module names, which FSDP has changed (``_fsdp_wrapped_module.``), so
+    it selects nothing: ``Trainer.save_model`` then writes an adapter file with no tensors in it (seen on an H100
+    with ``accelerate_configs/fsdp.yaml``). Here the parameters are gathered with ``summon_full_params`` and named
+    as PEFT names them on disk (wrapper segments and the adapter name dropped). ``offload`` gathers to rank 0's CPU.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    with FSDP.summon_full_params(fsdp_model, writeback=False, rank0_only=offload, offload_to_cpu=offload):
+        return {n.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+                 .replace(".default.", "."): p.detach().cpu().clone()
+                for n, p in peft_model.named_parameters() if "lora_" in n and ".default." in n}
+
+
 def save_adapters(trainer, peft_model, adapter_dir: Path) -> None:
     """Write the trained adapters (PEFT format) to ``adapter_dir``; every rank must call it.
 
-    DeepSpeed (ZeRO-3 gathers the 16-bit weights) and plain runs go through ``Trainer.save_model``. Under FSDP that
-    wrote an adapter file with no tensors in it (seen on one H100 with ``accelerate_configs/fsdp.yaml``), so there
-    the parameters are gathered with ``summon_full_params`` and the FSDP wrapper names are taken out of the keys.
+    DeepSpeed (ZeRO-3 gathers the 16-bit weights) and plain runs go through ``Trainer.save_model``; FSDP through
+    :func:`fsdp_adapter_state`.
     """
     if not getattr(trainer, "is_fsdp_enabled", False):
         trainer.save_model(str(adapter_dir))
         return
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from safetensors.torch import save_file
 
     several = trainer.accelerator.num_processes > 1  # one process runs NO_SHARD, which cannot offload while gathering
-    with FSDP.summon_full_params(trainer.model_wrapped, writeback=False, rank0_only=several, offload_to_cpu=several):
-        # named_parameters, not state_dict: FSDP's state-dict hooks hand back nothing for the inner module
-        params = {n.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", ""):
-                  p.detach().cpu().clone() for n, p in peft_model.named_parameters() if "lora_" in n}
-    if trainer.accelerator.is_main_process:  # save_pretrained selects and renames the adapter's keys itself
-        peft_model.save_pretrained(str(adapter_dir), state_dict=params)
+    state = fsdp_adapter_state(trainer.model_wrapped, peft_model, offload=several)
+    if trainer.accelerator.is_main_process:
+        adapter_dir.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(adapter_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+        peft_model.peft_config["default"].save_pretrained(str(adapter_dir))
         if trainer.processing_class is not None:
             trainer.processing_class.save_pretrained(str(adapter_dir))
     trainer.accelerator.wait_for_everyone()

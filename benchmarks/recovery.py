@@ -92,8 +92,9 @@ def main() -> None:
     path = RESULTS / args.output
     report = json.loads(path.read_text()) if path.exists() and not args.fresh else {}
     settings = {k: getattr(args, k) for k in ("max_steps", "seq_len", "batch_size", "lr", "lora_rank", "distill")}
-    for key, default in (("distill_temperature", 1.0), ("lora_init", "zero"), ("britannica_share", 0.5)):  # recorded only when changed,
-        if getattr(args, key) != default:                                        # so earlier files stay comparable
+    # recorded only when changed, so that earlier files stay comparable
+    for key, default in (("distill_temperature", 1.0), ("lora_init", "zero"), ("britannica_share", 0.5)):
+        if getattr(args, key) != default:
             settings[key] = getattr(args, key)
     if report.get("train_settings") not in (None, settings):
         raise SystemExit(f"{path} was written with other training settings {report['train_settings']}; "

@@ -117,3 +117,25 @@ def test_load_model_from_local_dir_and_missing_path(tmp_path, model, tokenizer):
         air_ft.load_model(str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="unknown dtype"):
         air_ft.load_model(str(tmp_path / "m"), dtype="float8")
+
+
+def test_load_builds_the_whole_model_while_a_zero3_run_is_alive(tmp_path, model, tokenizer, text, monkeypatch):
+    """After ZeRO-3 training transformers would build the merge's model inside deepspeed.zero.Init (partitioned, and
+    impossible on the meta device); load_compressed lifts that for its build and restores it after."""
+    from transformers.integrations import deepspeed as hf_ds
+
+    air_ft.compress(model, tokenizer, [text], method="svd", retention=0.5, progress=False)
+    path = air_ft.save_compressed(model, tokenizer, tmp_path / "ckpt")
+
+    class Zero3Config:  # what a ZeRO-3 TrainingArguments registers
+        def is_zero3(self):
+            return True
+
+    live = Zero3Config()
+    monkeypatch.setattr(hf_ds, "_hf_deepspeed_config_weak_ref", lambda: live)
+    assert hf_ds.is_deepspeed_zero3_enabled()
+    reloaded, _ = air_ft.load_compressed(path)
+    x = torch.arange(12)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=x).logits, model(input_ids=x).logits)
+    assert hf_ds.is_deepspeed_zero3_enabled()  # the run's setting is back

@@ -33,6 +33,20 @@ def test_every_method_factors_every_decoder_linear(method, model, tokenizer, tex
     assert torch.isfinite(logits).all()
 
 
+def test_rank_multiple_aligns_every_rank_and_stays_within_the_budget(tokenizer, text):
+    model = tiny_llama(vocab_size=len(tokenizer), layers=1)
+    info = air_ft.compress(model, tokenizer, [text], method="svdllm", retention=0.6, rank_multiple=8, **KW)
+    ranks = {n: m.rank for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    assert ranks and all(k % 8 == 0 for k in ranks.values()), ranks
+    assert info["retention_actual"] <= 0.6
+    for name, k in ranks.items():  # each the largest multiple of 8 under that layer's exact rank
+        mod = model.get_submodule(name)
+        exact = linalg.rank_for_retention(mod.out_features, mod.in_features, 0.6)
+        assert exact - 8 < k <= exact
+    with pytest.raises(RecipeError, match="rank_multiple"):
+        air_ft.compress(tiny_llama(vocab_size=len(tokenizer)), tokenizer, [text], rank_multiple=0, **KW)
+
+
 def test_air_with_delta_zero_is_svdllm_exactly(model, tokenizer, text):
     a, b = copy.deepcopy(model), copy.deepcopy(model)
     air_ft.compress(a, tokenizer, [text], method="air", retention=0.5, delta=0.0, **KW)

@@ -68,6 +68,23 @@ def test_unusable_grams_raise_with_advice():
         linalg.whitening_factor(torch.zeros(4, 4, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("m,n,rho", [(4096, 4096, 0.6), (4096, 11008, 0.6), (576, 1536, 0.4), (192, 576, 0.6)])
+def test_rank_multiple_rounds_down_within_the_budget(m, n, rho):
+    exact = linalg.rank_for_retention(m, n, rho)
+    for multiple in (8, 64):
+        k = linalg.rank_for_retention(m, n, rho, multiple)
+        assert k % multiple == 0 and exact - multiple < k <= exact  # the largest aligned rank within the budget
+        assert k * (m + n) <= rho * m * n
+    assert linalg.rank_for_retention(m, n, rho, 1) == exact
+
+
+def test_rank_multiple_keeps_a_rank_below_it_and_rejects_nonsense():
+    assert linalg.rank_for_retention(16, 16, 0.6) == 4
+    assert linalg.rank_for_retention(16, 16, 0.6, 8) == 4  # never rounded down to zero
+    with pytest.raises(ValueError, match="positive integer"):
+        linalg.rank_for_retention(16, 16, 0.6, 0)
+
+
 def test_full_rank_factorization_reproduces_w():
     torch.manual_seed(1)
     w = torch.randn(12, 20, dtype=torch.float64)

@@ -93,6 +93,22 @@ def test_text_blocks_share_sources_equally_and_are_seeded():
     assert not torch.equal(blocks, text_blocks(tok, [short, long], 16, 20, seed=1))
 
 
+def test_text_blocks_follow_the_weights_interleaved():
+    tok = make_tokenizer()
+    a, b = make_text(3000, 1), make_text(3000, 2)
+    blocks = text_blocks(tok, [a, b], seq_len=16, num_blocks=40, seed=0, weights=[3.0, 1.0])
+    a_ids = tok(a, add_special_tokens=False).input_ids
+    a_windows = {tuple(a_ids[i:i + 16]) for i in range(0, len(a_ids) - 15, 16)}
+    from_a = [tuple(x.tolist()) in a_windows for x in blocks]
+    assert sum(from_a) == 30  # exactly three quarters
+    assert all(sum(from_a[i:i + 4]) == 3 for i in range(0, 40, 4))  # interleaved, not 30 then 10
+    # equal weights are the plain alternation, so runs without weights are unchanged
+    torch.testing.assert_close(text_blocks(tok, [a, b], 16, 40, 0, [2.0, 2.0]), text_blocks(tok, [a, b], 16, 40, 0))
+    for bad in ([1.0], [1.0, 0.0], [1.0, -1.0]):
+        with pytest.raises(ValueError, match="positive weight"):
+            text_blocks(tok, [a, b], 16, 40, 0, bad)
+
+
 def test_one_step_changes_adapters_and_leaves_base_factors_alone(tmp_path):
     model, tok = make_compressed()
     peft_model = apply_lora(model, "factors", rank=4)
@@ -351,3 +367,40 @@ def test_an_adapter_saved_empty_is_refused(tmp_path):
     save_file({"base_model.model.x.lora_A.weight": torch.empty(0)}, str(tmp_path / "adapter_model.safetensors"))
     with pytest.raises(RuntimeError, match="zero3_save_16bit_model"):
         _read_adapter(tmp_path)
+
+
+@pytest.mark.parametrize("placement", ["factors", "layer"])
+def test_fsdp_adapter_state_matches_peft_on_the_unwrapped_model(placement):
+    """FSDP renames modules, so PEFT's own save selects nothing under it; ours gathers the same tensors under the
+    same names as PEFT saves for the unwrapped model. Runs FSDP on CPU in one gloo process."""
+    import functools
+
+    import torch.distributed as dist
+    from peft.utils import get_peft_model_state_dict
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from air_ft.train import fsdp_adapter_state
+
+    model, _ = make_compressed()
+    peft_model = apply_lora(model, placement, 4, 8.0)
+    for name, p in peft_model.named_parameters():  # non-zero B, so equal values mean the right tensors
+        if "lora_" in name:
+            torch.nn.init.normal_(p, generator=torch.Generator().manual_seed(len(name)))
+    expected = {k: v.clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+    assert expected
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        wrapped = FSDP(peft_model, use_orig_params=True, device_id=torch.device("cpu"),
+                       auto_wrap_policy=functools.partial(transformer_auto_wrap_policy,
+                                                          transformer_layer_cls={LlamaDecoderLayer}))
+        assert any("_fsdp_wrapped_module" in n for n, _ in peft_model.named_parameters())
+        assert not get_peft_model_state_dict(peft_model, state_dict=wrapped.state_dict())  # what PEFT would save
+        got = fsdp_adapter_state(wrapped, peft_model)
+    finally:
+        dist.destroy_process_group()
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, atol=0, rtol=0)

@@ -184,8 +184,9 @@ class TrainConfig:
     logging_steps: int = _f(5, "log the loss every N steps")
     seed: int = _f(0, "training seed")
     resume: bool = _f(True, "resume from the newest checkpoint in the output directory if there is one")
-    data: list[dict] = _f([], "training sources [{source, start, end, split}] ('instruction': .jsonl files or HF "
-                          "dataset names with prompt/completion or messages); empty: data.calibration")
+    data: list[dict] = _f([], "training sources [{source, start, end, split, weight}] (weight: relative share of "
+                          "the training blocks, default 1; 'instruction': .jsonl files or HF dataset names with "
+                          "prompt/completion or messages); empty: data.calibration")
     eval_data: list[dict] = _f([], "held-out sources for the evaluation loss during training (empty: none)")
     eval_blocks: int = _f(16, "held-out blocks of seq_len tokens evaluated every eval_steps (text format)")
     progress: bool = _f(True, "show a progress bar (the loss log is written either way)")
@@ -211,6 +212,16 @@ class TrainConfig:
             raise RecipeError(f"train.distill_temperature must be > 0, got {self.distill_temperature!r}")
         if self.data_format == "instruction" and not self.data:
             raise RecipeError("train.data_format 'instruction' needs train.data: [{source: file.jsonl}]")
+        for i, spec in enumerate(self.data):
+            if not isinstance(spec, dict) or "weight" not in spec:
+                continue
+            if self.data_format != "text":
+                raise RecipeError(f"train.data[{i}].weight applies to raw text only; instruction records are used "
+                                  "as given")
+            w = spec["weight"]
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0:
+                raise RecipeError(f"train.data[{i}].weight must be a positive number (a relative share), got "
+                                  f"{spec['weight']!r}")
 
 
 @dataclass

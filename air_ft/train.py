@@ -398,10 +398,12 @@ def run_train(recipe: Recipe, callbacks: list | None = None) -> dict:
         save_resolved(recipe, out)
     model, tok, base_path = _load_base(recipe, out)
     if cfg.data_format == "instruction":
-        train_src = instruction_dataset(cfg.data)
+        train_src, weights = instruction_dataset(cfg.data), None
         eval_src = instruction_dataset(cfg.eval_data) if cfg.eval_data else None
     else:
-        train_src = _texts(cfg.data or recipe.data.calibration)
+        specs = cfg.data or recipe.data.calibration
+        weights = [float(spec.get("weight", 1.0)) for spec in specs]
+        train_src = _texts([{k: v for k, v in spec.items() if k != "weight"} for spec in specs])
         eval_src = _texts(cfg.eval_data) if cfg.eval_data else None
     teacher = None
     if cfg.distill > 0 or lcfg.init == "residual":  # the uncompressed model, frozen: teacher and residual source
@@ -420,7 +422,7 @@ def run_train(recipe: Recipe, callbacks: list | None = None) -> dict:
     if state.is_main_process:
         print(f"LoRA ({lcfg.placement}, r={lcfg.rank}): {budget['trainable_params']:,} trainable parameters; "
               f"retention {budget['retention']:.3f} without adapters, {budget['retention_with_adapters']:.3f} with")
-    train_ds, eval_ds = _datasets(tok, cfg, train_src, eval_src, state.num_processes)
+    train_ds, eval_ds = _datasets(tok, cfg, train_src, eval_src, state.num_processes, weights)
     ckpt_dir = out / "checkpoints"
     trainer = build_trainer(peft_model, tok, train_ds, eval_ds, cfg, ckpt_dir,
                             [LossLog(out / "train_log.jsonl"), *(callbacks or [])], teacher=teacher)

@@ -404,3 +404,28 @@ def test_fsdp_adapter_state_matches_peft_on_the_unwrapped_model(placement):
     assert got.keys() == expected.keys()
     for key, value in expected.items():
         torch.testing.assert_close(got[key], value, atol=0, rtol=0)
+
+
+def test_recipe_weights_reach_the_block_packing(tmp_path, compressed_dir, text_file, monkeypatch):
+    import air_ft.train as train_mod
+
+    other = tmp_path / "other.txt"
+    other.write_text(make_text(3000, 5))
+    seen = []
+    real = train_mod.text_blocks
+
+    def spy(tok, texts, seq_len, num_blocks=None, seed=0, weights=None):
+        seen.append((len(texts), weights))
+        return real(tok, texts, seq_len, num_blocks, seed, weights)
+
+    monkeypatch.setattr(train_mod, "text_blocks", spy)
+    recipe = tiny_recipe(tmp_path, compressed_dir, text_file, "train.max_steps=1",
+                         f"train.data=[{{source: {text_file}, weight: 3}}, {{source: {other}}}]")
+    run_train(recipe)
+    assert seen[0] == (2, [3.0, 1.0])
+    for bad in ("0", "-1", "true", "'a'"):
+        with pytest.raises(RecipeError, match="weight must be a positive number"):
+            tiny_recipe(tmp_path, compressed_dir, text_file, f"train.data=[{{source: {text_file}, weight: {bad}}}]")
+    with pytest.raises(RecipeError, match="raw text only"):
+        tiny_recipe(tmp_path, compressed_dir, text_file, "train.data_format=instruction",
+                    f"train.data=[{{source: {text_file}, weight: 2}}]")

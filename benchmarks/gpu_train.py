@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import environment, write_json
+from common import RESULTS, environment, save_figure, subplots, write_json
 from transformers import TrainerCallback
 
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab
@@ -140,6 +140,29 @@ def run_variant(args, placement: str | None) -> dict:
     return out
 
 
+def plot(path: Path) -> Path:
+    """Speed and peak memory of each factored variant relative to dense, one bar per results file (shape, launcher,
+    rank multiple), from every ``gpu_train_*.json`` in benchmarks/results."""
+    files = sorted(RESULTS.glob("gpu_train_*.json"))
+    if not files:
+        raise SystemExit("no gpu_train_*.json in benchmarks/results: run the benchmark on a GPU first")
+    fig, axes = subplots(1, 2, 6.5, 3.8)
+    runs = [(f.stem.removeprefix("gpu_train_"), json.loads(f.read_text())["results"]) for f in files]
+    variants = [v for v in runs[0][1] if v != "dense+lora"]
+    width = 0.8 / len(variants)
+    for ax, key, title in ((axes[0][0], "speed_vs_dense", "training tokens/s vs dense + LoRA"),
+                           (axes[0][1], "peak_memory_vs_dense", "peak GPU memory vs dense + LoRA")):
+        for j, variant in enumerate(variants):
+            xs = [i + (j - (len(variants) - 1) / 2) * width for i in range(len(runs))]
+            ax.bar(xs, [res[variant][key] for _, res in runs], width, label=variant)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(runs)), [name for name, _ in runs], rotation=30, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylim(0, 1.45)
+        ax.legend(fontsize=8, loc="upper left", ncol=2)
+    return save_figure(fig, path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="1b")
@@ -155,8 +178,13 @@ def main() -> None:
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--variant", choices=["dense", "factors", "layer"], help=argparse.SUPPRESS)
     ap.add_argument("--result-file", help=argparse.SUPPRESS)
+    ap.add_argument("--plot-only", action="store_true",
+                    help="redraw benchmarks/results/gpu_train.png from the results files, no GPU needed")
     ap.add_argument("--cpu-smoke-test", action="store_true", help="run --shape tiny on CPU to check the script only")
     args = ap.parse_args()
+    if args.plot_only:
+        print(f"wrote {plot(RESULTS / 'gpu_train.png')}")
+        return
     if args.cpu_smoke_test:
         args.shape, args.seq_len, args.steps, args.warmup = "tiny", 32, 2, 1
     elif not CUDA:
@@ -213,7 +241,7 @@ def main() -> None:
     if not args.cpu_smoke_test:
         suffix = "" if args.rank_multiple == 8 else f"_multiple{args.rank_multiple}"
         name = f"gpu_train_{args.shape}_{report['distributed']}{suffix}.json"
-        print(f"wrote {write_json(name, report)}")
+        print(f"wrote {write_json(name, report)} and {plot(RESULTS / 'gpu_train.png')}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
     PYTHONPATH=. python benchmarks/recovery.py --retentions 0.6 --placements factors --max-steps 32
 
 Defaults are the training recipe chosen on the validation split (``--eval-split validation``): 64 steps of 2 x 512
-tokens (65,536 tokens, about 15 minutes per LoRA run on 2 CPU cores), LoRA rank 8 (alpha 16) at lr 3e-3 with a
+tokens (65,536 tokens, about 15 minutes per LoRA run on 2 CPU cores), LoRA rank 8 (alpha 16) at lr 2e-3 with a
 cosine schedule, loss = KL to the dense model's next-token distribution (``--distill 1.0``).
 
 Protocol: compression as in benchmarks/quality.py (64 x 512-token calibration windows, seed 0, from britannica
@@ -60,7 +60,7 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=512, help="training block length")
     ap.add_argument("--batch-size", type=int, default=2)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--distill", type=float, default=1.0,
                     help="weight of the KL to the dense model's next-token distribution in the training loss")

@@ -59,6 +59,15 @@ def _zero3() -> bool:
     return os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "") == "3"
 
 
+def check_text_weights(weights: list[float] | None, n: int) -> list[float]:
+    """One positive share per training text (``None``: equal shares), or a ValueError that says what is wrong."""
+    if weights is None:
+        return [1.0] * n
+    if len(weights) != n or any(not w > 0 for w in weights):
+        raise ValueError(f"need one positive weight per training text; got {weights} for {n} texts")
+    return list(weights)
+
+
 def text_blocks(tok, texts: list[str], seq_len: int, num_blocks: int | None = None, seed: int = 0,
                 weights: list[float] | None = None) -> torch.Tensor:
     """Pack raw texts into ``(num_blocks, seq_len)`` token blocks, each source contributing an equal share (or its
@@ -72,10 +81,7 @@ def text_blocks(tok, texts: list[str], seq_len: int, num_blocks: int | None = No
     """
     from air_ft.data import token_windows, tokenize_joined
 
-    if weights is None:
-        weights = [1.0] * len(texts)
-    if len(weights) != len(texts) or any(not w > 0 for w in weights):
-        raise ValueError(f"need one positive weight per training text; got {weights} for {len(texts)} texts")
+    weights = check_text_weights(weights, len(texts))
     per_source, kept = [], []
     for text, w in zip(texts, weights):
         ids = tokenize_joined(tok, text)
@@ -337,6 +343,7 @@ def finetune(model: nn.Module, tok, texts: list[str], max_steps: int = 100, lora
     if (cfg.distill > 0 or lcfg.init == "residual") and teacher is None:  # refused before the model is wrapped
         raise RecipeError(f"distill={cfg.distill}, lora_init={lcfg.init!r} need the dense model: "
                           "finetune(..., teacher=dense_model)")
+    text_weights = check_text_weights(text_weights, len(texts))  # refused before any work
     set_seed(seed)  # adapter initialization (lora_A) is random
     peft_model = apply_lora(model, lcfg.placement, lcfg.rank, lcfg.alpha, lcfg.dropout, lcfg.targets, lcfg.merge)
     init_report = init_adapters(peft_model, lcfg.init, teacher, tok, texts, stats=stats)

@@ -17,7 +17,6 @@ Needs a CUDA GPU; without one it stops with a message (it has not been run in th
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import subprocess
@@ -102,9 +101,6 @@ def run_variant(args, placement: str | None) -> dict:
     from air_ft.lora import apply_lora, lora_budget
     from air_ft.train import build_trainer
 
-    gc.collect()
-    if CUDA:
-        torch.cuda.empty_cache()
     torch.manual_seed(0)
     dtype, device = (torch.bfloat16, "cuda") if CUDA else (torch.float32, "cpu")
     model = build_model(args.shape, factored, args.retention, dtype, device, args.rank_multiple)
@@ -136,7 +132,6 @@ def run_variant(args, placement: str | None) -> dict:
     peak = torch.cuda.max_memory_allocated() / 2**30 if CUDA else None
     out = {"tokens_per_s": tokens / timer.seconds, "peak_memory_gib": peak, "weights_gib": weights,
            "processes": world, "timed_steps": timer.timed_steps, **budget}
-    del trainer, peft_model, model
     return out
 
 
@@ -182,6 +177,10 @@ def main() -> None:
                     help="redraw benchmarks/results/gpu_train.png from the results files, no GPU needed")
     ap.add_argument("--cpu-smoke-test", action="store_true", help="run --shape tiny on CPU to check the script only")
     args = ap.parse_args()
+    if args.rank_multiple < 1:
+        ap.error(f"--rank-multiple must be a positive integer, got {args.rank_multiple}")
+    if not 0.0 < args.retention < 1.0:
+        ap.error(f"--retention must lie strictly between 0 and 1, got {args.retention}")
     if args.plot_only:
         print(f"wrote {plot(RESULTS / 'gpu_train.png')}")
         return

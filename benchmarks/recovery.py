@@ -82,6 +82,9 @@ def main() -> None:
     ap.add_argument("--baseline-from", default=None,
                     help="results file whose dense and compressed (no LoRA) evaluations to reuse (same protocol)")
     args = ap.parse_args()
+    if not 0.0 < args.britannica_share < 1.0:
+        ap.error(f"--britannica-share must lie strictly between 0 and 1 (plays gets the rest), got "
+                 f"{args.britannica_share}")
     if args.combine:
         combine(args.combine, args.output)
         return

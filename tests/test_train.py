@@ -429,3 +429,12 @@ def test_recipe_weights_reach_the_block_packing(tmp_path, compressed_dir, text_f
     with pytest.raises(RecipeError, match="raw text only"):
         tiny_recipe(tmp_path, compressed_dir, text_file, "train.data_format=instruction",
                     f"train.data=[{{source: {text_file}, weight: 2}}]")
+
+
+def test_finetune_refuses_bad_text_weights_before_wrapping_the_model():
+    model, tok = make_compressed()
+    texts = [make_text(400, 1), make_text(400, 2)]
+    for bad in ([1.0], [1.0, 0.0]):
+        with pytest.raises(ValueError, match="one positive weight per training text"):
+            finetune(model, tok, texts, max_steps=1, seq_len=16, batch_size=1, text_weights=bad)
+    assert not any("lora_" in n for n, _ in model.named_parameters())  # nothing was started

@@ -19,6 +19,7 @@ __all__ = ["CompressConfig", "ModelConfig", "DataConfig", "EvalConfig", "TrainCo
 METHODS = ("svd", "asvd", "fwsvd", "svdllm", "air")
 INFLUENCES = ("wxg", "fisher", "fisher_whitened")
 NORMALIZATIONS = ("mean", "power", "rank")
+ALS_BACKENDS = ("auto", "native", "torch")
 
 
 class RecipeError(ValueError):
@@ -82,8 +83,8 @@ class CompressConfig:
             raise RecipeError(f"whitening must be 'cholesky' or 'symmetric', got {self.whitening!r}")
         if self.als_dtype not in ("float32", "float64"):
             raise RecipeError(f"als_dtype must be 'float32' or 'float64', got {self.als_dtype!r}")
-        if self.als_backend not in ("auto", "native", "torch"):
-            raise RecipeError(f"als_backend must be 'auto', 'native' or 'torch', got {self.als_backend!r}")
+        if self.als_backend not in ALS_BACKENDS:
+            raise RecipeError(f"als_backend must be one of {', '.join(ALS_BACKENDS)}, got {self.als_backend!r}")
         for name, low in (("num_samples", 1), ("seq_len", 2), ("batch_size", 1), ("sweeps", 1), ("rank_multiple", 1)):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < low:
                 raise RecipeError(f"{name} must be an integer >= {low}, got {getattr(self, name)!r}")

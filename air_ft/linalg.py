@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from air_ft import native
+from air_ft.config import ALS_BACKENDS
 
 __all__ = [
     "rank_for_retention",
@@ -231,8 +232,8 @@ class ALSResult:
 
 
 def _use_native(backend: str, resid: torch.Tensor) -> bool:
-    if backend not in ("auto", "native", "torch"):
-        raise ValueError(f"ALS backend must be 'auto', 'native' or 'torch', got {backend!r}")
+    if backend not in ALS_BACKENDS:
+        raise ValueError(f"ALS backend must be one of {', '.join(ALS_BACKENDS)}, got {backend!r}")
     if backend == "torch":
         return False
     if not native.usable(resid):

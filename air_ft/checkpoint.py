@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from air_ft.modeling import LowRankLinear, set_module, strip_quantization
+from air_ft.modeling import LowRankLinear, factored_skeleton, set_module, strip_quantization
 
 __all__ = ["save_compressed", "load_compressed", "export_dense", "MARKER", "write_json"]
 
@@ -144,10 +144,7 @@ def load_compressed(path: str | os.PathLike, dtype: torch.dtype | str | None = N
     torch_dtype = resolve_dtype(dtype or meta.get("dtype", "float32"))
     with _without_zero3_init(), torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
-    for name, rank in meta["ranks"].items():
-        dense = model.get_submodule(name)
-        set_module(model, name, LowRankLinear(dense.in_features, dense.out_features, rank,
-                                              bias=dense.bias is not None, dtype=torch_dtype, device="meta"))
+    factored_skeleton(model, meta["ranks"], torch_dtype, "meta")
     state = _load_safetensors_dir(local, device)
     state = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)

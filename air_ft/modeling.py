@@ -11,7 +11,7 @@ from torch import nn
 
 from air_ft.assets import resolve_asset
 
-__all__ = ["LowRankLinear", "load_model", "find_targets", "resolve_dtype", "strip_quantization"]
+__all__ = ["LowRankLinear", "load_model", "find_targets", "factored_skeleton", "resolve_dtype", "strip_quantization"]
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
@@ -153,6 +153,18 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+def factored_skeleton(model: nn.Module, ranks: dict[str, int | None], dtype: torch.dtype, device) -> nn.Module:
+    """Swap each named ``nn.Linear`` for an uninitialized :class:`LowRankLinear` of its rank (``None`` keeps it
+    dense), for weights that are loaded or drawn afterwards. Returns ``model``."""
+    for name, rank in ranks.items():
+        if rank is None:
+            continue
+        dense = model.get_submodule(name)
+        set_module(model, name, LowRankLinear(dense.in_features, dense.out_features, rank,
+                                              bias=dense.bias is not None, dtype=dtype, device=device))
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -58,7 +58,7 @@ def build_model(shape: str, factored: bool, retention: float, dtype: torch.dtype
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from air_ft.compress import plan_ranks
-    from air_ft.modeling import LowRankLinear, find_targets, set_module
+    from air_ft.modeling import factored_skeleton, find_targets
 
     hidden, inter, layers, heads, kv, vocab = SHAPES[shape]
     cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
@@ -67,11 +67,7 @@ def build_model(shape: str, factored: bool, retention: float, dtype: torch.dtype
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(dtype)
     if factored:
-        for name, k in plan_ranks(find_targets(model), retention, multiple).items():
-            dense = model.get_submodule(name)
-            if k is not None:
-                set_module(model, name, LowRankLinear(dense.in_features, dense.out_features, k,
-                                                      bias=dense.bias is not None, dtype=dtype, device=device))
+        factored_skeleton(model, plan_ranks(find_targets(model), retention, multiple), dtype, device)
     return model
 
 
@@ -94,13 +90,13 @@ class Timer(TrainerCallback):
 
 
 def run_variant(args, placement: str | None) -> dict:
-    factored = placement is not None
     from datasets import Dataset
 
     from air_ft.config import TrainConfig
     from air_ft.lora import apply_lora, lora_budget
     from air_ft.train import build_trainer
 
+    factored = placement is not None
     torch.manual_seed(0)
     dtype, device = (torch.bfloat16, "cuda") if CUDA else (torch.float32, "cpu")
     model = build_model(args.shape, factored, args.retention, dtype, device, args.rank_multiple)
@@ -130,9 +126,8 @@ def run_variant(args, placement: str | None) -> dict:
     world = trainer.accelerator.num_processes
     tokens = timer.timed_steps * args.batch_size * args.seq_len * world
     peak = torch.cuda.max_memory_allocated() / 2**30 if CUDA else None
-    out = {"tokens_per_s": tokens / timer.seconds, "peak_memory_gib": peak, "weights_gib": weights,
-           "processes": world, "timed_steps": timer.timed_steps, **budget}
-    return out
+    return {"tokens_per_s": tokens / timer.seconds, "peak_memory_gib": peak, "weights_gib": weights,
+            "processes": world, "timed_steps": timer.timed_steps, **budget}
 
 
 def plot(path: Path) -> Path:

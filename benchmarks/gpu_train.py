@@ -173,8 +173,10 @@ def main() -> None:
                     help="redraw benchmarks/results/gpu_train.png from the results files, no GPU needed")
     ap.add_argument("--cpu-smoke-test", action="store_true", help="run --shape tiny on CPU to check the script only")
     args = ap.parse_args()
-    if args.rank_multiple < 1:
-        ap.error(f"--rank-multiple must be a positive integer, got {args.rank_multiple}")
+    for flag, low in (("rank_multiple", 1), ("lora_rank", 1), ("batch_size", 1), ("seq_len", 2), ("steps", 1),
+                      ("warmup", 0)):
+        if getattr(args, flag) < low:
+            ap.error(f"--{flag.replace('_', '-')} must be an integer >= {low}, got {getattr(args, flag)}")
     if not 0.0 < args.retention < 1.0:
         ap.error(f"--retention must lie strictly between 0 and 1, got {args.retention}")
     if args.plot_only:

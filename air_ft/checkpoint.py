@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from air_ft.modeling import LowRankLinear, factored_skeleton, set_module, strip_quantization
+from air_ft.modeling import LowRankLinear, factored_skeleton, prepare_model, set_module
 
 __all__ = ["save_compressed", "load_compressed", "export_dense", "MARKER", "write_json"]
 
@@ -60,12 +60,12 @@ def save_compressed(model: nn.Module, tok, out_dir: str | os.PathLike, metadata:
         out_dir: target directory (replaced atomically if it exists).
         metadata: extra JSON-serializable run information stored in ``air_ft.json``.
     """
+    prepare_model(model)
     ranks = ranks_of(model)
     if not ranks:
         raise ValueError("model has no factored layers; run air_ft.compress first or use save_pretrained")
     out, tmp = _atomic_dir(out_dir)
     try:
-        strip_quantization(model)
         model.config.air_ft = {**getattr(model.config, "air_ft", {}), "ranks": ranks}
         model.save_pretrained(tmp, safe_serialization=True)
         if tok is not None:
@@ -192,7 +192,7 @@ def export_dense(model: nn.Module, tok, out_dir: str | os.PathLike) -> Path:
     """
     import copy
 
-    dense = copy.deepcopy(model)
+    dense = copy.deepcopy(prepare_model(model))
     for name, mod in list(dense.named_modules()):
         if isinstance(mod, LowRankLinear):
             lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.factor_u.bias is not None,
@@ -204,7 +204,6 @@ def export_dense(model: nn.Module, tok, out_dir: str | os.PathLike) -> Path:
             set_module(dense, name, lin)
     if hasattr(dense.config, "air_ft"):
         del dense.config.air_ft
-    strip_quantization(dense)
     out, tmp = _atomic_dir(out_dir)
     try:
         dense.save_pretrained(tmp, safe_serialization=True)

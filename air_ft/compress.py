@@ -26,7 +26,7 @@ from air_ft.calibration import (
 )
 from air_ft.config import CompressConfig, RecipeError, build_dataclass
 from air_ft.data import sample_windows
-from air_ft.modeling import LowRankLinear, count_parameters, find_targets, set_module
+from air_ft.modeling import LowRankLinear, count_parameters, find_targets, prepare_model, set_module
 
 __all__ = ["compress", "METHOD_FUNCTIONS", "plan_ranks"]
 
@@ -152,6 +152,7 @@ def compress(model: nn.Module, tok, texts: list[str] | None = None, method: str 
         dict with ``ranks``, ``rungs``, per-layer ``objective`` (AIR), parameter counts, timings.
     """
     device = options.pop("device", None)
+    prepare_model(model)
     cfg = build_dataclass(CompressConfig, dict(method=method, retention=retention, num_samples=num_samples,
                                                seq_len=seq_len, seed=seed, **options), "compress")
     targets = find_targets(model, cfg.include, cfg.exclude)

@@ -11,6 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from air_ft.data import token_windows, tokenize_joined
+from air_ft.modeling import prepare_model
 
 __all__ = ["perplexity", "evaluate_perplexity"]
 
@@ -23,6 +24,7 @@ def evaluate_perplexity(model: nn.Module, tok, text: str | list[str], seq_len: i
     Returns:
         ``{"ppl", "nll", "tokens" (predicted), "windows", "seq_len", "text_tokens"}``.
     """
+    prepare_model(model)
     ids = tokenize_joined(tok, text)
     windows = token_windows(ids, seq_len, max_windows)
     device = next(model.parameters()).device

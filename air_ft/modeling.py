@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from air_ft.assets import resolve_asset
+from air_ft.config import RecipeError
 
-__all__ = ["LowRankLinear", "load_model", "find_targets", "factored_skeleton", "resolve_dtype", "strip_quantization"]
+__all__ = ["LowRankLinear", "load_model", "find_targets", "factored_skeleton", "resolve_dtype", "prepare_model"]
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
@@ -65,12 +66,39 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
-def strip_quantization(model: nn.Module) -> None:
-    """Drop the ``quantization_config`` a GGUF load leaves behind.
+# Quantization methods whose weights transformers turns into plain floats on load: only the marker is left.
+DEQUANTIZED_ON_LOAD = ("gguf",)
 
-    transformers dequantizes GGUF weights to float on load but keeps the config entry, and then refuses
-    ``save_pretrained``; the weights in memory are plain floats, so the entry is simply wrong afterwards.
+
+def _quant_method(model: nn.Module) -> str | None:
+    """The quantization method a loaded model carries (``gguf``, ``bitsandbytes``, ``gptq``, ``awq``...), or None."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    qcfg = getattr(quantizer, "quantization_config", None) or getattr(getattr(model, "config", None),
+                                                                      "quantization_config", None)
+    if qcfg is None:
+        return None
+    method = qcfg.get("quant_method") if isinstance(qcfg, dict) else getattr(qcfg, "quant_method", None)
+    method = getattr(method, "value", method)  # transformers' QuantizationMethod enum
+    return str(method or "unknown").lower()
+
+
+def prepare_model(model: nn.Module) -> nn.Module:
+    """Make any Hugging Face causal LM usable by every stage; every public entry point calls this first.
+
+    A model loaded from GGUF by transformers holds plain float weights (GGUF is dequantized on load) but keeps the
+    quantization marker (``config.quantization_config``, ``hf_quantizer``, ``is_quantized``), which makes the
+    Trainer refuse to train it and ``save_pretrained`` refuse to save it; the marker is dropped here. A model that
+    really is quantized for inference (bitsandbytes, GPTQ, AWQ, ...) has no float weights to factor and is refused
+    with a message that says how to load it instead. Idempotent; returns ``model``.
     """
+    method = _quant_method(model)
+    if method is None:
+        return model
+    if method not in DEQUANTIZED_ON_LOAD:
+        raise RecipeError(f"the model is quantized with {method!r} for inference, so its linear layers hold no "
+                          "float weights to factor or train; load it unquantized (from_pretrained(..., "
+                          "dtype=torch.bfloat16) without quantization_config), compress that, and quantize the "
+                          "factored model afterwards")
     cfg = getattr(model, "config", None)
     if cfg is not None and getattr(cfg, "quantization_config", None) is not None:
         del cfg.quantization_config
@@ -79,6 +107,7 @@ def strip_quantization(model: nn.Module) -> None:
             setattr(model, attr, None)
     if getattr(model, "is_quantized", False):
         model.is_quantized = False
+    return model
 
 
 def load_model(name_or_path: str, gguf_file: str | None = None, dtype: str | torch.dtype = torch.float32,
@@ -112,11 +141,10 @@ def load_model(name_or_path: str, gguf_file: str | None = None, dtype: str | tor
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
                                                  **kwargs)
-    strip_quantization(model)
+    prepare_model(model)
     model.to(device).eval()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model.config.air_ft_source = {"name_or_path": name_or_path, "gguf_file": gguf_file}
     return model, tok
 
 

@@ -36,6 +36,7 @@ from transformers import TrainerCallback, set_seed
 
 from air_ft.config import LoraConfig, Recipe, RecipeError, TrainConfig
 from air_ft.lora import apply_lora, lora_budget, merge_lora, residual_init
+from air_ft.modeling import prepare_model
 
 __all__ = ["finetune", "run_train", "run_merge", "text_blocks", "build_trainer", "instruction_dataset", "LossLog",
            "ADAPTER_MARKER"]
@@ -344,6 +345,7 @@ def finetune(model: nn.Module, tok, texts: list[str], max_steps: int = 100, lora
         raise RecipeError(f"distill={cfg.distill}, lora_init={lcfg.init!r} need the dense model: "
                           "finetune(..., teacher=dense_model)")
     text_weights = check_text_weights(text_weights, len(texts))  # refused before any work
+    prepare_model(model)
     set_seed(seed)  # adapter initialization (lora_A) is random
     peft_model = apply_lora(model, lcfg.placement, lcfg.rank, lcfg.alpha, lcfg.dropout, lcfg.targets, lcfg.merge)
     init_report = init_adapters(peft_model, lcfg.init, teacher, tok, texts, stats=stats)

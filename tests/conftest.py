@@ -63,3 +63,47 @@ def tiny_llama(vocab_size: int = 64, tie: bool = False, seed: int = 0, layers: i
 @pytest.fixture
 def model(tokenizer):
     return tiny_llama(vocab_size=len(tokenizer))
+
+
+def write_gguf(model, path) -> None:
+    """Write a LLaMA as a float32 GGUF file that ``from_pretrained(dir, gguf_file=name)`` loads back exactly.
+
+    llama.cpp stores q/k rows interleaved for its rotary layout (transformers undoes that on load), so they are
+    permuted here the same way; tensor and metadata names are llama.cpp's.
+    """
+    import gguf
+
+    def permute(w, heads):
+        return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    c = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny")
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    writer.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_vocab_size(c.vocab_size)
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    writer.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    for i in range(c.num_hidden_layers):
+        for hf, gg in names.items():
+            w = sd[f"model.layers.{i}.{hf}.weight"]
+            if gg in ("attn_q", "attn_k"):
+                w = permute(w, c.num_attention_heads if gg == "attn_q" else c.num_key_value_heads).copy()
+            writer.add_tensor(f"blk.{i}.{gg}.weight", w)
+    writer.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    if not c.tie_word_embeddings:
+        writer.add_tensor("output.weight", sd["lm_head.weight"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import air_ft
 from air_ft.checkpoint import MARKER
-from air_ft.modeling import LowRankLinear, strip_quantization
+from air_ft.modeling import LowRankLinear, prepare_model
 
 from .conftest import tiny_llama
 
@@ -90,7 +90,7 @@ def test_dense_export_loads_with_plain_transformers(tmp_path, model, tokenizer, 
 
 def test_gguf_quantization_config_is_stripped_before_save(tmp_path, model, tokenizer):
     model.config.quantization_config = {"quant_method": "gguf"}
-    strip_quantization(model)
+    prepare_model(model)
     assert getattr(model.config, "quantization_config", None) is None
     air_ft.compress(model, tokenizer, None, method="svd", retention=0.5, progress=False)
     model.config.quantization_config = {"quant_method": "gguf"}

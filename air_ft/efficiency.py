@@ -1,0 +1,197 @@
+"""What a factored model costs to keep and to run, measured the same way for dense and factored models.
+
+Counts are analytic (parameters, FLOPs per token, checkpoint bytes); speed and memory are measured: prefill
+throughput, decode seconds per token with the KV cache at several batch sizes (warm-up excluded, the median of
+repeats), and the peak memory of one forward (CUDA: the allocator's peak; CPU: the process's resident set, sampled
+by a thread during the forward, above what it was before).
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+
+import torch
+from torch import nn
+
+from air_ft.modeling import LowRankLinear, count_parameters, find_targets, prepare_model
+
+__all__ = ["efficiency", "parameter_counts", "flops_per_token", "checkpoint_bytes"]
+
+
+def _linear_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every decoder linear map, dense or factored (the LM head excepted)."""
+    out = {name: mod for name, mod in model.named_modules() if isinstance(mod, LowRankLinear)}
+    inside = tuple(f"{n}." for n in out)
+    out.update({n: m for n, m in find_targets(model).items() if not n.startswith(inside)})
+    return out
+
+
+def _weights(mod: nn.Module) -> int:
+    """Weight entries of a linear map as it is stored: ``k (m + n)`` factored, ``m n`` dense (biases apart)."""
+    if isinstance(mod, LowRankLinear):
+        return mod.factor_u.weight.numel() + mod.factor_v.weight.numel()
+    return mod.weight.numel()
+
+
+def parameter_counts(model: nn.Module) -> dict:
+    """Parameters of the decoder linear layers (dense ``m n`` each, factored ``k (m + n)``) and of the whole model.
+
+    ``linear_dense`` is what the same layers hold uncompressed, so ``linear / linear_dense`` is the retention.
+    """
+    layers = _linear_layers(model)
+    linear = sum(_weights(m) for m in layers.values())
+    dense = sum(m.in_features * m.out_features for m in layers.values())
+    return {"linear": linear, "linear_dense": dense, "retention": linear / dense if dense else 1.0,
+            "model": count_parameters(model), "factored_layers": sum(isinstance(m, LowRankLinear)
+                                                                    for m in layers.values())}
+
+
+def flops_per_token(model: nn.Module, context: int) -> int:
+    """Forward FLOPs for one token at ``context`` tokens of history: ``2 x`` every weight it multiplies
+    (decoder linears as stored, LM head) plus attention's ``2 x 2 x layers x context x (heads x head_dim)``
+    (scores and the weighted sum of values). Embedding look-ups, norms and softmax are left out."""
+    cfg = model.config
+    weights = sum(_weights(m) for m in _linear_layers(model).values())
+    head = model.get_output_embeddings()
+    weights += head.weight.numel() if head is not None else 0
+    heads = getattr(cfg, "num_attention_heads", 0)
+    head_dim = getattr(cfg, "head_dim", None) or (cfg.hidden_size // heads if heads else 0)
+    attention = 4 * getattr(cfg, "num_hidden_layers", 0) * context * heads * head_dim
+    return 2 * weights + attention
+
+
+def checkpoint_bytes(model: nn.Module) -> int:
+    """Bytes of the tensors a checkpoint stores (the state dict, tied tensors once), as ``save_pretrained`` writes
+    them."""
+    unique = {t.data_ptr(): t for t in model.state_dict().values()}
+    return sum(t.numel() * t.element_size() for t in unique.values())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_seconds(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _peak_forward_bytes(model: nn.Module, ids: torch.Tensor) -> tuple[int, str]:
+    """Memory one forward needs above what was held before it, and how it was measured."""
+    device = ids.device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        model(input_ids=ids, use_cache=False)
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before, "cuda allocator peak above the resident weights"
+    import psutil
+
+    _release_free_heap()
+    proc = psutil.Process()
+    before, peak, done = proc.memory_info().rss, [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    model(input_ids=ids, use_cache=False)
+    done.set()
+    thread.join()
+    peak[0] = max(peak[0], proc.memory_info().rss)
+    return max(0, peak[0] - before), "process resident set, sampled every 1 ms, above the level before the forward"
+
+
+def _release_free_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``), so that the resident set before a forward is
+    what is live, not what earlier forwards left cached; elsewhere a no-op."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _decode_seconds(model: nn.Module, batch: int, prompt: int, steps: int, repeats: int, vocab: int,
+                    device: torch.device) -> float:
+    """Median seconds per generated token (one token per sequence per step) with the KV cache."""
+    gen = torch.Generator().manual_seed(batch)
+    ids = torch.randint(0, vocab, (batch, prompt), generator=gen).to(device)
+    nxt = torch.randint(0, vocab, (batch, 1), generator=gen).to(device)
+
+    import inspect
+
+    # transformers >= 5.2x names the KV cache argument `cache`; earlier releases `past_key_values`
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    def run() -> None:
+        out = model(input_ids=ids, use_cache=True)
+        past = out.past_key_values
+        for _ in range(steps):
+            past = model(input_ids=nxt, use_cache=True, **{name: past}).past_key_values
+
+    def prefill_only() -> None:
+        model(input_ids=ids, use_cache=True)
+
+    total = _median_seconds(run, device, repeats)
+    prefill = _median_seconds(prefill_only, device, repeats)
+    return max(total - prefill, 0.0) / steps
+
+
+@torch.no_grad()
+def efficiency(model: nn.Module, tok=None, batch_sizes: tuple[int, ...] = (1, 16), prompt_len: int = 64,
+               decode_steps: int = 8, prefill_len: int = 256, repeats: int = 3) -> dict:
+    """Size and speed of ``model`` on its own device and dtype (compare a dense and a factored model in one run).
+
+    Args:
+        model: any causal LM; not modified.
+        tok: its tokenizer (only its vocabulary size is used; random token ids are fed).
+        batch_sizes: decode batch sizes to time.
+        prompt_len: prompt tokens before decoding (the KV cache holds them).
+        decode_steps: decode steps timed per repeat (the prefill's time is measured apart and removed).
+        prefill_len: tokens of the prefill throughput forward (batch 1).
+        repeats: timed repeats after one warm-up; medians are reported.
+
+    Returns:
+        ``params`` (:func:`parameter_counts`), ``flops_per_token`` (at ``prompt_len`` history),
+        ``checkpoint_bytes``, ``peak_forward_bytes`` (median of ``repeats``; + how measured), ``prefill_tokens_per_s``,
+        ``decode_s_per_token`` ``{batch: seconds}``, and the device, dtype and settings.
+    """
+    prepare_model(model)
+    if any(b < 1 for b in batch_sizes) or min(prompt_len, decode_steps, prefill_len, repeats) < 1:
+        raise ValueError("batch sizes, prompt_len, decode_steps, prefill_len and repeats must be >= 1")
+    device = next(model.parameters()).device
+    vocab = len(tok) if tok is not None else model.config.vocab_size
+    vocab = min(vocab, model.config.vocab_size)
+    was_training = model.training
+    model.eval()
+    ids = torch.randint(0, vocab, (1, prefill_len), generator=torch.Generator().manual_seed(0)).to(device)
+    peaks = [_peak_forward_bytes(model, ids) for _ in range(repeats)]
+    peak, how = int(statistics.median(p for p, _ in peaks)), peaks[0][1]
+    prefill = _median_seconds(lambda: model(input_ids=ids, use_cache=False), device, repeats)
+    decode = {int(b): _decode_seconds(model, b, prompt_len, decode_steps, repeats, vocab, device)
+              for b in batch_sizes}
+    model.train(was_training)
+    return {"params": parameter_counts(model), "flops_per_token": flops_per_token(model, prompt_len),
+            "checkpoint_bytes": checkpoint_bytes(model), "peak_forward_bytes": peak, "peak_forward_measure": how,
+            "prefill_tokens_per_s": prefill_len / prefill, "decode_s_per_token": decode,
+            "device": str(device), "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            "threads": torch.get_num_threads(),
+            "settings": {"batch_sizes": list(batch_sizes), "prompt_len": prompt_len, "decode_steps": decode_steps,
+                         "prefill_len": prefill_len, "repeats": repeats}}

@@ -1,0 +1,42 @@
+"""Efficiency counts follow the ranks; speed and memory are measured and finite."""
+
+from __future__ import annotations
+
+import torch
+
+import air_ft
+from air_ft.efficiency import checkpoint_bytes, efficiency, flops_per_token, parameter_counts
+
+
+def test_counts_match_the_ranks_and_the_checkpoint(tmp_path, model, tokenizer):
+    dense = parameter_counts(model)
+    info = air_ft.compress(model, tokenizer, None, method="svd", retention=0.5, progress=False)
+    counts = parameter_counts(model)
+    shapes = {n: m for n, m in model.named_modules() if isinstance(m, air_ft.LowRankLinear)}
+    expected = sum(k * (shapes[n].in_features + shapes[n].out_features) for n, k in info["ranks"].items() if k)
+    expected += sum(dict(model.named_modules())[n].weight.numel() for n, k in info["ranks"].items() if k is None)
+    assert counts["linear"] == expected == info["linear_params_after"]  # tiny_llama has no biases
+    assert counts["linear_dense"] == dense["linear"] == info["linear_params_before"]
+    assert counts["model"] == info["model_params_after"]
+    cfg = model.config
+    head = model.lm_head.weight.numel()
+    attention = 4 * cfg.num_hidden_layers * 100 * cfg.hidden_size
+    assert flops_per_token(model, 100) == 2 * (expected + head) + attention
+    air_ft.save_compressed(model, tokenizer, tmp_path / "c")
+    size = (tmp_path / "c" / "model.safetensors").stat().st_size
+    assert checkpoint_bytes(model) <= size <= checkpoint_bytes(model) + 64 * 1024  # + the safetensors header
+
+
+def test_tied_weights_are_stored_once(tokenizer):
+    from .conftest import tiny_llama
+
+    tied, untied = tiny_llama(len(tokenizer), tie=True), tiny_llama(len(tokenizer), tie=False)
+    assert checkpoint_bytes(untied) - checkpoint_bytes(tied) == untied.lm_head.weight.numel() * 4
+
+
+def test_efficiency_measures_speed_and_memory(model, tokenizer):
+    out = efficiency(model, tokenizer, batch_sizes=(1, 2), prompt_len=8, decode_steps=2, prefill_len=16, repeats=1)
+    assert set(out["decode_s_per_token"]) == {1, 2} and all(v > 0 for v in out["decode_s_per_token"].values())
+    assert out["prefill_tokens_per_s"] > 0 and out["peak_forward_bytes"] >= 0 and out["dtype"] == "float32"
+    assert not model.training and next(model.parameters()).requires_grad  # left as it was
+    assert torch.isfinite(torch.tensor(out["flops_per_token"], dtype=torch.float64))

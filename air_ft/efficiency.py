@@ -140,11 +140,13 @@ def _decode_seconds(model: nn.Module, batch: int, prompt: int, steps: int, repea
     # transformers >= 5.2x names the KV cache argument `cache`; earlier releases `past_key_values`
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
+    def cache_of(out):
+        return out.cache if "cache" in out else out.past_key_values
+
     def run() -> None:
-        out = model(input_ids=ids, use_cache=True)
-        past = out.past_key_values
+        past = cache_of(model(input_ids=ids, use_cache=True))
         for _ in range(steps):
-            past = model(input_ids=nxt, use_cache=True, **{name: past}).past_key_values
+            past = cache_of(model(input_ids=nxt, use_cache=True, **{name: past}))
 
     def prefill_only() -> None:
         model(input_ids=ids, use_cache=True)
@@ -170,8 +172,9 @@ def efficiency(model: nn.Module, tok=None, batch_sizes: tuple[int, ...] = (1, 16
 
     Returns:
         ``params`` (:func:`parameter_counts`), ``flops_per_token`` (at ``prompt_len`` history),
-        ``checkpoint_bytes``, ``peak_forward_bytes`` (median of ``repeats``; + how measured), ``prefill_tokens_per_s``,
-        ``decode_s_per_token`` ``{batch: seconds}``, and the device, dtype and settings.
+        ``checkpoint_bytes``, ``peak_forward_bytes`` (median of ``repeats``; + how measured),
+        ``prefill_tokens_per_s``, ``decode_s_per_token`` ``{"batch": seconds}`` (string keys, as JSON keeps them),
+        and the device, dtype and settings.
     """
     prepare_model(model)
     if any(b < 1 for b in batch_sizes) or min(prompt_len, decode_steps, prefill_len, repeats) < 1:
@@ -185,7 +188,7 @@ def efficiency(model: nn.Module, tok=None, batch_sizes: tuple[int, ...] = (1, 16
     peaks = [_peak_forward_bytes(model, ids) for _ in range(repeats)]
     peak, how = int(statistics.median(p for p, _ in peaks)), peaks[0][1]
     prefill = _median_seconds(lambda: model(input_ids=ids, use_cache=False), device, repeats)
-    decode = {int(b): _decode_seconds(model, b, prompt_len, decode_steps, repeats, vocab, device)
+    decode = {str(b): _decode_seconds(model, b, prompt_len, decode_steps, repeats, vocab, device)
               for b in batch_sizes}
     model.train(was_training)
     return {"params": parameter_counts(model), "flops_per_token": flops_per_token(model, prompt_len),

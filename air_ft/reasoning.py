@@ -35,7 +35,7 @@ from torch import nn
 from air_ft.config import RecipeError
 from air_ft.modeling import prepare_model
 
-__all__ = ["evaluate_tasks", "DEFAULT_TASKS", "OFFLINE_TASK_DATA", "spread_indices", "local_task_dirs",
+__all__ = ["evaluate_tasks", "check_tasks", "DEFAULT_TASKS", "OFFLINE_TASK_DATA", "spread_indices", "local_task_dirs",
            "TaskError"]
 
 DEFAULT_TASKS = ("piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
@@ -125,14 +125,20 @@ def _task_manager():
     return TaskManager()
 
 
-def _build_tasks(names: list[str], root: Path | None, label: str = "") -> tuple[dict, dict]:
-    """lm-eval ``Task`` objects for ``names`` (their documents from ``root`` where it has them) and provenance."""
+def check_tasks(names: list[str]) -> None:
+    """Refuse task names lm-eval does not know, with close matches (before any model is loaded)."""
     manager = _task_manager()
     unknown = [n for n in names if manager._entry(n) is None]  # noqa: SLF001 - the registry lookup of lm-eval
     if unknown:
         close = {n: [t for t in manager.all_subtasks if n.split("_")[0] in t][:5] for n in unknown}
         raise TaskError(f"unknown lm-eval task(s) {unknown}; lm-eval knows e.g. {close} "
                         f"(the default set is {list(DEFAULT_TASKS)})")
+
+
+def _build_tasks(names: list[str], root: Path | None, label: str = "") -> tuple[dict, dict]:
+    """lm-eval ``Task`` objects for ``names`` (their documents from ``root`` where it has them) and provenance."""
+    check_tasks(names)
+    manager = _task_manager()
     tasks, provenance = {}, {}
     for name in names:
         entry = manager._entry(name)  # noqa: SLF001

@@ -1,8 +1,9 @@
-"""LoRA recovery fine-tuning of a factored model: the ``air-ft train`` / ``air-ft merge`` stages and ``finetune``.
+"""LoRA recovery fine-tuning of a factored model: ``finetune`` and the one training path it shares with the
+``air-ft train`` stage (:func:`train_adapters`; the stage itself is :func:`air_ft.stages.run_train`).
 
-The stage reads top to bottom: load the factored checkpoint (or compress first) -> wrap in PEFT LoRA
-(:mod:`air_ft.lora`) -> build the training data -> TRL ``SFTTrainer`` -> save adapters -> merge into one factored
-checkpoint (:func:`air_ft.save_compressed`) -> log and resolved recipe.
+The path reads top to bottom: wrap in PEFT LoRA (:mod:`air_ft.lora`) -> initialize the adapters -> build the
+training data -> TRL ``SFTTrainer`` -> train; ``finetune`` then merges in memory, the stage saves the adapters and
+merges from the saved files.
 
 Why TRL's ``SFTTrainer`` (a ``transformers.Trainer`` subclass): it brings instruction data for free (prompt /
 completion and conversational records, loss on the completion only via ``completion_only_loss``) and everything
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import tempfile
 from pathlib import Path
 
@@ -34,12 +34,12 @@ import torch
 from torch import nn
 from transformers import TrainerCallback, set_seed
 
-from air_ft.config import LoraConfig, Recipe, RecipeError, TrainConfig
+from air_ft.config import LoraConfig, RecipeError, TrainConfig
 from air_ft.lora import apply_lora, lora_budget, merge_lora, residual_init
 from air_ft.modeling import prepare_model
 
-__all__ = ["finetune", "run_train", "run_merge", "text_blocks", "build_trainer", "instruction_dataset", "LossLog",
-           "ADAPTER_MARKER"]
+__all__ = ["finetune", "train_adapters", "TrainedAdapters", "text_blocks", "build_trainer", "instruction_dataset",
+           "LossLog", "save_adapters", "ADAPTER_MARKER"]
 
 ADAPTER_MARKER = "air_ft_adapter.json"
 
@@ -49,15 +49,6 @@ def use_bf16(flag: bool | None) -> bool:
     if flag is None:
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return bool(flag)
-
-
-def _zero3() -> bool:
-    from accelerate.state import PartialState
-
-    state = PartialState()
-    if state.distributed_type.value != "DEEPSPEED":
-        return False
-    return os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "") == "3"
 
 
 def check_text_weights(weights: list[float] | None, n: int) -> list[float]:
@@ -305,6 +296,44 @@ def init_adapters(peft_model, init: str, teacher: nn.Module | None, tok, texts: 
     return {"layers": len(report), "mean_error_before": before, "mean_error_after": after}
 
 
+@dataclasses.dataclass
+class TrainedAdapters:
+    """What :func:`train_adapters` hands back: the trainer, the PEFT-wrapped model and the run's bookkeeping."""
+
+    trainer: object
+    peft_model: nn.Module
+    result: object
+    budget: dict
+    init_report: dict | None
+    log: list
+
+
+def train_adapters(model: nn.Module, tok, train_src, eval_src, cfg: TrainConfig, lcfg: LoraConfig, out_dir: Path, *,
+                   weights: list[float] | None = None, world: int = 1, teacher: nn.Module | None = None,
+                   init_texts: list[str] | None = None, compress_cfg=None, stats=None, resume_from: str | None = None,
+                   callbacks: list | None = None, autocast_adapter_dtype: bool = True) -> TrainedAdapters:
+    """The one training path of :func:`finetune` and ``air-ft train``: wrap in PEFT LoRA, initialize the adapters,
+    build the data and TRL's trainer, train (resuming from ``resume_from``). Checkpoints go to
+    ``out_dir/checkpoints``, the loss log to ``out_dir/train_log.jsonl``. The model is wrapped in place."""
+    from accelerate import PartialState
+
+    set_seed(cfg.seed)  # adapter initialization (lora_A) is random
+    peft_model = apply_lora(model, lcfg.placement, lcfg.rank, lcfg.alpha, lcfg.dropout, lcfg.targets, lcfg.merge,
+                            autocast_adapter_dtype=autocast_adapter_dtype)
+    init_report = None
+    if not resume_from:  # a resumed run loads its adapters from the checkpoint
+        init_report = init_adapters(peft_model, lcfg.init, teacher, tok, init_texts, compress_cfg, stats)
+    budget = lora_budget(peft_model)
+    if PartialState().is_main_process:
+        print(f"LoRA ({lcfg.placement}, r={lcfg.rank}): {budget['trainable_params']:,} trainable parameters; "
+              f"retention {budget['retention']:.3f} without adapters, {budget['retention_with_adapters']:.3f} with")
+    train_ds, eval_ds = _datasets(tok, cfg, train_src, eval_src, world, weights)
+    trainer = build_trainer(peft_model, tok, train_ds, eval_ds, cfg, out_dir / "checkpoints",
+                            [LossLog(out_dir / "train_log.jsonl"), *(callbacks or [])], teacher=teacher)
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    return TrainedAdapters(trainer, peft_model, result, budget, init_report, list(trainer.state.log_history))
+
+
 def finetune(model: nn.Module, tok, texts: list[str], max_steps: int = 100, lora_rank: int = 8,
              learning_rate: float = 2e-4, seq_len: int = 512, batch_size: int = 4, seed: int = 0,
              placement: str = "factors", lora_alpha: float | None = None, lora_dropout: float = 0.0,
@@ -346,113 +375,15 @@ def finetune(model: nn.Module, tok, texts: list[str], max_steps: int = 100, lora
                           "finetune(..., teacher=dense_model)")
     text_weights = check_text_weights(text_weights, len(texts))  # refused before any work
     prepare_model(model)
-    set_seed(seed)  # adapter initialization (lora_A) is random
-    peft_model = apply_lora(model, lcfg.placement, lcfg.rank, lcfg.alpha, lcfg.dropout, lcfg.targets, lcfg.merge)
-    init_report = init_adapters(peft_model, lcfg.init, teacher, tok, texts, stats=stats)
-    budget = lora_budget(peft_model)
     with tempfile.TemporaryDirectory(prefix="air_ft_train_") as tmp:
-        out = Path(output_dir or tmp)
-        train_ds, eval_ds = _datasets(tok, cfg, texts, eval_texts, 1, text_weights)
-        trainer = build_trainer(peft_model, tok, train_ds, eval_ds, cfg, out / "checkpoints",
-                                [LossLog(out / "train_log.jsonl")], teacher=teacher)
-        result = trainer.train()
-        log = list(trainer.state.log_history)
-    merged = merge_lora(peft_model)
+        run = train_adapters(model, tok, texts, eval_texts, cfg, lcfg, Path(output_dir or tmp), weights=text_weights,
+                             teacher=teacher, init_texts=texts, stats=stats)
+    merged = merge_lora(run.peft_model)
     merged.eval()
-    merged.air_ft_train = {"budget": budget, "train_loss": result.training_loss, "log": log, "init": init_report,
-                           "tokens": cfg.max_steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len}
+    merged.air_ft_train = {"budget": run.budget, "train_loss": run.result.training_loss, "log": run.log,
+                           "init": run.init_report, "tokens": cfg.max_steps * cfg.batch_size * cfg.grad_accum
+                           * cfg.seq_len}
     return merged
-
-
-def _load_base(recipe: Recipe, out: Path):
-    """The factored model to train: ``train.compressed_path``, or compress now (saved under ``out/base``)."""
-    import air_ft
-
-    if recipe.train.compressed_path:
-        model, tok = air_ft.load_compressed(recipe.train.compressed_path, dtype=recipe.model.dtype)
-        return model, tok, recipe.train.compressed_path
-    from air_ft.cli import run_compress
-
-    base_recipe = Recipe(**{**recipe.__dict__, "output_dir": str(out / "base")})
-    from accelerate import PartialState
-
-    state = PartialState()
-    with state.main_process_first():  # compress once; the other ranks then read the saved checkpoint
-        if state.is_main_process and not (out / "base" / "air_ft.json").exists():
-            run_compress(base_recipe)
-    model, tok = air_ft.load_compressed(out / "base", dtype=recipe.model.dtype)
-    return model, tok, str(out / "base")
-
-
-def run_train(recipe: Recipe, callbacks: list | None = None) -> dict:
-    """``air-ft train``: LoRA on a factored checkpoint, then adapters + merged factored checkpoint + logs.
-
-    Writes into ``output_dir``: ``checkpoints/`` (Trainer checkpoints, resumable), ``adapter/`` (PEFT adapter and
-    ``air_ft_adapter.json``), ``merged/`` (factored checkpoint for :func:`air_ft.load_compressed`),
-    ``train_log.jsonl``, ``train_summary.json``, ``recipe.resolved.yaml``.
-    """
-    from accelerate import PartialState
-    from transformers.trainer_utils import get_last_checkpoint
-
-    from air_ft.cli import _texts, save_resolved
-
-    cfg, lcfg, out = recipe.train, recipe.lora, Path(recipe.output_dir)
-    if not cfg.data and not recipe.data.calibration:
-        raise RecipeError("no training data: set train.data (or data.calibration) to [{source: ...}]")
-    grams_from = recipe.data.calibration or (cfg.data if cfg.data_format == "text" else [])
-    if lcfg.init == "residual" and not grams_from:
-        raise RecipeError("lora.init 'residual' needs calibration text for the Grams: set data.calibration")
-    state = PartialState()
-    if state.is_main_process:
-        save_resolved(recipe, out)
-    model, tok, base_path = _load_base(recipe, out)
-    if cfg.data_format == "instruction":
-        train_src, weights = instruction_dataset(cfg.data), None
-        eval_src = instruction_dataset(cfg.eval_data) if cfg.eval_data else None
-    else:
-        specs = cfg.data or recipe.data.calibration
-        weights = [float(spec.get("weight", 1.0)) for spec in specs]
-        train_src = _texts([{k: v for k, v in spec.items() if k != "weight"} for spec in specs])
-        eval_src = _texts(cfg.eval_data) if cfg.eval_data else None
-    teacher = None
-    if cfg.distill > 0 or lcfg.init == "residual":  # the uncompressed model, frozen: teacher and residual source
-        import air_ft
-
-        teacher, _ = air_ft.load_model(recipe.model.name_or_path, recipe.model.gguf_file, recipe.model.dtype,
-                                       recipe.model.device)
-    set_seed(cfg.seed)
-    peft_model = apply_lora(model, lcfg.placement, lcfg.rank, lcfg.alpha, lcfg.dropout, lcfg.targets, lcfg.merge,
-                            autocast_adapter_dtype=not _zero3())
-    last = get_last_checkpoint(str(out / "checkpoints")) if cfg.resume and (out / "checkpoints").is_dir() else None
-    init_report = None
-    if lcfg.init == "residual" and not last:  # a resumed run loads its adapters from the checkpoint
-        init_report = init_adapters(peft_model, lcfg.init, teacher, tok, _texts(grams_from), recipe.compress)
-    budget = lora_budget(peft_model)
-    if state.is_main_process:
-        print(f"LoRA ({lcfg.placement}, r={lcfg.rank}): {budget['trainable_params']:,} trainable parameters; "
-              f"retention {budget['retention']:.3f} without adapters, {budget['retention_with_adapters']:.3f} with")
-    train_ds, eval_ds = _datasets(tok, cfg, train_src, eval_src, state.num_processes, weights)
-    ckpt_dir = out / "checkpoints"
-    trainer = build_trainer(peft_model, tok, train_ds, eval_ds, cfg, ckpt_dir,
-                            [LossLog(out / "train_log.jsonl"), *(callbacks or [])], teacher=teacher)
-    if last and state.is_main_process:
-        print(f"resuming from {last}")
-    result = trainer.train(resume_from_checkpoint=last)
-    adapter_dir = out / "adapter"
-    save_adapters(trainer, peft_model, adapter_dir)  # collective: every rank must call it
-    summary = {"budget": budget, "train_loss": result.training_loss, "global_step": trainer.state.global_step,
-               "resumed_from": last, "tokens": cfg.max_steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len
-               * state.num_processes, "base": base_path, "init": init_report}
-    if state.is_main_process:
-        meta = {"base": os.path.abspath(base_path), "placement": lcfg.placement, "rank": lcfg.rank,
-                "alpha": lcfg.alpha, "dropout": lcfg.dropout, "targets": lcfg.targets, "merge": lcfg.merge}
-        (adapter_dir / ADAPTER_MARKER).write_text(json.dumps(meta, indent=2))
-        merged_path = run_merge(str(adapter_dir), str(out / "merged"), base_path, dtype=recipe.model.dtype)
-        summary["merged"] = str(merged_path)
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        print(f"saved adapters to {adapter_dir} and the merged factored checkpoint to {merged_path}")
-    state.wait_for_everyone()
-    return summary
 
 
 def fsdp_adapter_state(fsdp_model, peft_model, offload: bool = False) -> dict[str, torch.Tensor]:
@@ -493,7 +424,7 @@ def save_adapters(trainer, peft_model, adapter_dir: Path) -> None:
     trainer.accelerator.wait_for_everyone()
 
 
-def _read_adapter(adapter_dir: Path) -> dict[str, torch.Tensor]:
+def read_adapter(adapter_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     path = adapter_dir / "adapter_model.safetensors"
@@ -505,31 +436,3 @@ def _read_adapter(adapter_dir: Path) -> dict[str, torch.Tensor]:
         raise RuntimeError(f"adapter file {path} holds empty tensors ({empty[:3]}): under DeepSpeed ZeRO-3 set "
                            "zero3_save_16bit_model: true (accelerate_configs/deepspeed_zero3.yaml)")
     return state
-
-
-def run_merge(adapter_dir: str, output_dir: str, base: str | None = None, dtype: str | None = None) -> Path:
-    """``air-ft merge``: adapters + factored base -> one factored checkpoint that :func:`load_compressed` reads."""
-    from peft import set_peft_model_state_dict
-
-    import air_ft
-
-    adir = Path(adapter_dir)
-    marker = adir / ADAPTER_MARKER
-    if not marker.exists():
-        raise FileNotFoundError(f"{adir} has no {ADAPTER_MARKER}; pass an adapter directory written by `air-ft train`")
-    meta = json.loads(marker.read_text())
-    model, tok = air_ft.load_compressed(base or meta["base"], dtype=dtype)
-    peft_model = apply_lora(model, meta["placement"], meta["rank"], meta["alpha"], meta["dropout"], meta["targets"],
-                            meta["merge"])
-    state = _read_adapter(adir)
-    res = set_peft_model_state_dict(peft_model, state)
-    expected = {n for n, _ in peft_model.named_parameters() if "lora_" in n}
-    missing = [k for k in res.missing_keys if "lora_" in k]
-    if res.unexpected_keys or missing or not expected:
-        raise RuntimeError(f"adapter {adir} does not fit base {base or meta['base']}: missing {missing[:3]}, "
-                           f"unexpected {list(res.unexpected_keys)[:3]}")
-    budget = lora_budget(peft_model)
-    merged = merge_lora(peft_model)
-    return air_ft.save_compressed(merged, tok, output_dir,
-                                  metadata={"lora": meta, "budget": budget, "adapter": str(adir.resolve())})
-

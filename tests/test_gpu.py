@@ -19,7 +19,8 @@ import torch
 
 import air_ft
 from air_ft.lora import apply_lora
-from air_ft.train import _read_adapter, run_train
+from air_ft.stages import run_train
+from air_ft.train import read_adapter
 
 from .test_train import compressed_dir, make_text, text_file, tiny_recipe  # noqa: F401 (fixtures)
 
@@ -31,7 +32,7 @@ def _check_run(run: Path) -> None:
     """The saved adapters trained, and the merged checkpoint equals the adapter model rebuilt on CPU in fp32."""
     from peft import set_peft_model_state_dict
 
-    state = _read_adapter(run / "adapter")  # raises on empty (ZeRO-3 shard) tensors
+    state = read_adapter(run / "adapter")  # raises on empty (ZeRO-3 shard) tensors
     lora_b = [v for k, v in state.items() if "lora_B" in k]
     assert lora_b and all(torch.isfinite(v).all() for v in state.values())
     assert max(v.abs().max().item() for v in lora_b) > 0  # B starts at zero: training moved it

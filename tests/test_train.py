@@ -17,7 +17,8 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallb
 import air_ft
 from air_ft.config import RecipeError, load_recipe
 from air_ft.lora import apply_lora
-from air_ft.train import build_trainer, finetune, run_train, text_blocks
+from air_ft.stages import run_train
+from air_ft.train import build_trainer, finetune, text_blocks
 
 from .conftest import tiny_llama
 
@@ -362,11 +363,11 @@ def test_an_adapter_saved_empty_is_refused(tmp_path):
     """What DeepSpeed ZeRO-3 writes without gathering: zero-size shards. Merging them would silently do nothing."""
     from safetensors.torch import save_file
 
-    from air_ft.train import _read_adapter
+    from air_ft.train import read_adapter
 
     save_file({"base_model.model.x.lora_A.weight": torch.empty(0)}, str(tmp_path / "adapter_model.safetensors"))
     with pytest.raises(RuntimeError, match="zero3_save_16bit_model"):
-        _read_adapter(tmp_path)
+        read_adapter(tmp_path)
 
 
 @pytest.mark.parametrize("placement", ["factors", "layer"])

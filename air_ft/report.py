@@ -1,0 +1,314 @@
+"""The study report: ``report.json`` (every figure, the recipe, versions, provenance), ``report.md`` (one table to
+read at a glance, then the setup and notes) and PNG plots, rendered from the JSON alone (``air-ft report DIR``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+__all__ = ["write_report", "render_report", "headline_metric", "markdown", "METHOD_NAMES"]
+
+METHOD_NAMES = {"svd": "SVD", "asvd": "ASVD", "fwsvd": "FWSVD", "svdllm": "SVD-LLM(W)", "air": "AIR"}
+
+
+def headline_metric(task: dict) -> str:
+    """The accuracy a table shows for a task: ``acc_norm`` where lm-eval reports it (length-normalized, the
+    convention for piqa, hellaswag, arc and openbookqa), else ``acc`` (winogrande, boolq); both are in the JSON."""
+    return "acc_norm" if task.get("acc_norm") is not None else "acc"
+
+
+def _mean_accuracy(row: dict) -> float | None:
+    vals = [t[headline_metric(t)] for t in row.get("tasks", {}).values()]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _fmt_ppl(v: float) -> str:
+    if not math.isfinite(v):
+        return "inf"
+    return f"{v:.3g}" if v >= 1e4 else f"{v:.2f}"
+
+
+def _label(row: dict) -> str:
+    if row["method"] == "dense":
+        return "dense"
+    return METHOD_NAMES.get(row["method"], row["method"]) + (" + LoRA" if row.get("lora") else "")
+
+
+def _columns(report: dict) -> tuple[list[str], list[str], list[int]]:
+    rows = report["rows"]
+    texts = list(dict.fromkeys(t for r in rows for t in r.get("perplexity", {})))
+    tasks = list(dict.fromkeys(t for r in rows for t in r.get("tasks", {})))
+    batches = sorted({int(b) for r in rows if r.get("efficiency") for b in r["efficiency"]["decode_s_per_token"]})
+    return texts, tasks, batches
+
+
+def markdown(report: dict) -> str:
+    """``report.md``: the table first (best value per column in bold), then setup, significance and notes."""
+    rows = report["rows"]
+    texts, tasks, batches = _columns(report)
+    header = ["model", "retention"] + [f"ppl {t}" for t in texts] + [f"{t} ({headline_metric(_first(rows, t))})"
+                                                                       for t in tasks]
+    header += ["mean acc"] if tasks else []
+    header += ["params"] + [f"decode b{b} (ms/tok)" for b in batches]
+    cells, values = [], []  # values: (number, lower_is_better) per column for the bold marks
+    for r in rows:
+        line, nums = [_label(r), "1.00" if r["method"] == "dense" else f"{r['retention']:.2f}"], [None, None]
+        for t in texts:
+            v = r["perplexity"].get(t, {}).get("ppl")
+            line.append(_fmt_ppl(v) if v is not None else "")
+            nums.append((v, True) if v is not None else None)
+        for t in tasks:
+            res = r.get("tasks", {}).get(t)
+            v = res[headline_metric(res)] if res else None
+            line.append(f"{100 * v:.1f}" if v is not None else "")
+            nums.append((v, False) if v is not None else None)
+        if tasks:
+            m = _mean_accuracy(r)
+            line.append(f"{100 * m:.1f}" if m is not None else "")
+            nums.append((m, False) if m is not None else None)
+        eff = r.get("efficiency") or {}
+        params = eff.get("params", {}).get("model")
+        line.append(f"{params / 1e6:.1f} M" if params else "")
+        nums.append(None)
+        for b in batches:
+            s = (eff.get("decode_s_per_token") or {}).get(str(b))
+            line.append(f"{s * 1e3:.1f}" if s is not None else "")
+            nums.append((s, True) if s is not None else None)
+        cells.append(line)
+        values.append(nums)
+    for col in range(len(header)):
+        candidates = [(v[col][0], i) for i, v in enumerate(values) if v[col] is not None and values[i][col][0]
+                      is not None and math.isfinite(values[i][col][0])]
+        if not candidates:
+            continue
+        lower = next(v[col][1] for v in values if v[col] is not None)
+        best = (min if lower else max)(candidates)[0]
+        for val, i in candidates:
+            if val == best:
+                cells[i][col] = f"**{cells[i][col]}**"
+    out = [f"# {report.get('title', 'air_ft study')}", ""]
+    out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(c) + " |" for c in cells]
+    out += ["", "Perplexity: lower is better; accuracy (%) and decode latency as marked; best per column in bold. "
+                "Retention counts the parameters of the compressed decoder linear layers only; params is the whole "
+                "model.", ""]
+    out += _setup_lines(report) + _significance_lines(report, tasks) + _task_lines(report, tasks)
+    out += _efficiency_lines(report)
+    plots = [p for p in ("perplexity.png", "accuracy.png", "train_loss.png", "efficiency.png")
+             if p in report.get("plots", [])]
+    if plots:
+        out += ["## Plots", ""] + [f"![{p[:-4]}](plots/{p})" for p in plots] + [""]
+    return "\n".join(out) + "\n"
+
+
+def _first(rows: list[dict], task: str) -> dict:
+    return next(r["tasks"][task] for r in rows if task in r.get("tasks", {}))
+
+
+def _setup_lines(report: dict) -> list[str]:
+    s, env = report.get("setup", {}), report.get("environment", {})
+    lines = ["## Setup", ""]
+    for key, label in (("model", "Model"), ("calibration", "Calibration"), ("lora", "LoRA recovery"),
+                       ("perplexity", "Perplexity"), ("retention_counts", "Retention")):
+        if s.get(key):
+            lines.append(f"- {label}: {s[key]} ({s['dtype']} on {s['device']})" if key == "model"
+                         else f"- {label}: {s[key]}")
+    if s.get("tasks"):
+        lines.append(f"- Zero-shot tasks (lm-eval {env.get('lm-eval')}): {', '.join(s['tasks'])}; "
+                     + (f"{s['task_limit']} documents each, a seeded evenly spread subset (seed {s['seed']})"
+                        if s.get("task_limit") else "the whole split"))
+    if s.get("calibration_tokens"):
+        lines.append(f"- Token budgets: calibration {s['calibration_tokens']:,} tokens per method; "
+                     f"LoRA {s.get('lora_train_tokens', 0):,} training tokens per recovered row")
+    lines.append("- Versions: " + ", ".join(f"{k} {env[k]}" for k in ("air_ft", "torch", "transformers", "peft",
+                                                                        "trl", "lm-eval") if env.get(k))
+                 + (f"; commit {env['git_commit'][:10]}" if env.get("git_commit") else ""))
+    return lines + [""]
+
+
+def _significance_lines(report: dict, tasks: list[str]) -> list[str]:
+    """Which accuracy differences between rows of equal retention exceed two standard errors."""
+    if not tasks:
+        return []
+    rows = report["rows"]
+    lines = []
+    for i, a in enumerate(rows):
+        for b in rows[i + 1:]:
+            if a["method"] == "dense" or a["retention"] != b["retention"] or a.get("lora") != b.get("lora"):
+                continue
+            for t in tasks:
+                ra, rb = a.get("tasks", {}).get(t), b.get("tasks", {}).get(t)
+                if not ra or not rb:
+                    continue
+                k = headline_metric(ra)
+                se = math.hypot(ra.get(f"{k}_stderr") or 0.0, rb.get(f"{k}_stderr") or 0.0)
+                diff = rb[k] - ra[k]
+                if se > 0 and abs(diff) > 2 * se:
+                    lines.append(f"- {t} at {a['retention']:.2f}: {_label(b)} {100 * rb[k]:.1f} vs {_label(a)} "
+                                 f"{100 * ra[k]:.1f} ({100 * diff:+.1f} points, 2 SE = {200 * se:.1f})")
+    head = ["## Differences larger than two standard errors", ""]
+    if not lines:
+        return head + ["- none between methods at equal retention (see report.json for every standard error)", ""]
+    return head + lines + [""]
+
+
+def _task_lines(report: dict, tasks: list[str]) -> list[str]:
+    prov = report.get("provenance", {}).get("tasks", {})
+    if not tasks:
+        return []
+    lines = ["## Tasks", ""]
+    for t in tasks:
+        p = prov.get(t, {})
+        note = "" if p.get("split") == p.get("papers_split") else f" (the papers score {p.get('papers_split')})"
+        lines.append(f"- {t}: {p.get('n')} of {p.get('of')} documents of the {p.get('split')} split{note}; "
+                     f"source {p.get('source')}")
+    return lines + [""]
+
+
+def _efficiency_lines(report: dict) -> list[str]:
+    rows = [r for r in report["rows"] if r.get("efficiency")]
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    if not dense or len(rows) < 2:
+        return []
+    d = dense["efficiency"]
+    lines = ["## Speed and memory against dense", "",
+             f"Measured on {d['device']} ({d['dtype']}, {d['threads']} threads); ratios below 1 are faster / "
+             "smaller. Decode: seconds per token with the KV cache, median of repeats.", "",
+             "| model | retention | FLOPs/token | checkpoint | peak forward memory | prefill tok/s | "
+             + " | ".join(f"decode b{b}" for b in d["decode_s_per_token"]) + " |",
+             "|" + "---|" * (6 + len(d["decode_s_per_token"]))]
+    slower = []
+    for r in rows:
+        e = r["efficiency"]
+        ratios = []
+        for b, s in e["decode_s_per_token"].items():
+            ratio = s / d["decode_s_per_token"][b]
+            ratios.append(f"{ratio:.2f}x")
+            if r is not dense and ratio > 1.0:
+                slower.append(f"{_label(r)} at {r['retention']:.2f}, decode batch {b}: {ratio:.2f}x dense")
+        lines.append(f"| {_label(r)} | {r['retention']:.2f} | {e['flops_per_token'] / d['flops_per_token']:.2f}x | "
+                     f"{e['checkpoint_bytes'] / d['checkpoint_bytes']:.2f}x | "
+                     f"{_ratio(e['peak_forward_bytes'], d['peak_forward_bytes'])} | "
+                     f"{e['prefill_tokens_per_s'] / d['prefill_tokens_per_s']:.2f}x | " + " | ".join(ratios) + " |")
+    lines += ["", f"Peak memory: {d['peak_forward_measure']}."]
+    if slower:
+        lines += ["", "Slower than dense (the factored layer runs two matmuls where dense runs one; at small "
+                      "shapes and batch sizes that overhead can outweigh the FLOPs saved):"]
+        lines += [f"- {s}" for s in slower]
+    return lines + [""]
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "n/a"
+
+
+def plot(report: dict, out_dir: Path) -> list[str]:
+    """PNG plots next to the report; returns the file names written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    texts, tasks, _ = _columns(report)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    series: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["method"] != "dense":
+            series.setdefault(_label(r), []).append(r)
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    if texts:
+        fig, axes = plt.subplots(1, len(texts), figsize=(4.5 * len(texts), 3.6), squeeze=False)
+        for ax, t in zip(axes[0], texts):
+            for label, rs in series.items():
+                pts = sorted((r["retention"], r["perplexity"][t]["ppl"]) for r in rs if t in r["perplexity"])
+                ax.plot(*zip(*pts), marker="o", label=label)
+            if dense and t in dense["perplexity"]:
+                ax.axhline(dense["perplexity"][t]["ppl"], color="k", ls="--", lw=1, label="dense")
+            ax.set_yscale("log")
+            ax.set_xlabel("retention (decoder linear parameters kept)")
+            ax.set_ylabel(f"perplexity, {t} (log)")
+            ax.invert_xaxis()
+        axes[0][0].legend(fontsize=8)
+        written.append(_save(fig, out_dir / "perplexity.png"))
+    if tasks:
+        fig, ax = plt.subplots(figsize=(5, 3.6))
+        for label, rs in series.items():
+            pts = sorted((r["retention"], 100 * _mean_accuracy(r)) for r in rs if r.get("tasks"))
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=label)
+        if dense and dense.get("tasks"):
+            ax.axhline(100 * _mean_accuracy(dense), color="k", ls="--", lw=1, label="dense")
+        ax.set_xlabel("retention")
+        ax.set_ylabel(f"mean accuracy over {len(tasks)} tasks (%)")
+        ax.invert_xaxis()
+        ax.legend(fontsize=8)
+        written.append(_save(fig, out_dir / "accuracy.png"))
+    logs = [(f"{_label(r)} {r['retention']:.2f}", r["train_log"]) for r in rows if r.get("train_log")]
+    if logs:
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        for label, log in logs:
+            pts = [(e["step"], e["loss"]) for e in log if "loss" in e]
+            if pts:
+                ax.plot(*zip(*pts), label=label)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.legend(fontsize=7)
+        written.append(_save(fig, out_dir / "train_loss.png"))
+    eff = [r for r in rows if r.get("efficiency") and r["method"] != "dense"]
+    if dense and dense.get("efficiency") and eff:
+        d = dense["efficiency"]
+        metrics = {f"decode b{b}": (lambda e, b=b: d["decode_s_per_token"][b] / e["decode_s_per_token"][b])
+                   for b in d["decode_s_per_token"]}
+        metrics["prefill"] = lambda e: e["prefill_tokens_per_s"] / d["prefill_tokens_per_s"]
+        metrics["checkpoint"] = lambda e: d["checkpoint_bytes"] / e["checkpoint_bytes"]
+        fig, ax = plt.subplots(figsize=(1.2 * len(metrics) * max(1, len(eff)) / 2 + 3, 3.6))
+        width = 0.8 / len(eff)
+        for i, r in enumerate(eff):
+            ax.bar([j + i * width for j in range(len(metrics))], [f(r["efficiency"]) for f in metrics.values()],
+                   width, label=f"{_label(r)} {r['retention']:.2f}")
+        ax.axhline(1.0, color="k", ls="--", lw=1)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(metrics))], list(metrics), fontsize=8)
+        ax.set_ylabel("speed-up / size reduction vs dense (x)")
+        ax.legend(fontsize=7)
+        written.append(_save(fig, out_dir / "efficiency.png"))
+    return written
+
+
+def _save(fig, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def write_report(report: dict, out_dir: str | os.PathLike) -> Path:
+    """Write ``report.json``, the plots and ``report.md`` into ``out_dir`` (each file replaced atomically)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {**report, "plots": plot(report, out / "plots")}
+    _atomic(out / "report.json", json.dumps(report, indent=2, default=str))
+    _atomic(out / "report.md", markdown(report))
+    print(f"wrote {out / 'report.md'}, {out / 'report.json'} and {len(report['plots'])} plots")
+    return out / "report.md"
+
+
+def render_report(out_dir: str | os.PathLike) -> Path:
+    """``air-ft report DIR``: re-render ``report.md`` and the plots from ``DIR/report.json``."""
+    path = Path(out_dir) / "report.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; run `air-ft run --recipe ...` with output_dir={out_dir} "
+                                "first")
+    return write_report(json.loads(path.read_text()), out_dir)
+
+
+def _atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,483 @@
+"""The pipeline's stages: compress -> train -> merge -> evaluate -> report, and the study that chains them.
+
+Each stage is a function of a recipe (and the outputs of the stages before it) that writes one directory. In a
+study (:func:`run_study`, ``air-ft run``) every stage directory carries a key, the hash of the recipe sections and
+inputs it depends on, and a completion marker written last: a rerun reuses every finished stage whose key still
+matches, resumes a training stage that was killed (its Trainer checkpoints), and redoes a stage whose inputs
+changed. Changing only ``eval`` re-evaluates without recompressing or retraining.
+
+Imports point one way: :mod:`air_ft.cli` -> here -> the library (:mod:`air_ft.compress`, :mod:`air_ft.train`,
+:mod:`air_ft.reasoning`, :mod:`air_ft.efficiency`, :mod:`air_ft.report`) -> the pure math (:mod:`air_ft.linalg`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from air_ft.config import Recipe, RecipeError, to_dict
+
+__all__ = ["texts", "run_compress", "run_train", "run_merge", "run_eval", "run_study", "evaluate_model",
+           "save_resolved", "run_metadata", "STAGE_MARKER"]
+
+STAGE_MARKER = "stage.json"
+
+
+def texts(specs: list[dict]) -> list[str]:
+    """The texts of ``[{source, start, end, ...}]`` specs (files, globs, ``pypi://`` assets, HF dataset names)."""
+    from air_ft.data import load_texts
+
+    return load_texts(specs)
+
+
+def run_metadata(recipe: Recipe) -> dict:
+    """Versions, seed and git commit written next to every output."""
+    import platform
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    import air_ft
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    versions = {}
+    for dist in ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "lm-eval"):
+        try:
+            versions[dist] = version(dist)
+        except PackageNotFoundError:
+            versions[dist] = None
+    return {"air_ft": air_ft.__version__, **versions, "python": platform.python_version(),
+            "seed": recipe.compress.seed, "git_commit": commit, "argv": sys.argv}
+
+
+def save_resolved(recipe: Recipe, out_dir: Path) -> None:
+    import yaml
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "recipe.resolved.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
+    (out_dir / "run_metadata.json").write_text(json.dumps(run_metadata(recipe), indent=2))
+
+
+def _load_dense(recipe: Recipe):
+    import air_ft
+
+    return air_ft.load_model(recipe.model.name_or_path, recipe.model.gguf_file, recipe.model.dtype,
+                             recipe.model.device)
+
+
+# ----------------------------------------------------------------------------------------------- compress stage
+
+def run_compress(recipe: Recipe, dense=None) -> dict:
+    """``air-ft compress``: load, compress, evaluate perplexity (if the recipe names texts), save a checkpoint.
+
+    ``dense``: an already loaded ``(model, tokenizer)`` to compress a copy of (a study compresses several).
+    """
+    import air_ft
+
+    cal = texts(recipe.data.calibration)
+    if recipe.compress.method != "svd" and not cal:
+        raise RecipeError("data.calibration is empty: give at least one {source: ...} text for calibration")
+    evals = {name: texts([spec])[0] for name, spec in recipe.data.evaluation.items()}
+    if dense is None:
+        model, tok = _load_dense(recipe)
+    else:
+        model, tok = copy.deepcopy(dense[0]), dense[1]
+    report: dict = {"dense": {}, "compressed": {}}
+    if dense is None:
+        for name, text in evals.items():
+            report["dense"][name] = _ppl(model, tok, text, recipe)
+            print(f"dense      {name}: ppl {report['dense'][name]['ppl']:.2f}")
+    info = air_ft.compress(model, tok, cal, device=recipe.model.device, **dataclasses.asdict(recipe.compress))
+    for name, text in evals.items():
+        report["compressed"][name] = _ppl(model, tok, text, recipe)
+        print(f"{recipe.compress.method:<10} {name}: ppl {report['compressed'][name]['ppl']:.2f}")
+    out = Path(recipe.output_dir)
+    summary = {k: v for k, v in info.items() if k not in ("objective",)}
+    air_ft.save_compressed(model, tok, out, metadata={"compress": summary, "perplexity": report})
+    save_resolved(recipe, out)
+    print(f"retention {info['retention_actual']:.3f} of compressed linear layers "
+          f"({info['linear_params_after']:,} / {info['linear_params_before']:,}); whole model "
+          f"{info['model_params_after']:,} / {info['model_params_before']:,} parameters")
+    print(f"saved factored checkpoint to {out}")
+    return {"info": summary, "perplexity": report}
+
+
+def _ppl(model, tok, text: str, recipe: Recipe) -> dict:
+    import air_ft
+
+    return air_ft.evaluate_perplexity(model, tok, text, recipe.eval.seq_len, recipe.eval.max_windows,
+                                      recipe.eval.batch_size)
+
+
+# -------------------------------------------------------------------------------------------- train + merge stages
+
+def _load_base(recipe: Recipe, out: Path):
+    """The factored model to train: ``train.compressed_path``, or compress now (saved under ``out/base``)."""
+    from accelerate import PartialState
+
+    import air_ft
+
+    if recipe.train.compressed_path:
+        model, tok = air_ft.load_compressed(recipe.train.compressed_path, dtype=recipe.model.dtype)
+        return model, tok, recipe.train.compressed_path
+    base_recipe = dataclasses.replace(recipe, output_dir=str(out / "base"))
+    state = PartialState()
+    with state.main_process_first():  # compress once; the other ranks then read the saved checkpoint
+        if state.is_main_process and not (out / "base" / "air_ft.json").exists():
+            run_compress(base_recipe)
+    model, tok = air_ft.load_compressed(out / "base", dtype=recipe.model.dtype)
+    return model, tok, str(out / "base")
+
+
+def _zero3() -> bool:
+    from accelerate.state import PartialState
+
+    if PartialState().distributed_type.value != "DEEPSPEED":
+        return False
+    return os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "") == "3"
+
+
+def run_train(recipe: Recipe, callbacks: list | None = None) -> dict:
+    """``air-ft train``: LoRA on a factored checkpoint, then adapters + merged factored checkpoint + logs.
+
+    Writes into ``output_dir``: ``checkpoints/`` (Trainer checkpoints, resumable), ``adapter/`` (PEFT adapter and
+    ``air_ft_adapter.json``), ``merged/`` (factored checkpoint for :func:`air_ft.load_compressed`),
+    ``train_log.jsonl``, ``train_summary.json``, ``recipe.resolved.yaml``.
+    """
+    from accelerate import PartialState
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from air_ft.train import ADAPTER_MARKER, instruction_dataset, save_adapters, train_adapters
+
+    cfg, lcfg, out = recipe.train, recipe.lora, Path(recipe.output_dir)
+    if not cfg.data and not recipe.data.calibration:
+        raise RecipeError("no training data: set train.data (or data.calibration) to [{source: ...}]")
+    grams_from = recipe.data.calibration or (cfg.data if cfg.data_format == "text" else [])
+    if lcfg.init == "residual" and not grams_from:
+        raise RecipeError("lora.init 'residual' needs calibration text for the Grams: set data.calibration")
+    state = PartialState()
+    if state.is_main_process:
+        save_resolved(recipe, out)
+    model, tok, base_path = _load_base(recipe, out)
+    if cfg.data_format == "instruction":
+        train_src, weights = instruction_dataset(cfg.data), None
+        eval_src = instruction_dataset(cfg.eval_data) if cfg.eval_data else None
+    else:
+        specs = cfg.data or recipe.data.calibration
+        weights = [float(spec.get("weight", 1.0)) for spec in specs]
+        train_src = texts([{k: v for k, v in spec.items() if k != "weight"} for spec in specs])
+        eval_src = texts(cfg.eval_data) if cfg.eval_data else None
+    teacher = None
+    if cfg.distill > 0 or lcfg.init == "residual":  # the uncompressed model, frozen: teacher and residual source
+        teacher, _ = _load_dense(recipe)
+    last = get_last_checkpoint(str(out / "checkpoints")) if cfg.resume and (out / "checkpoints").is_dir() else None
+    if last and state.is_main_process:
+        print(f"resuming from {last}")
+    run = train_adapters(model, tok, train_src, eval_src, cfg, lcfg, out, weights=weights, world=state.num_processes,
+                         teacher=teacher, init_texts=texts(grams_from) if lcfg.init == "residual" and not last
+                         else None, compress_cfg=recipe.compress, resume_from=last, callbacks=callbacks,
+                         autocast_adapter_dtype=not _zero3())
+    adapter_dir = out / "adapter"
+    save_adapters(run.trainer, run.peft_model, adapter_dir)  # collective: every rank must call it
+    summary = {"budget": run.budget, "train_loss": run.result.training_loss,
+               "global_step": run.trainer.state.global_step, "resumed_from": last,
+               "tokens": cfg.max_steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len * state.num_processes,
+               "base": base_path, "init": run.init_report}
+    if state.is_main_process:
+        meta = {"base": os.path.abspath(base_path), "placement": lcfg.placement, "rank": lcfg.rank,
+                "alpha": lcfg.alpha, "dropout": lcfg.dropout, "targets": lcfg.targets, "merge": lcfg.merge}
+        (adapter_dir / ADAPTER_MARKER).write_text(json.dumps(meta, indent=2))
+        merged_path = run_merge(str(adapter_dir), str(out / "merged"), base_path, dtype=recipe.model.dtype)
+        summary["merged"] = str(merged_path)
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        print(f"saved adapters to {adapter_dir} and the merged factored checkpoint to {merged_path}")
+    state.wait_for_everyone()
+    return summary
+
+
+def run_merge(adapter_dir: str, output_dir: str, base: str | None = None, dtype: str | None = None) -> Path:
+    """``air-ft merge``: adapters + factored base -> one factored checkpoint that :func:`load_compressed` reads."""
+    from peft import set_peft_model_state_dict
+
+    import air_ft
+    from air_ft.lora import apply_lora, lora_budget, merge_lora
+    from air_ft.train import ADAPTER_MARKER, read_adapter
+
+    adir = Path(adapter_dir)
+    marker = adir / ADAPTER_MARKER
+    if not marker.exists():
+        raise FileNotFoundError(f"{adir} has no {ADAPTER_MARKER}; pass an adapter directory written by `air-ft train`")
+    meta = json.loads(marker.read_text())
+    model, tok = air_ft.load_compressed(base or meta["base"], dtype=dtype)
+    peft_model = apply_lora(model, meta["placement"], meta["rank"], meta["alpha"], meta["dropout"], meta["targets"],
+                            meta["merge"])
+    state = read_adapter(adir)
+    res = set_peft_model_state_dict(peft_model, state)
+    expected = {n for n, _ in peft_model.named_parameters() if "lora_" in n}
+    missing = [k for k in res.missing_keys if "lora_" in k]
+    if res.unexpected_keys or missing or not expected:
+        raise RuntimeError(f"adapter {adir} does not fit base {base or meta['base']}: missing {missing[:3]}, "
+                           f"unexpected {list(res.unexpected_keys)[:3]}")
+    budget = lora_budget(peft_model)
+    merged = merge_lora(peft_model)
+    return air_ft.save_compressed(merged, tok, output_dir,
+                                  metadata={"lora": meta, "budget": budget, "adapter": str(adir.resolve())})
+
+
+# ---------------------------------------------------------------------------------------------- evaluate stage
+
+def evaluate_model(model, tok, recipe: Recipe, eval_texts: dict[str, str] | None = None) -> dict:
+    """Perplexity on every ``data.evaluation`` text, the ``eval.tasks`` through lm-eval, and (``eval.efficiency``)
+    size and speed: everything the report shows for one model."""
+    from air_ft.efficiency import efficiency
+    from air_ft.reasoning import evaluate_tasks
+
+    ev = recipe.eval
+    if eval_texts is None:
+        eval_texts = {name: texts([spec])[0] for name, spec in recipe.data.evaluation.items()}
+    out: dict = {"perplexity": {}, "tasks": {}, "efficiency": None}
+    for name, text in eval_texts.items():
+        out["perplexity"][name] = _ppl(model, tok, text, recipe)
+        print(f"  perplexity {name}: {out['perplexity'][name]['ppl']:.2f}", flush=True)
+    if ev.tasks:
+        out["tasks"] = evaluate_tasks(model, tok, ev.tasks, limit=ev.limit, batch_size=ev.task_batch_size,
+                                      seed=ev.seed, data=ev.task_data)
+        for name, row in out["tasks"].items():
+            print(f"  {name}: " + ", ".join(f"{k} {row[k]:.3f}" for k in ("acc", "acc_norm") if k in row)
+                  + f" ({row['n']} documents, {row['split']})", flush=True)
+    if ev.efficiency:
+        out["efficiency"] = efficiency(model, tok, batch_sizes=tuple(ev.decode_batch_sizes))
+        dec = out["efficiency"]["decode_s_per_token"]
+        print("  decode s/token: " + ", ".join(f"batch {b} {s * 1e3:.1f} ms" for b, s in dec.items()), flush=True)
+    return out
+
+
+def load_any(path: str | os.PathLike, recipe: Recipe):
+    """A factored checkpoint (``air_ft.json``) or a dense Hugging Face checkpoint directory / hub id."""
+    import air_ft
+    from air_ft.checkpoint import MARKER
+
+    if (Path(path) / MARKER).exists():
+        return air_ft.load_compressed(path, device=recipe.model.device)
+    return air_ft.load_model(str(path), None, recipe.model.dtype, recipe.model.device)
+
+
+def run_eval(recipe: Recipe, checkpoint: str | None = None) -> dict:
+    """``air-ft eval``: score a checkpoint (factored, merged or dense; default: the recipe's model) and write
+    ``eval.json`` next to it (or into ``output_dir`` for the recipe's model)."""
+    if checkpoint is not None and not Path(checkpoint).exists() and (os.path.sep in checkpoint
+                                                                     or checkpoint.startswith(".")):
+        raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist; pass a directory written by "
+                                "air-ft compress/train/merge or a dense Hugging Face checkpoint")
+    _check_eval(recipe)
+    model, tok = load_any(checkpoint, recipe) if checkpoint else _load_dense(recipe)
+    result = evaluate_model(model, tok, recipe)
+    target = Path(checkpoint) if checkpoint and Path(checkpoint).is_dir() else Path(recipe.output_dir)
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "eval.json").write_text(json.dumps({"checkpoint": checkpoint, **result,
+                                                  "eval": to_dict(recipe.eval)}, indent=2, default=str))
+    print(f"wrote {target / 'eval.json'}")
+    return result
+
+
+def _check_eval(recipe: Recipe) -> None:
+    """Refuse, before any model is loaded, an evaluation that would fail late (unknown task names)."""
+    if recipe.eval.tasks:
+        from air_ft.reasoning import check_tasks
+
+        check_tasks(recipe.eval.tasks)
+
+
+# ----------------------------------------------------------------------------------------------------- the study
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class Stage:
+    """One stage directory of a study: reused when its marker holds the same key, otherwise (re)done."""
+
+    path: Path
+    key: str
+
+    def cached(self) -> dict | None:
+        marker = self.path / STAGE_MARKER
+        if marker.exists():
+            meta = json.loads(marker.read_text())
+            if meta.get("key") == self.key:
+                return meta["result"]
+        return None
+
+    def begin(self) -> None:
+        """Clear a directory left by other inputs; keep a same-key unfinished one (training resumes from it)."""
+        keyfile = self.path / ".stage-key"
+        if self.path.exists() and (not keyfile.exists() or keyfile.read_text() != self.key):
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        keyfile.write_text(self.key)
+        (self.path / STAGE_MARKER).unlink(missing_ok=True)
+
+    def finish(self, result: dict, seconds: float) -> dict:
+        tmp = self.path / f".{STAGE_MARKER}.tmp"
+        tmp.write_text(json.dumps({"key": self.key, "seconds": seconds, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                   "result": result}, indent=2, default=str))
+        os.replace(tmp, self.path / STAGE_MARKER)
+        return result
+
+
+def _stage(path: Path, key: str, label: str, work) -> dict:
+    """Run ``work(path)`` unless ``path`` holds a finished stage with ``key``; print what happened."""
+    stage = Stage(path, key)
+    done = stage.cached()
+    if done is not None:
+        print(f"[air-ft] {label}: reused {path}", flush=True)
+        return done
+    print(f"[air-ft] {label} ...", flush=True)
+    stage.begin()
+    t0 = time.perf_counter()
+    result = work(path)
+    seconds = time.perf_counter() - t0
+    print(f"[air-ft] {label}: done in {seconds:.0f} s", flush=True)
+    return stage.finish({**result, "seconds": seconds}, seconds)
+
+
+def check_study(recipe: Recipe) -> None:
+    """Every refusal a study can know of before it loads a model."""
+    if not recipe.data.evaluation and not recipe.eval.tasks:
+        raise RecipeError("nothing to evaluate: give data.evaluation texts and/or eval.tasks")
+    needs_cal = [m for m in recipe.study.methods if m != "svd"] or recipe.study.lora
+    if needs_cal and not recipe.data.calibration:
+        raise RecipeError("data.calibration is empty: the study's methods (and LoRA) need calibration text")
+    for r in recipe.study.retentions:  # the compress section validates each grid point
+        dataclasses.replace(recipe.compress, retention=float(r))
+    _check_eval(recipe)
+
+
+def run_study(recipe: Recipe) -> dict:
+    """``air-ft run``: dense (optional), every method x retention of ``study``, each optionally LoRA-recovered,
+    evaluated alike; then ``report.json``, ``report.md`` and plots in ``output_dir``.
+
+    Stage directories live under ``output_dir/stages/{compress,train,eval}/<name>``; see the module docstring for
+    how they are reused.
+    """
+    from accelerate import PartialState
+
+    from air_ft.report import write_report
+
+    check_study(recipe)
+    out = Path(recipe.output_dir)
+    state = PartialState()
+    if state.is_main_process:
+        save_resolved(recipe, out)
+    model_spec, data = to_dict(recipe.model), to_dict(recipe.data)
+    eval_key = (to_dict(recipe.eval), data["evaluation"])
+    cache: dict = {}
+
+    def dense():
+        if "dense" not in cache:
+            cache["dense"] = _load_dense(recipe)
+        return cache["dense"]
+
+    def eval_texts():
+        if "texts" not in cache:
+            cache["texts"] = {name: texts([spec])[0] for name, spec in recipe.data.evaluation.items()}
+        return cache["texts"]
+
+    def evaluate(name: str, source_key: str, load) -> dict:
+        def work(path: Path) -> dict:
+            model, tok = load()
+            return evaluate_model(model, tok, recipe, eval_texts())
+
+        return _stage(out / "stages" / "eval" / name, _key("eval", source_key, eval_key), f"evaluate {name}", work)
+
+    rows = []
+    dense_key = _key("dense", model_spec)
+    if recipe.study.dense:
+        rows.append({"name": "dense", "method": "dense", "retention": 1.0, "lora": False,
+                     **evaluate("dense", dense_key, dense)})
+    for retention in recipe.study.retentions:
+        for method in recipe.study.methods:
+            name = f"{method}-r{float(retention):.2f}"
+            sub = dataclasses.replace(recipe, compress=dataclasses.replace(recipe.compress, method=method,
+                                                                           retention=float(retention)))
+            ckey = _key("compress", model_spec, data["calibration"], to_dict(sub.compress))
+
+            def compress_work(path: Path, sub=sub) -> dict:
+                # perplexity belongs to the evaluate stage: the compress stage evaluates nothing
+                rec = dataclasses.replace(sub, output_dir=str(path / "checkpoint"),
+                                          data=dataclasses.replace(sub.data, evaluation={}))
+                return run_compress(rec, dense=dense())
+
+            comp = _stage(out / "stages" / "compress" / name, ckey, f"compress {name}", compress_work)
+            ckpt = out / "stages" / "compress" / name / "checkpoint"
+            row = {"name": name, "method": method, "retention": float(retention), "lora": False,
+                   "compress": comp["info"], **evaluate(name, ckey, lambda c=ckpt: load_any(c, recipe))}
+            rows.append(row)
+            if not recipe.study.lora:
+                continue
+            tkey = _key("train", ckey, to_dict(recipe.train), to_dict(recipe.lora), model_spec)
+
+            def train_work(path: Path, sub=sub, ckpt=ckpt) -> dict:
+                rec = dataclasses.replace(sub, output_dir=str(path),
+                                          train=dataclasses.replace(sub.train, compressed_path=str(ckpt)))
+                return run_train(rec)
+
+            tr = _stage(out / "stages" / "train" / name, tkey, f"LoRA-recover {name}", train_work)
+            merged = out / "stages" / "train" / name / "merged"
+            rows.append({"name": f"{name}+lora", "method": method, "retention": float(retention), "lora": True,
+                         "compress": comp["info"], "train": tr,
+                         "train_log": _read_log(out / "stages" / "train" / name / "train_log.jsonl"),
+                         **evaluate(f"{name}+lora", tkey, lambda m=merged: load_any(m, recipe))})
+    report = {"title": f"air_ft study: {recipe.model.name_or_path} {recipe.model.gguf_file or ''}".strip(),
+              "setup": _setup(recipe), "rows": rows, "recipe": to_dict(recipe),
+              "environment": run_metadata(recipe), "provenance": _provenance(recipe, eval_texts, rows)}
+    if state.is_main_process:
+        write_report(report, out)
+    return report
+
+
+def _read_log(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _setup(recipe: Recipe) -> dict:
+    c, t, e = recipe.compress, recipe.train, recipe.eval
+    return {"model": recipe.model.name_or_path + (f" ({recipe.model.gguf_file})" if recipe.model.gguf_file else ""),
+            "dtype": recipe.model.dtype, "device": recipe.model.device,
+            "calibration_tokens": c.num_samples * c.seq_len, "calibration": f"{c.num_samples} x {c.seq_len} tokens, "
+            f"seed {c.seed}", "lora_train_tokens": (t.max_steps * t.batch_size * t.grad_accum * t.seq_len
+                                                    if recipe.study.lora else 0),
+            "lora": (f"{recipe.lora.placement}, r {recipe.lora.rank}, {t.max_steps} steps x {t.batch_size} x "
+                     f"{t.seq_len} tokens, lr {t.learning_rate}, distill {t.distill}" if recipe.study.lora else None),
+            "perplexity": f"{e.seq_len}-token windows" + (f", {e.max_windows} evenly spaced per text"
+                                                          if e.max_windows else ", whole text"),
+            "tasks": list(e.tasks), "task_limit": e.limit, "seed": e.seed,
+            "retention_counts": "parameters of the compressed decoder linear layers only; whole-model counts in "
+                                "the params column"}
+
+
+def _provenance(recipe: Recipe, eval_texts, rows: list[dict]) -> dict:
+    texts_prov = {}
+    if recipe.data.evaluation:
+        for name, text in eval_texts().items():
+            texts_prov[name] = {**recipe.data.evaluation[name],
+                                "sha256": hashlib.sha256(text.encode()).hexdigest()[:16], "characters": len(text)}
+    tasks = {}
+    for row in rows:
+        for task, res in row.get("tasks", {}).items():
+            tasks.setdefault(task, {k: res.get(k) for k in ("source", "split", "papers_split", "content_sha256",
+                                                             "documents_sha256", "n", "of", "seed", "lm_eval")})
+    return {"texts": texts_prov, "calibration": recipe.data.calibration, "tasks": tasks}

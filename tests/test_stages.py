@@ -1,0 +1,221 @@
+"""The study (``air-ft run``) on a tiny local model: every stage writes its directory, a rerun reuses what is finished,
+a changed section is redone, a killed study continues; the report renders from its JSON; every error type reaches
+the command line as one line with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+import yaml
+
+from air_ft import stages
+from air_ft.cli import main
+from air_ft.config import load_recipe
+
+from .conftest import save_piqa_like, tiny_llama
+
+
+@pytest.fixture
+def study(tmp_path, tokenizer, text):
+    model = tiny_llama(vocab_size=len(tokenizer), tie=True)
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    (tmp_path / "corpus.txt").write_text(text)
+    save_piqa_like(tmp_path / "tasks", n=12)
+    recipe = {
+        "output_dir": str(tmp_path / "out"),
+        "model": {"name_or_path": str(tmp_path / "base")},
+        "data": {"calibration": [{"source": str(tmp_path / "corpus.txt"), "end": 0.8}],
+                 "evaluation": {"heldout": {"source": str(tmp_path / "corpus.txt"), "start": 0.8}}},
+        "compress": {"retention": 0.5, "num_samples": 8, "seq_len": 32, "progress": False},
+        "eval": {"seq_len": 32, "max_windows": 4, "tasks": ["piqa"], "limit": 6, "task_batch_size": 4,
+                 "task_data": str(tmp_path / "tasks"), "decode_batch_sizes": [1, 2]},
+        "lora": {"rank": 2},
+        "train": {"max_steps": 2, "batch_size": 2, "seq_len": 32, "learning_rate": 1e-3, "save_steps": 0,
+                  "eval_steps": 0, "progress": False},
+        "study": {"methods": ["svdllm", "air"], "retentions": [0.5], "lora": True},
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return tmp_path, path
+
+
+def _finished(out) -> dict[str, str]:
+    return {str(p.parent.relative_to(out)): json.loads(p.read_text())["finished"] + json.loads(p.read_text())["key"]
+            for p in (out / "stages").rglob("stage.json")}
+
+
+def test_study_writes_report_and_a_rerun_reuses_every_stage(study, monkeypatch, capsys):
+    tmp, path = study
+    assert main(["run", "--recipe", str(path)]) == 0
+    out = tmp / "out"
+    report = json.loads((out / "report.json").read_text())
+    names = [r["name"] for r in report["rows"]]
+    assert names == ["dense", "svdllm-r0.50", "svdllm-r0.50+lora", "air-r0.50", "air-r0.50+lora"]
+    for row in report["rows"]:
+        assert row["perplexity"]["heldout"]["ppl"] > 0 and row["tasks"]["piqa"]["n"] == 6
+        assert set(row["efficiency"]["decode_s_per_token"]) == {"1", "2"}
+    lora_row = report["rows"][2]
+    assert lora_row["train"]["tokens"] == 2 * 2 * 32 and lora_row["train_log"]
+    assert report["provenance"]["tasks"]["piqa"]["split"] == "validation"
+    assert report["provenance"]["texts"]["heldout"]["sha256"]
+    md = (out / "report.md").read_text()
+    table = md.split("\n\n")[1]  # the first table: one row per model
+    assert table.count("| SVD-LLM(W)") == 2 and table.count("| AIR") == 2 and "**" in table and "## Setup" in md
+    for png in ("perplexity.png", "accuracy.png", "train_loss.png", "efficiency.png"):
+        assert (out / "plots" / png).stat().st_size > 1000, png
+    # the factored rows really are factored at the grid's retention
+    assert abs(report["rows"][1]["efficiency"]["params"]["retention"] - 0.5) < 0.02
+    before = _finished(out)
+    assert len(before) == 9  # 1 + 2 x (compress, eval, train, eval)
+
+    def fail(*a, **k):
+        raise AssertionError("a finished stage was redone")
+
+    monkeypatch.setattr(stages, "run_compress", fail)
+    monkeypatch.setattr(stages, "run_train", fail)
+    monkeypatch.setattr(stages, "evaluate_model", fail)
+    capsys.readouterr()
+    assert main(["run", "--recipe", str(path)]) == 0
+    assert _finished(out) == before and capsys.readouterr().out.count("reused") == 9
+
+
+def test_changing_only_eval_re_evaluates_without_recompressing_or_retraining(study, monkeypatch):
+    tmp, path = study
+    recipe = load_recipe(str(path), ["study.lora=false", "study.methods=[svdllm]", "eval.tasks=[]",
+                                     "eval.efficiency=false"])
+    stages.run_study(recipe)
+    before = _finished(tmp / "out")
+    monkeypatch.setattr(stages, "run_compress", lambda *a, **k: pytest.fail("recompressed"))
+    stages.run_study(load_recipe(str(path), ["study.lora=false", "study.methods=[svdllm]", "eval.tasks=[]",
+                                             "eval.efficiency=false", "eval.max_windows=2"]))
+    after = _finished(tmp / "out")
+    assert after["stages/compress/svdllm-r0.50"] == before["stages/compress/svdllm-r0.50"]
+    assert after["stages/eval/svdllm-r0.50"] != before["stages/eval/svdllm-r0.50"]  # re-evaluated
+    assert after["stages/eval/dense"] != before["stages/eval/dense"]
+
+
+def test_a_changed_compress_section_redoes_compression(study):
+    tmp, path = study
+    base = ["study.lora=false", "study.methods=[air]", "eval.tasks=[]", "eval.efficiency=false"]
+    stages.run_study(load_recipe(str(path), base))
+    before = _finished(tmp / "out")
+    stages.run_study(load_recipe(str(path), [*base, "compress.delta=0.5"]))
+    after = _finished(tmp / "out")
+    assert after["stages/compress/air-r0.50"] != before["stages/compress/air-r0.50"]
+    assert after["stages/eval/dense"] == before["stages/eval/dense"]
+
+
+def test_a_killed_study_continues_from_its_finished_stages(study, monkeypatch):
+    tmp, path = study
+    recipe = load_recipe(str(path), ["study.lora=false", "eval.tasks=[]", "eval.efficiency=false"])
+    real, calls = stages.evaluate_model, []
+
+    def dies_on_third(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(stages, "evaluate_model", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        stages.run_study(recipe)
+    done = _finished(tmp / "out")
+    assert set(done) == {"stages/eval/dense", "stages/compress/svdllm-r0.50", "stages/eval/svdllm-r0.50",
+                         "stages/compress/air-r0.50"}
+    assert not (tmp / "out" / "report.json").exists()
+    monkeypatch.setattr(stages, "evaluate_model", real)
+    monkeypatch.setattr(stages, "run_compress", lambda *a, **k: pytest.fail("recompressed"))
+    stages.run_study(recipe)
+    after = _finished(tmp / "out")
+    assert {k: after[k] for k in done} == done and "stages/eval/air-r0.50" in after
+    assert (tmp / "out" / "report.json").exists()
+
+
+def _fixture_report() -> dict:
+    def row(name, method, retention, lora, ppl, acc, err, decode):
+        return {"name": name, "method": method, "retention": retention, "lora": lora,
+                "perplexity": {"wiki": {"ppl": ppl}},
+                "tasks": {"piqa": {"acc": acc - 0.02, "acc_stderr": err, "acc_norm": acc, "acc_norm_stderr": err},
+                          "winogrande": {"acc": acc, "acc_stderr": err}},
+                "efficiency": {"params": {"model": 100e6 * retention}, "flops_per_token": 2e8 * retention,
+                               "checkpoint_bytes": 4e8 * retention, "peak_forward_bytes": 1e8,
+                               "peak_forward_measure": "test", "prefill_tokens_per_s": 100 / retention,
+                               "decode_s_per_token": {"1": decode, "16": decode * 2}, "device": "cpu",
+                               "dtype": "float32", "threads": 1}}
+
+    return {"title": "fixture", "setup": {"model": "m", "dtype": "float32", "device": "cpu", "tasks": ["piqa"],
+                                          "task_limit": 100, "seed": 0},
+            "environment": {"lm-eval": "0.4.13"},
+            "provenance": {"tasks": {"piqa": {"split": "validation", "papers_split": "validation", "n": 100},
+                                     "winogrande": {"split": "validation", "papers_split": "validation"}}},
+            "rows": [row("dense", "dense", 1.0, False, 10.0, 0.70, 0.02, 0.010),
+                     row("svdllm-r0.60", "svdllm", 0.6, False, 40.0, 0.55, 0.02, 0.012),
+                     row("air-r0.60", "air", 0.6, False, 30.0, 0.62, 0.02, 0.009)]}
+
+
+def test_report_renders_from_a_results_file(tmp_path, capsys):
+    (tmp_path / "report.json").write_text(json.dumps(_fixture_report()))
+    assert main(["report", str(tmp_path)]) == 0
+    md = (tmp_path / "report.md").read_text()
+    table = [line for line in md.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| model | retention | ppl wiki | piqa (acc_norm) | winogrande (acc) | mean acc")
+    assert "| **10.00** |" in table[1] and "| 40.00 |" in table[2]  # best perplexity in bold
+    assert "**9.0**" in table[3]  # AIR decodes fastest at batch 1
+    # 0.62 vs 0.55 with stderr 0.02 each: 7 points > 2 SE (5.7)
+    assert "piqa at 0.60: AIR 62.0 vs SVD-LLM(W) 55.0 (+7.0 points, 2 SE = 5.7)" in md
+    assert "SVD-LLM(W) at 0.60, decode batch 1: 1.20x dense" in md  # slower than dense is said
+    for png in ("perplexity.png", "accuracy.png", "efficiency.png"):
+        assert (tmp_path / "plots" / png).exists()
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("error, message", [
+    ("recipe", "unknown key(s) ['eval.bogus']"),
+    ("task", "unknown lm-eval task(s) ['piqaa']"),
+    ("data", "fewer than one window"),
+    ("missing", "is neither a file nor a known dataset"),
+    ("calibration", "calibration loss is NaN/Inf"),
+    ("whitening", "Gram matrix could not be factored"),
+    ("kernel", "no C compiler found"),
+    ("oom", "out of memory; lower compress.batch_size"),
+])
+def test_every_error_type_reaches_the_cli_as_one_line(study, monkeypatch, capsys, error, message):
+    from air_ft import linalg, native
+    from air_ft.calibration import CalibrationError
+
+    tmp, path = study
+    args = ["run", "--recipe", str(path), "study.lora=false", "eval.tasks=[]", "eval.efficiency=false"]
+
+    def raiser(exc):
+        def f(*a, **k):
+            raise exc
+        return f
+
+    if error == "recipe":
+        args.append("eval.bogus=1")
+    elif error == "task":
+        args.append("eval.tasks=[piqaa]")
+    elif error == "data":
+        args.append("eval.seq_len=100000")
+    elif error == "missing":
+        args.append(f"data.evaluation.heldout.source={tmp / 'nope.txt'}")
+    elif error == "calibration":
+        monkeypatch.setattr(sys.modules["air_ft.compress"], "calibrate", raiser(CalibrationError(
+            "calibration loss is NaN/Inf; load the model in float32")))
+    elif error == "whitening":
+        monkeypatch.setattr(linalg, "whitening_factor", raiser(linalg.WhiteningError(
+            "Gram matrix could not be factored even by the eigen fallback; raise eps")))
+    elif error == "kernel":
+        monkeypatch.setattr(native, "load", raiser(native.NativeUnavailable("no C compiler found")))
+        args.append("compress.als_backend=native")
+    else:
+        monkeypatch.setattr(stages, "evaluate_model", raiser(torch.OutOfMemoryError("CUDA out of memory")))
+    assert main(args) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("air-ft:")]
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp / "out" / "report.json").exists()

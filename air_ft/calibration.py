@@ -6,7 +6,7 @@ per-sample next-token loss. No parameter gradient is materialized by autograd: a
 output receives ``dL/dy`` and forms the per-sample weight gradients ``g_d = dY_d^T X_d`` itself (the same flops
 as the weight gradient of a normal backward), from which it accumulates
 
-- ``wxg``:    ``sum_d |W * g_d|`` (absolute value per sample, AIR_METHOD.md section 3),
+- ``wxg``:    ``sum_d |W * g_d|`` (absolute value per sample, docs/method.md section 3),
 - ``fisher``: ``sum_d g_d^2`` (element-wise empirical Fisher).
 
 A second, optional pass measures the Fisher in the whitened coordinates the ALS works in (``W' = W S``): the

@@ -256,12 +256,17 @@ class TrainConfig:
 class StudyConfig:
     """The grid of ``air-ft run``: every method at every retention, optionally LoRA-recovered, beside dense."""
 
+    def recovers(self, method: str) -> bool:
+        """Whether ``method``'s compressed models are LoRA-recovered too."""
+        return self.lora is True or (isinstance(self.lora, list) and method in self.lora)
+
     methods: list[str] = _f(["svdllm", "air"], f"compression methods to compare, each one of {METHODS}; the "
                             "compress section's other knobs apply to all of them")
     retentions: list[float] = _f([0.6], "retentions to compress to (fraction of the linear layers' parameters)")
     dense: bool = _f(True, "evaluate the uncompressed model as the reference row")
-    lora: bool = _f(False, "also LoRA-recover every compressed model with the train/lora sections (the same "
-                           "training tokens for every method), and report both rows")
+    lora: bool | list[str] = _f(False, "also LoRA-recover the compressed models with the train/lora sections (the "
+                                       "same training tokens for every method) and report both rows: true for "
+                                       "every method, or a list of methods")
 
     def __post_init__(self) -> None:
         if isinstance(self.methods, str):
@@ -269,6 +274,12 @@ class StudyConfig:
         bad = [m for m in self.methods if m not in METHODS]
         if bad or not self.methods:
             raise RecipeError(f"study.methods {self.methods!r}: choose from {METHODS}")
+        if isinstance(self.lora, str):
+            self.lora = [self.lora]
+        if isinstance(self.lora, list) and not set(self.lora) <= set(self.methods):
+            raise RecipeError(f"study.lora {self.lora!r} names methods outside study.methods {self.methods!r}")
+        if not isinstance(self.lora, (bool, list)):
+            raise RecipeError(f"study.lora must be true, false or a list of methods, got {self.lora!r}")
         if isinstance(self.retentions, (int, float)):
             self.retentions = [self.retentions]
         for r in self.retentions:

@@ -1,5 +1,5 @@
 """Perplexity as the field computes it: the text joined with "\\n\\n", tokenized once, cut into non-overlapping
-windows, token-level ``exp(mean NLL)`` over every predicted token (AIR_METHOD.md section 8)."""
+windows, token-level ``exp(mean NLL)`` over every predicted token (docs/method.md section 7)."""
 
 from __future__ import annotations
 

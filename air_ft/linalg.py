@@ -2,7 +2,7 @@
 
 Nothing here knows about models, configs or files. Shapes follow ``nn.Linear``: a weight ``W`` is ``m x n``
 (out x in), a layer computes ``y = W x``; the factored layer computes ``y = U (V x)`` with ``U: m x k``,
-``V: k x n``. Equation numbers refer to AIR (arXiv 2606.19993) as restated in AIR_METHOD.md.
+``V: k x n``. Equation numbers refer to AIR (arXiv 2606.19993) as restated in docs/method.md.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def rank_for_retention(m: int, n: int, retention: float, multiple: int = 1) -> i
     keeps slightly fewer parameters than ``retention`` allows, never more.
 
     The factored layer stores ``k (m + n)`` numbers instead of ``m n``; when that is not smaller the layer
-    stays dense (AIR_METHOD.md section 1). ``m`` and ``n`` are the real shapes (GQA k/v projections included).
+    stays dense (docs/method.md section 1). ``m`` and ``n`` are the real shapes (GQA k/v projections included).
     """
     if not 0.0 < retention < 1.0:
         raise ValueError(f"retention must lie strictly between 0 and 1, got {retention}")
@@ -65,7 +65,7 @@ def whitening_factor(gram: torch.Tensor, eps: float = 0.0, kind: str = "cholesky
     columns of ``W Q Lambda^{1/2} Q^T`` stay attached to the input features that the influence map ``I`` indexes,
     while a Cholesky factor mixes feature ``j`` into every column ``l <= j`` in an order that is arbitrary.
 
-    The ladder (AIR_METHOD.md section 2): plain Cholesky of ``G + eps I``; then damping
+    The ladder (docs/method.md section 2): plain Cholesky of ``G + eps I``; then damping
     ``eps' = max(1.1 |lambda_min|, 1e-6 lambda_max, tiny)``; finally a symmetric eigen square root with clamped
     eigenvalues, made triangular by a QR step so that ``S^{-1}`` is still a triangular solve.
 
@@ -145,7 +145,7 @@ def truncated_svd(w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, 
 
 def back_project(u: torch.Tensor, sigma: torch.Tensor, vh: torch.Tensor,
                  s: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split ``U diag(sigma) Vh`` into balanced factors and undo the whitening (AIR_METHOD.md section 2, step 4).
+    """Split ``U diag(sigma) Vh`` into balanced factors and undo the whitening (docs/method.md section 2, step 4).
 
     ``U_f = U sqrt(sigma)``, ``V_f = sqrt(sigma) Vh S^{-1}``. ``S^{-1}`` is applied by solving ``X S = B`` on the
     right (a triangular solve for a Cholesky factor), never an explicit inverse. With ``s=None`` no whitening is

@@ -424,7 +424,7 @@ def run_study(recipe: Recipe) -> dict:
             row = {"name": name, "method": method, "retention": float(retention), "lora": False,
                    "compress": comp["info"], **evaluate(name, ckey, lambda c=ckpt: load_any(c, recipe))}
             rows.append(row)
-            if not recipe.study.lora:
+            if not recipe.study.recovers(method):
                 continue
             tkey = _key("train", ckey, to_dict(recipe.train), to_dict(recipe.lora), model_spec)
 

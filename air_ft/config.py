@@ -200,7 +200,8 @@ class TrainConfig:
     compressed_path: str | None = _f(None, "factored checkpoint to fine-tune; None: compress first with `compress`")
     max_steps: int = _f(100, "optimizer steps")
     learning_rate: float = _f(2e-4, "peak learning rate")
-    warmup_ratio: float = _f(0.05, "fraction of steps of linear warm-up before the cosine decay")
+    warmup_ratio: float = _f(0.05, "fraction of steps of linear warm-up before the schedule")
+    lr_scheduler: str = _f("cosine", "learning-rate schedule after warm-up: cosine | linear | constant")
     batch_size: int = _f(4, "sequences per device per step")
     grad_accum: int = _f(1, "gradient accumulation steps")
     seq_len: int = _f(512, "tokens per packed training block")
@@ -224,6 +225,9 @@ class TrainConfig:
     distill_temperature: float = _f(1.0, "softmax temperature of the distillation term")
 
     def __post_init__(self) -> None:
+        if self.lr_scheduler not in ("cosine", "linear", "constant"):
+            raise RecipeError(f"train.lr_scheduler {self.lr_scheduler!r} is unknown; choose cosine, linear or "
+                              "constant")
         if self.data_format not in ("text", "instruction"):
             raise RecipeError(f"train.data_format {self.data_format!r} is unknown; choose 'text' or 'instruction'")
         for name, low in (("max_steps", 1), ("batch_size", 1), ("grad_accum", 1), ("seq_len", 2),

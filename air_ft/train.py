@@ -213,11 +213,13 @@ def _trainer_class(distill: bool):
 
 
 def build_trainer(model: nn.Module, tok, train_ds, eval_ds, cfg: TrainConfig, output_dir: str | Path,
-                  callbacks: list | None = None, teacher: nn.Module | None = None):
-    """TRL ``SFTTrainer`` on an already PEFT-wrapped model (cosine schedule, warm-up, fp32 on CPU).
+                  callbacks: list | None = None, teacher: nn.Module | None = None, trainer_cls=None,
+                  trainer_kwargs: dict | None = None):
+    """TRL ``SFTTrainer`` on an already PEFT-wrapped model (``cfg.lr_scheduler`` with warm-up, fp32 on CPU).
 
     With ``cfg.distill > 0`` the training loss adds KL divergence to ``teacher`` (the dense model) over the same
-    positions as the LM loss (:func:`distillation_loss`).
+    positions as the LM loss (:func:`distillation_loss`). ``trainer_cls`` (a subclass of ``SFTTrainer``) and its
+    extra ``trainer_kwargs`` replace that choice (ACIP's mask phase uses it).
     """
     from trl import SFTConfig
 
@@ -231,7 +233,7 @@ def build_trainer(model: nn.Module, tok, train_ds, eval_ds, cfg: TrainConfig, ou
     args = SFTConfig(
         **checkpointing,
         output_dir=str(output_dir), max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
-        lr_scheduler_type="cosine", warmup_steps=cfg.warmup_ratio, per_device_train_batch_size=cfg.batch_size,
+        lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_ratio, per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
         bf16=bf16, fp16=False, use_cpu=not torch.cuda.is_available(),
         eval_strategy="steps" if has_eval else "no", eval_steps=cfg.eval_steps if has_eval else None,
@@ -248,9 +250,9 @@ def build_trainer(model: nn.Module, tok, train_ds, eval_ds, cfg: TrainConfig, ou
         if teacher is None:
             raise RecipeError("train.distill > 0 needs the dense teacher model (finetune(..., teacher=dense_model))")
         extra = {"teacher": teacher, "weight": cfg.distill, "temperature": cfg.distill_temperature}
-    return _trainer_class(cfg.distill > 0)(model=model, args=args, train_dataset=train_ds,
-                                           eval_dataset=eval_ds if has_eval else None, processing_class=tok,
-                                           callbacks=callbacks or [], **extra)
+    cls = trainer_cls or _trainer_class(cfg.distill > 0)
+    return cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds if has_eval else None,
+               processing_class=tok, callbacks=callbacks or [], **extra, **(trainer_kwargs or {}))
 
 
 def _datasets(tok, cfg: TrainConfig, train_texts, eval_texts, world: int, weights: list[float] | None = None):

@@ -70,7 +70,8 @@ def main() -> None:
         cmd = ["lm-eval", "run", "--model", "hf", "--model_args",
                f"pretrained={resolve_asset(MODEL_DIR)},gguf_file={GGUF},dtype=float32",
                "--tasks", *names.values(), "--include_path", str(tmp), "--samples", json.dumps(samples),
-               "--batch_size", "16", "--device", "cpu", "--num_fewshot", "0", "--seed", "0", "--output_path", str(tmp / "out")]
+               "--batch_size", "16", "--device", "cpu", "--num_fewshot", "0", "--seed", "0",
+               "--output_path", str(tmp / "out")]
         t0 = time.perf_counter()
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
         res = subprocess.run(cmd, capture_output=True, text=True, env=env)

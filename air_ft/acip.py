@@ -1,0 +1,453 @@
+"""ACIP-style compression (Genzel et al. 2025, "Choose Your Model Size: Any Compression by a Single Gradient
+Descent"), re-implemented on this project's data, trainer and checkpoint format as a baseline for AIR.
+
+Every target linear ``W = U Sigma V^T`` (plain float32 SVD, no whitening) becomes a :class:`MaskedLowRankLinear`
+``y = U' (g(m) * (B' x)) + b`` with ``U' = U / sqrt(s)`` and ``B' = Sigma V^T / sqrt(s)`` frozen and one mask entry
+per singular value, initialized to ``s``. The gate ``g = (relu(m) > 0) s + relu(m) - relu(m).detach()`` is binary
+in the forward pass (``s`` or 0, so a full mask reproduces ``W``) and passes the gradient of ``relu`` backwards
+(a pruned entry gets none). LoRA on the whole parametrized layer trains jointly with the masks on the LM loss plus
+``lambda_t sum relu(m)`` (``lambda_t = lambda_init growth^floor(t / every)``) until the size ratio reaches
+``stop_retention``. The order in which entries die gives one global score map; any size is one threshold on it.
+Then the masks freeze and LoRA alone trains for ``post_tune_steps``.
+
+Deviations from the reference code, on purpose: masks are float32 (in bf16, AdamW at 5e-5 cannot move 0.02 for
+hundreds of steps); ties between entries that died at the same step are broken by their last positive mask value,
+then by their singular value, so that any target is hit within one entry; the data are the project's packed
+blocks, not padded documents.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from air_ft.config import RecipeError, TrainConfig
+from air_ft.modeling import LowRankLinear, find_targets, prepare_model, set_module
+
+__all__ = ["MaskedLowRankLinear", "gate", "parametrize", "acip_fit", "AcipFit", "size_ratio", "update_scores",
+           "select_entries"]
+
+FIT_MARKER = "acip_fit.json"
+
+
+def gate(mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Binary forward (``scale`` where ``mask > 0``, else 0), straight-through ``relu`` gradient backwards."""
+    r = torch.relu(mask)
+    return (r > 0).to(mask.dtype) * scale + (r - r.detach())  # exactly binary forward: (r - r) == 0
+
+
+class MaskedLowRankLinear(LowRankLinear):
+    """A full-rank SVD parametrization ``U' (g(m) * (B' x)) + b`` with a trainable mask ``m`` per singular value.
+
+    A :class:`LowRankLinear` (``factor_v`` = ``B'``, ``factor_u`` = ``U'``), so PEFT's ``layer`` LoRA wraps it like any
+    factored layer; the mask is float32 whatever the weights' dtype.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False, dtype=None, device=None,
+                 scale: float = 0.02) -> None:
+        super().__init__(in_features, out_features, rank, bias, dtype, device)
+        self.scale = scale
+        self.mask = nn.Parameter(torch.full((rank,), scale, dtype=torch.float32, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.factor_u(self.factor_v(x) * gate(self.mask, self.scale).to(x.dtype))
+
+    def live(self) -> torch.Tensor:
+        return self.mask.detach() > 0
+
+
+def parametrize(model: nn.Module, scale: float = 0.02, include=None, exclude=None) -> dict[str, torch.Tensor]:
+    """Replace every target linear of ``model`` in place by a :class:`MaskedLowRankLinear`; return the singular
+    values per layer (float32 SVD of ``W``, ``U' = U / sqrt(s)``, ``B' = Sigma V^T / sqrt(s)``)."""
+    targets = find_targets(model, include, exclude)
+    if not targets:
+        raise RecipeError("no nn.Linear layer to parametrize; ACIP needs torch.nn.Linear projections")
+    sigmas = {}
+    for name, mod in targets.items():
+        w = mod.weight.detach().float()
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        layer = MaskedLowRankLinear(mod.in_features, mod.out_features, s.numel(), bias=mod.bias is not None,
+                                    dtype=mod.weight.dtype, device=mod.weight.device, scale=scale)
+        with torch.no_grad():
+            layer.factor_u.weight.copy_(u / math.sqrt(scale))
+            layer.factor_v.weight.copy_(s[:, None] * vh / math.sqrt(scale))
+            if mod.bias is not None:
+                layer.factor_u.bias.copy_(mod.bias)
+        set_module(model, name, layer)
+        sigmas[name] = s.cpu()
+    return sigmas
+
+
+def _masked_layers(model: nn.Module) -> dict[str, MaskedLowRankLinear]:
+    """Masked layers by their name in the unwrapped model (PEFT's ``base_model.model.`` and ``base_layer`` dropped)."""
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, MaskedLowRankLinear):
+            clean = name.replace("base_model.model.", "", 1).replace(".base_layer", "")
+            out[clean] = mod
+    return out
+
+
+def size_ratio(ranks: dict[str, int], shapes: dict[str, tuple[int, int]]) -> float:
+    """``sum min(m n, r (m + n)) / sum m n``: a layer whose rank saves nothing counts (and stays) dense."""
+    total = sum(m * n for m, n in shapes.values())
+    return sum(min(m * n, ranks[k] * (m + n)) for k, (m, n) in shapes.items()) / total
+
+
+def update_scores(scores: torch.Tensor, mask: torch.Tensor, last_positive: torch.Tensor) -> None:
+    """One step of the score map, in place: live entries take their mask value, an entry that just died gets 0,
+    then every score <= 0 falls by 1 (so entries pruned earlier end more negative). ``last_positive`` keeps each
+    entry's mask value from its last step alive (the tie-break among entries that died together)."""
+    live = mask > 0
+    just_died = (~live) & (scores > 0)
+    scores[live] = mask[live]
+    last_positive[live] = mask[live]
+    scores[just_died] = 0.0
+    scores[scores <= 0] -= 1.0
+
+
+def select_entries(scores: dict[str, torch.Tensor], last_positive: dict[str, torch.Tensor],
+                   sigmas: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], retention: float,
+                   extra: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
+    """The kept entries per layer for a target size: the global order (score, then last positive mask value, then
+    sigma, all descending) cut at the shortest prefix whose size ratio reaches ``retention``.
+
+    ``extra`` adds a fixed rank per layer (a merged LoRA) to the size that is counted.
+    """
+    names = list(scores)
+    keys = torch.cat([torch.stack([scores[n].double(), last_positive[n].double(), sigmas[n].double()], 1)
+                      for n in names])
+    layer_of = torch.cat([torch.full((scores[n].numel(),), i, dtype=torch.long) for i, n in enumerate(names)])
+    order = torch.arange(keys.shape[0])
+    for col in (2, 1, 0):  # lexicographic descending: stable sorts from the least significant key
+        order = order[torch.sort(keys[order, col], descending=True, stable=True).indices]
+    extra = extra or {}
+    mn = torch.tensor([shapes[n][0] * shapes[n][1] for n in names], dtype=torch.float64)
+    mpn = torch.tensor([shapes[n][0] + shapes[n][1] for n in names], dtype=torch.float64)
+    base = torch.tensor([extra.get(n, 0) for n in names], dtype=torch.float64)
+    # size after each prefix: the j-th entry of layer L in the order raises L's rank to base + j
+    layer_seq = layer_of[order]
+    rank_after = torch.zeros_like(layer_seq, dtype=torch.float64)
+    for i in range(len(names)):
+        pos = (layer_seq == i).nonzero().squeeze(1)
+        rank_after[pos] = base[i] + torch.arange(1, pos.numel() + 1, dtype=torch.float64)
+    gain = torch.minimum(mn[layer_seq], rank_after * mpn[layer_seq]) - torch.minimum(
+        mn[layer_seq], (rank_after - 1) * mpn[layer_seq])
+    start = torch.minimum(mn, base * mpn).sum()
+    sizes = start + torch.cumsum(gain, 0)
+    goal = retention * mn.sum()
+    reach = (sizes >= goal).nonzero()
+    count = int(reach[0]) + 1 if reach.numel() else len(order)
+    flat = torch.zeros(keys.shape[0], dtype=torch.bool)
+    flat[order[:count]] = True
+    return dict(zip(names, flat.split([scores[n].numel() for n in names])))
+
+
+class _ScoreMap(TrainerCallback):
+    """After every mask-phase step: update the score map, record the size ratio, stop at ``stop_retention``;
+    the map travels with the Trainer's checkpoints so that a killed mask phase resumes with it."""
+
+    def __init__(self, layers: dict[str, MaskedLowRankLinear], shapes: dict, stop: float, schedule) -> None:
+        self.layers, self.shapes, self.stop, self.schedule = layers, shapes, stop, schedule
+        self.scores = {n: m.mask.detach().float().cpu().clone() for n, m in layers.items()}
+        self.last_positive = {n: s.clone() for n, s in self.scores.items()}
+        self.history: list[dict] = []
+
+    def ratio(self) -> float:
+        return size_ratio({n: int(m.live().sum()) for n, m in self.layers.items()}, self.shapes)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        for n, m in self.layers.items():
+            update_scores(self.scores[n], m.mask.detach().float().cpu(), self.last_positive[n])
+        ratio = self.ratio()
+        self.history.append({"step": state.global_step, "ratio": ratio, "lambda": self.schedule(state.global_step)})
+        if ratio <= self.stop:
+            control.should_training_stop = True
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        from safetensors.torch import save_file
+
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        ckpt.mkdir(parents=True, exist_ok=True)
+        save_file({**{f"score.{n}": t for n, t in self.scores.items()},
+                   **{f"last.{n}": t for n, t in self.last_positive.items()},
+                   # PEFT checkpoints hold the adapters only: the masks travel here
+                   **{f"mask.{n}": m.mask.detach().cpu().contiguous() for n, m in self.layers.items()}},
+                  str(ckpt / "acip_scores.safetensors"))
+        (ckpt / "acip_history.json").write_text(json.dumps(self.history))
+
+    def restore(self, ckpt: str) -> None:
+        from safetensors.torch import load_file
+
+        state = load_file(str(Path(ckpt) / "acip_scores.safetensors"))
+        self.scores = {n: state[f"score.{n}"] for n in self.scores}
+        self.last_positive = {n: state[f"last.{n}"] for n in self.scores}
+        with torch.no_grad():
+            for n, m in self.layers.items():
+                m.mask.copy_(state[f"mask.{n}"])
+        self.history = json.loads((Path(ckpt) / "acip_history.json").read_text())
+
+
+def _mask_trainer_class(mask_lr: float, lora_lr: float, schedule):
+    """SFTTrainer whose loss adds ``lambda_t sum relu(m)`` (float32) and whose AdamW has one group per lr."""
+    from trl import SFTTrainer
+
+    class AcipTrainer(SFTTrainer):
+        def create_optimizer(self, model=None):
+            params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+            masks = [p for n, p in params if n.endswith(".mask")]
+            others = [p for n, p in params if not n.endswith(".mask")]
+            groups = [g for g in ({"params": masks, "lr": mask_lr}, {"params": others, "lr": lora_lr}) if g["params"]]
+            self.optimizer = torch.optim.AdamW(groups, lr=lora_lr, weight_decay=0.0)
+            return self.optimizer
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if not model.training:
+                return out
+            loss = out[0] if return_outputs else out
+            penalty = sum(torch.relu(p.float()).sum() for n, p in model.named_parameters() if n.endswith(".mask")
+                          and p.requires_grad)
+            loss = loss + schedule(self.state.global_step) * penalty
+            return (loss, out[1]) if return_outputs else loss
+
+    return AcipTrainer
+
+
+def _lora_parts(peft_model) -> dict[str, tuple]:
+    """Per masked layer (unwrapped name): ``(masked layer, B, A, scaling)`` of its PEFT ``layer`` LoRA."""
+    from air_ft.lora import LowRankLoraLinear
+
+    out = {}
+    for name, mod in peft_model.named_modules():
+        if isinstance(mod, LowRankLoraLinear) and isinstance(mod.get_base_layer(), MaskedLowRankLinear):
+            clean = name.replace("base_model.model.", "", 1)
+            out[clean] = (mod.get_base_layer(), mod.lora_B["default"].weight.detach(),
+                          mod.lora_A["default"].weight.detach(), float(mod.scaling["default"]))
+    return out
+
+
+@dataclasses.dataclass
+class AcipFit:
+    """The result of :func:`acip_fit`: the parametrized model with its trained masks and LoRA, the score map, and
+    the record of the run. :meth:`materialize` turns it into a factored model of any size it reached."""
+
+    model: nn.Module  # PEFT-wrapped parametrized model
+    tok: object
+    scores: dict[str, torch.Tensor]
+    last_positive: dict[str, torch.Tensor]
+    sigmas: dict[str, torch.Tensor]
+    shapes: dict[str, tuple[int, int]]
+    history: list[dict]
+    settings: dict
+
+    @property
+    def retention_reached(self) -> float:
+        """The lowest size ratio the mask phase reached: smaller targets are refused."""
+        return min((h["ratio"] for h in self.history), default=1.0)
+
+    @property
+    def tokens(self) -> int:
+        """Training tokens spent: mask phase + post-tune."""
+        s = self.settings
+        return (len(self.history) + s["post_tune_done"]) * s["batch_size"] * s["seq_len"]
+
+    def materialize(self, retention: float) -> nn.Module:
+        """A factored model (``LowRankLinear`` layers, LoRA merged exactly, the gate folded into ``U``) whose size
+        ratio, LoRA included, is the smallest one at or above ``retention``; no training."""
+        if not 0.0 < retention < 1.0:
+            raise RecipeError(f"retention must lie strictly between 0 and 1, got {retention!r}")
+        if retention < self.retention_reached - 1e-9:
+            raise RecipeError(f"retention {retention} is below what the mask phase reached "
+                              f"({self.retention_reached:.3f}); fit again with a lower stop_retention")
+        parts = _lora_parts(self.model)
+        lora_rank = {n: b.shape[1] for n, (_, b, _, _) in parts.items()}
+        kept = select_entries(self.scores, self.last_positive, self.sigmas, self.shapes, retention, lora_rank)
+        base = copy.deepcopy(self.model.get_base_model())
+        # the Trainer leaves an instance-level `forward` wrapper that closes over the *original* model: a copy
+        # must run its own modules, so the class's forward is restored
+        for attr in ("forward", "_original_forward"):
+            base.__dict__.pop(attr, None)
+        for name, (layer, b, a, scaling) in parts.items():
+            keep = kept[name].to(layer.factor_u.weight.device)
+            u = layer.factor_u.weight.detach()[:, keep].float() * layer.scale  # g = s on every kept entry
+            v = layer.factor_v.weight.detach()[keep].float()
+            u = torch.cat([u, scaling * b.float()], 1)
+            v = torch.cat([v, a.float()], 0)
+            m, n = self.shapes[name]
+            bias = layer.factor_u.bias.detach() if layer.factor_u.bias is not None else None
+            dtype, device = layer.factor_u.weight.dtype, layer.factor_u.weight.device
+            if u.shape[1] * (m + n) >= m * n:  # saves nothing: dense, as the truncated product
+                new = nn.Linear(n, m, bias=bias is not None, dtype=dtype, device=device)
+                with torch.no_grad():
+                    new.weight.copy_(u @ v)
+                    if bias is not None:
+                        new.bias.copy_(bias)
+            else:
+                new = LowRankLinear.from_factors(u, v, bias, dtype=dtype, device=device)
+            set_module(base, name, new)
+        base.eval()
+        ranks = {n: (mod.rank if isinstance(mod, LowRankLinear) else None)
+                 for n, mod in ((n, base.get_submodule(n)) for n in parts)}
+        base.config.air_ft = {"method": "acip", "retention": retention,
+                              "ranks": {k: v for k, v in ranks.items() if v is not None}}
+        return base
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        """The parametrized model (safetensors), the score map and the record (JSON); written atomically."""
+        from safetensors.torch import save_file
+
+        from air_ft.checkpoint import _atomic_dir, _commit
+
+        out, tmp = _atomic_dir(out_dir)
+        try:
+            state = {k: v.detach().contiguous().cpu() for k, v in self.model.get_base_model().state_dict().items()}
+            unique = {}
+            for k, v in state.items():  # tied embeddings: one copy
+                if not any(v.data_ptr() == u.data_ptr() for u in unique.values()):
+                    unique[k] = v
+            save_file(unique, str(tmp / "model.safetensors"))
+            save_file({**{f"score.{n}": t for n, t in self.scores.items()},
+                       **{f"last.{n}": t for n, t in self.last_positive.items()},
+                       **{f"sigma.{n}": t for n, t in self.sigmas.items()}}, str(tmp / "scores.safetensors"))
+            self.model.get_base_model().config.save_pretrained(tmp)
+            if self.tok is not None:
+                self.tok.save_pretrained(tmp)
+            (tmp / FIT_MARKER).write_text(json.dumps({"format": "air_ft-acip-fit", "shapes": self.shapes,
+                                                      "history": self.history, "settings": self.settings},
+                                                     indent=2))
+            _commit(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return out
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> AcipFit:
+        """Rebuild a fit written by :meth:`save` (no pickle, no training)."""
+        from safetensors.torch import load_file
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        from air_ft.lora import apply_lora
+
+        path = Path(path)
+        if not (path / FIT_MARKER).exists():
+            raise FileNotFoundError(f"{path} holds no ACIP fit ({FIT_MARKER} missing); run acip_fit and save it")
+        meta = json.loads((path / FIT_MARKER).read_text())
+        s = meta["settings"]
+        config = AutoConfig.from_pretrained(path)
+        model = AutoModelForCausalLM.from_config(config)
+        for name, (m, n) in meta["shapes"].items():
+            old = model.get_submodule(name)
+            set_module(model, name, MaskedLowRankLinear(n, m, min(m, n), bias=old.bias is not None,
+                                                        dtype=old.weight.dtype, scale=s["scale"]))
+        peft_model = apply_lora(model, "layer", s["lora_rank"], s["lora_alpha"], s["lora_dropout"])
+        state = load_file(str(path / "model.safetensors"))
+        missing, unexpected = peft_model.get_base_model().load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.endswith("lm_head.weight")]
+        if missing or unexpected:
+            raise RuntimeError(f"ACIP fit {path} does not match its config: missing {missing[:3]}, unexpected "
+                               f"{unexpected[:3]}")
+        if getattr(config, "tie_word_embeddings", False):
+            peft_model.get_base_model().tie_weights()
+        peft_model.eval()
+        sc = load_file(str(path / "scores.safetensors"))
+        names = list(meta["shapes"])
+        tok = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
+        return cls(peft_model, tok, {n: sc[f"score.{n}"] for n in names}, {n: sc[f"last.{n}"] for n in names},
+                   {n: sc[f"sigma.{n}"] for n in names}, {n: tuple(v) for n, v in meta["shapes"].items()},
+                   meta["history"], s)
+
+
+def acip_fit(model: nn.Module, tok, texts: list[str], max_steps: int = 2000, stop_retention: float = 0.4,
+             seed: int = 0, lambda_init: float = 1e-3, lambda_growth: float = 1.01, lambda_every: int = 4,
+             mask_lr: float = 5e-5, lora_lr: float = 5e-5, lora_rank: int = 32, lora_alpha: float = 16.0,
+             lora_dropout: float = 0.05, post_tune_steps: int = 1000, seq_len: int = 1024, batch_size: int = 4,
+             scale: float = 0.02, output_dir: str | os.PathLike | None = None, save_steps: int = 50,
+             progress: bool = True, callbacks: list | None = None) -> AcipFit:
+    """ACIP's mask phase and post-tune on ``texts`` (packed ``seq_len`` blocks); ``model`` is left unchanged.
+
+    Args:
+        max_steps: cap on mask-phase steps (it stops earlier once the size ratio reaches ``stop_retention``).
+        stop_retention: size ratio at which the mask phase stops; the lowest retention :meth:`AcipFit.materialize`
+            accepts.
+        lambda_init, lambda_growth, lambda_every: ``lambda_t = lambda_init * lambda_growth ** floor(t / every)``.
+        mask_lr, lora_lr: constant AdamW learning rates (weight decay 0) of the masks and of LoRA.
+        lora_rank, lora_alpha, lora_dropout: the LoRA on each parametrized layer (reference: 32, 16, 0.05).
+        post_tune_steps: LoRA-only steps with the masks frozen, at ``lora_lr``.
+        scale: initial mask value ``s`` (also the gate's forward value).
+        output_dir: Trainer checkpoints every ``save_steps`` (a killed mask phase resumes from the newest, with its
+            score map); default a temporary folder, no checkpoints.
+        callbacks: extra Trainer callbacks for the mask phase.
+    """
+    import tempfile
+
+    from transformers import set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from air_ft.lora import apply_lora
+    from air_ft.train import _blocks_dataset, build_trainer, text_blocks
+
+    if not 0.0 < stop_retention < 1.0:
+        raise RecipeError(f"stop_retention must lie strictly between 0 and 1, got {stop_retention!r}")
+    for name, val in (("max_steps", max_steps), ("lambda_every", lambda_every), ("lora_rank", lora_rank),
+                      ("seq_len", seq_len), ("batch_size", batch_size)):
+        if not isinstance(val, int) or val < 1:
+            raise RecipeError(f"{name} must be an integer >= 1, got {val!r}")
+    if post_tune_steps < 0 or min(mask_lr, lora_lr, lambda_init, scale) <= 0 or lambda_growth < 1:
+        raise RecipeError("need post_tune_steps >= 0, positive learning rates, lambda_init and scale, and "
+                          "lambda_growth >= 1")
+    prepare_model(model)
+    set_seed(seed)
+    work = copy.deepcopy(model).float() if next(model.parameters()).dtype == torch.float16 else copy.deepcopy(model)
+    sigmas = parametrize(work, scale)
+    peft_model = apply_lora(work, "layer", lora_rank, lora_alpha, lora_dropout)
+    layers = _masked_layers(peft_model)
+    shapes = {n: (m.out_features, m.in_features) for n, m in layers.items()}
+    for m in layers.values():
+        m.mask.requires_grad_(True)
+
+    def schedule(step: int) -> float:
+        return lambda_init * lambda_growth ** (step // lambda_every)
+
+    blocks = text_blocks(tok, texts, seq_len, (max_steps + post_tune_steps) * batch_size, seed)
+    score_map = _ScoreMap(layers, shapes, stop_retention, schedule)
+    with tempfile.TemporaryDirectory(prefix="air_ft_acip_") as tmp:
+        out = Path(output_dir or tmp)
+        cfg = TrainConfig(max_steps=max_steps, learning_rate=lora_lr, seq_len=seq_len, batch_size=batch_size,
+                          seed=seed, warmup_ratio=0.0, lr_scheduler="constant", eval_steps=0,
+                          save_steps=save_steps if output_dir else 0, progress=progress)
+        trainer = build_trainer(peft_model, tok, _blocks_dataset(blocks[:max_steps * batch_size]), None, cfg,
+                                out / "mask_phase", [score_map, *(callbacks or [])],
+                                trainer_cls=_mask_trainer_class(mask_lr, lora_lr, schedule))
+        last = get_last_checkpoint(str(out / "mask_phase")) if (out / "mask_phase").is_dir() else None
+        if last:
+            score_map.restore(last)
+        if not (last and score_map.history and score_map.history[-1]["ratio"] <= stop_retention):
+            trainer.train(resume_from_checkpoint=last)
+        for m in layers.values():
+            m.mask.requires_grad_(False)
+        if post_tune_steps:
+            post = dataclasses.replace(cfg, max_steps=post_tune_steps, save_steps=0)
+            used = len(score_map.history) * batch_size
+            tuner = build_trainer(peft_model, tok, _blocks_dataset(blocks[used:used + post_tune_steps * batch_size]),
+                                  None, post, out / "post_tune")
+            tuner.train()
+    peft_model.eval()
+    settings = {"max_steps": max_steps, "stop_retention": stop_retention, "seed": seed, "lambda_init": lambda_init,
+                "lambda_growth": lambda_growth, "lambda_every": lambda_every, "mask_lr": mask_lr, "lora_lr": lora_lr,
+                "lora_rank": lora_rank, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout,
+                "post_tune_steps": post_tune_steps, "post_tune_done": post_tune_steps, "seq_len": seq_len,
+                "batch_size": batch_size, "scale": scale, "mask_dtype": "float32", "data": "packed blocks"}
+    return AcipFit(peft_model, tok, score_map.scores, score_map.last_positive, sigmas, shapes, score_map.history,
+                   settings)

@@ -1,0 +1,154 @@
+"""ACIP-style baseline on a tiny LLaMA: the gate, the parametrization, the score map, materialization at any size,
+save/load of a fit, and a killed mask phase that resumes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+import air_ft
+from air_ft.acip import (
+    AcipFit,
+    MaskedLowRankLinear,
+    acip_fit,
+    gate,
+    parametrize,
+    select_entries,
+    size_ratio,
+    update_scores,
+)
+from air_ft.config import RecipeError
+from air_ft.efficiency import parameter_counts
+
+from .conftest import tiny_llama
+
+
+def test_gate_is_binary_forward_and_passes_gradients_only_to_live_entries():
+    mask = torch.tensor([0.02, -0.01, 0.5, 0.0], requires_grad=True)
+    g = gate(mask, 0.02)
+    assert torch.equal(g.detach(), torch.tensor([0.02, 0.0, 0.02, 0.0]))
+    (g * torch.tensor([1.0, 2.0, 3.0, 4.0])).sum().backward()
+    assert torch.equal(mask.grad, torch.tensor([1.0, 0.0, 3.0, 0.0]))
+
+
+def test_full_masks_reproduce_the_dense_model(tokenizer):
+    dense = tiny_llama(vocab_size=len(tokenizer))
+    model = tiny_llama(vocab_size=len(tokenizer))
+    sigmas = parametrize(model, scale=0.02)
+    assert len(sigmas) == 14 and all(isinstance(model.get_submodule(n), MaskedLowRankLinear) for n in sigmas)
+    ids = torch.randint(0, len(tokenizer), (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, dense(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_score_map_orders_entries_by_pruning_time():
+    scores = torch.tensor([0.02, 0.02, 0.02])
+    last = scores.clone()
+    update_scores(scores, torch.tensor([-0.001, 0.03, 0.01]), last)  # entry 0 dies at step 1
+    update_scores(scores, torch.tensor([-0.002, 0.03, -0.001]), last)  # entry 2 dies at step 2
+    update_scores(scores, torch.tensor([-0.003, 0.04, -0.002]), last)
+    assert scores[1] == pytest.approx(0.04) and scores[2] == -2 and scores[0] == -3  # earlier death: lower
+    assert last.tolist() == pytest.approx([0.02, 0.04, 0.01])
+
+
+def test_select_entries_hits_any_target_within_one_percent_and_breaks_ties():
+    torch.manual_seed(0)
+    shapes = {"a": (640, 320), "b": (480, 480), "c": (960, 160)}
+    # many entries share a score (died at the same step): ties must be broken to hit the target
+    scores = {n: -torch.randint(1, 4, (min(m, k),)).float() for n, (m, k) in shapes.items()}
+    last = {n: torch.rand(s.numel()) for n, s in scores.items()}
+    sigmas = {n: torch.rand(s.numel()) for n, s in scores.items()}
+    for target in (0.2, 0.33, 0.5, 0.61, 0.8):
+        kept = select_entries(scores, last, sigmas, shapes, target)
+        got = size_ratio({n: int(k.sum()) for n, k in kept.items()}, shapes)
+        assert target <= got <= target + 0.01, (target, got)
+    kept = select_entries(scores, last, sigmas, shapes, 0.3)
+    # the kept set is a prefix of the order: nothing kept scores below anything dropped
+    kept_min = min(float(scores[n][kept[n]].min()) for n in shapes if kept[n].any())
+    dropped_max = max(float(scores[n][~kept[n]].max()) for n in shapes if (~kept[n]).any())
+    assert kept_min >= dropped_max
+
+
+@pytest.fixture(scope="module")
+def fit(tokenizer, text, tmp_path_factory):
+    model = tiny_llama(vocab_size=len(tokenizer))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = acip_fit(model, tokenizer, [text], max_steps=40, stop_retention=0.45, lambda_init=1e-3,
+                      lambda_growth=1.3, lambda_every=1, mask_lr=2e-3, lora_lr=1e-3, lora_rank=2, post_tune_steps=2,
+                      seq_len=32, batch_size=2, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the model left unchanged
+    return model, result
+
+
+def test_the_mask_phase_shrinks_the_model_and_stops_at_the_stop_ratio(fit):
+    _, result = fit
+    ratios = [h["ratio"] for h in result.history]
+    assert ratios[0] <= 1.0 and result.retention_reached <= 0.45 and ratios[-1] == result.retention_reached
+    assert len(ratios) < 40  # stopped early
+    assert result.tokens == (len(ratios) + 2) * 2 * 32
+
+
+def test_materialize_hits_the_target_and_equals_the_masked_model(fit, tokenizer):
+    _, result = fit
+    small = result.materialize(0.6)
+    info = parameter_counts(small)
+    assert 0.6 <= info["retention"] <= 0.61  # LoRA merged and counted
+    # the masked model with the same entries kept: its LoRA output equals the materialized model's
+    from air_ft.acip import _lora_parts
+
+    parts = _lora_parts(result.model)
+    lora_rank = {n: b.shape[1] for n, (_, b, _, _) in parts.items()}
+    kept = select_entries(result.scores, result.last_positive, result.sigmas, result.shapes, 0.6, lora_rank)
+    saved = {n: layer.mask.detach().clone() for n, (layer, _, _, _) in parts.items()}
+    for n, (layer, _, _, _) in parts.items():
+        layer.mask.data = torch.where(kept[n], torch.full_like(saved[n], 0.02), torch.full_like(saved[n], -1.0))
+    ids = torch.randint(0, len(tokenizer), (2, 12))
+    with torch.no_grad():
+        masked = result.model(input_ids=ids).logits
+        torch.testing.assert_close(small(input_ids=ids).logits, masked, atol=1e-4, rtol=1e-4)
+    for n, (layer, _, _, _) in parts.items():
+        layer.mask.data = saved[n]
+    with pytest.raises(RecipeError, match="below what the mask phase reached"):
+        result.materialize(result.retention_reached - 0.05)
+
+
+def test_a_fit_saves_and_loads_and_materializes_the_same(fit, tmp_path, tokenizer):
+    _, result = fit
+    result.save(tmp_path / "fit")
+    again = AcipFit.load(tmp_path / "fit")
+    assert again.retention_reached == result.retention_reached and again.settings == result.settings
+    ids = torch.randint(0, len(tokenizer), (1, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(again.materialize(0.7)(input_ids=ids).logits,
+                                   result.materialize(0.7)(input_ids=ids).logits)
+    small = again.materialize(0.7)
+    air_ft.save_compressed(small, tokenizer, tmp_path / "ckpt")  # the project's factored format
+    loaded, _ = air_ft.load_compressed(tmp_path / "ckpt")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, small(input_ids=ids).logits)
+
+
+class _Kill(TrainerCallback):
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.at:
+            raise KeyboardInterrupt
+
+
+def test_a_killed_mask_phase_resumes_with_its_score_map(tokenizer, text, tmp_path):
+    kwargs = dict(max_steps=12, stop_retention=0.3, lambda_init=1e-3, lambda_growth=1.3, lambda_every=1,
+                  mask_lr=2e-3, lora_lr=1e-3, lora_rank=2, post_tune_steps=0, seq_len=32, batch_size=2,
+                  progress=False)
+    straight = acip_fit(tiny_llama(vocab_size=len(tokenizer)), tokenizer, [text], **kwargs)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        acip_fit(tiny_llama(vocab_size=len(tokenizer)), tokenizer, [text], output_dir=out, callbacks=[_Kill(7)],
+                 save_steps=5, **kwargs)
+    assert (out / "mask_phase" / "checkpoint-5" / "acip_scores.safetensors").exists()
+    resumed = acip_fit(tiny_llama(vocab_size=len(tokenizer)), tokenizer, [text], output_dir=out, save_steps=5,
+                       **kwargs)
+    assert [h["step"] for h in resumed.history] == [h["step"] for h in straight.history]
+    assert resumed.history[-1]["ratio"] == pytest.approx(straight.history[-1]["ratio"])

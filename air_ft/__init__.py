@@ -10,8 +10,11 @@ Public API::
     model = air_ft.finetune(model, tok, texts, max_steps=100, lora_rank=8, learning_rate=2e-4, seq_len=512)
     scores = air_ft.evaluate_tasks(model, tok, tasks=["piqa", "arc_easy"], limit=200, batch_size=16, seed=0)
     eff = air_ft.efficiency(model, tok)
+    fit = air_ft.acip_fit(model, tok, texts, stop_retention=0.4)   # ACIP-style baseline; model left unchanged
+    small = fit.materialize(retention=0.6)
 """
 
+from air_ft.acip import AcipFit, acip_fit
 from air_ft.checkpoint import export_dense, load_compressed, save_compressed
 from air_ft.compress import compress
 from air_ft.efficiency import efficiency
@@ -23,6 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = ["load_model", "compress", "save_compressed", "load_compressed", "export_dense", "perplexity",
            "evaluate_perplexity", "evaluate_tasks", "efficiency", "prepare_model", "LowRankLinear", "finetune",
+           "acip_fit", "AcipFit",
            "__version__"]
 
 

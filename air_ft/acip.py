@@ -409,7 +409,7 @@ def acip_fit(model: nn.Module, tok, texts: list[str], max_steps: int = 2000, sto
                           "lambda_growth >= 1")
     prepare_model(model)
     set_seed(seed)
-    work = copy.deepcopy(model).float() if next(model.parameters()).dtype == torch.float16 else copy.deepcopy(model)
+    work = copy.deepcopy(model)
     sigmas = parametrize(work, scale)
     peft_model = apply_lora(work, "layer", lora_rank, lora_alpha, lora_dropout)
     layers = _masked_layers(peft_model)

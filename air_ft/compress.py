@@ -153,6 +153,9 @@ def compress(model: nn.Module, tok, texts: list[str] | None = None, method: str 
     """
     device = options.pop("device", None)
     prepare_model(model)
+    if method == "acip":
+        raise RecipeError("method 'acip' trains masks and LoRA: use air_ft.acip_fit(model, tok, texts, ...)"
+                          ".materialize(retention), or air-ft compress / run with compress.method=acip")
     cfg = build_dataclass(CompressConfig, dict(method=method, retention=retention, num_samples=num_samples,
                                                seq_len=seq_len, seed=seed, **options), "compress")
     targets = find_targets(model, cfg.include, cfg.exclude)

@@ -14,10 +14,11 @@ from typing import Any
 import yaml
 
 __all__ = ["CompressConfig", "ModelConfig", "DataConfig", "EvalConfig", "TrainConfig", "LoraConfig", "StudyConfig",
-           "Recipe",
+           "AcipConfig", "Recipe",
            "load_recipe", "apply_overrides", "build_dataclass", "RecipeError"]
 
-METHODS = ("svd", "asvd", "fwsvd", "svdllm", "air")
+ENGINE_METHODS = ("svd", "asvd", "fwsvd", "svdllm", "air")  # one-shot factorizations (air_ft.compress)
+METHODS = (*ENGINE_METHODS, "acip")  # + ACIP-style, which trains (air_ft.acip; the `acip` recipe section)
 INFLUENCES = ("wxg", "fisher", "fisher_whitened")
 NORMALIZATIONS = ("mean", "power", "rank")
 ALS_BACKENDS = ("auto", "native", "torch")
@@ -43,7 +44,7 @@ class ModelConfig:
 
 @dataclass
 class CompressConfig:
-    method: str = _f("air", f"one of {METHODS}")
+    method: str = _f("air", f"one of {METHODS} (acip trains masks and LoRA: see the acip section)")
     retention: float = _f(0.6, "fraction of the compressed linear layers' parameters kept, 0 < r < 1")
     rank_multiple: int = _f(1, "round every rank down to a multiple of this (8 for GPU: bf16 tensor-core kernels "
                                "want it; misaligned ranks trained at half the dense speed on an H100)")
@@ -146,9 +147,11 @@ class EvalConfig:
     seed: int = _f(0, "seed of the task subsets and of lm-eval")
     efficiency: bool = _f(True, "measure parameters, FLOPs, checkpoint bytes, peak memory, prefill and decode speed")
     decode_batch_sizes: list[int] = _f([1, 16], "batch sizes of the decode-latency measurement")
+    efficiency_rounds: int = _f(3, "a study measures every model in turns this many times and reports medians "
+                                   "(more: steadier timings on a busy machine, longer)")
 
     def __post_init__(self) -> None:
-        for name, low in (("seq_len", 2), ("batch_size", 1), ("task_batch_size", 1)):
+        for name, low in (("seq_len", 2), ("batch_size", 1), ("task_batch_size", 1), ("efficiency_rounds", 1)):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < low:
                 raise RecipeError(f"eval.{name} must be an integer >= {low}, got {getattr(self, name)!r}")
         for name in ("max_windows", "limit"):
@@ -257,6 +260,42 @@ class TrainConfig:
 
 
 @dataclass
+class AcipConfig:
+    """ACIP-style compression (air_ft.acip): the reference code's hyperparameters are the defaults."""
+
+    max_steps: int = _f(2000, "cap on mask-phase steps (it stops once the size ratio reaches stop_retention)")
+    stop_retention: float = _f(0.4, "size ratio that ends the mask phase; the lowest retention it can materialize")
+    lambda_init: float = _f(1e-3, "initial weight of the one-sided L1 penalty on the masks")
+    lambda_growth: float = _f(1.01, "lambda is multiplied by this every lambda_every steps (faster: shorter phase, "
+                                    "cruder ordering)")
+    lambda_every: int = _f(4, "steps between lambda increases")
+    mask_lr: float = _f(5e-5, "AdamW learning rate of the masks (constant, weight decay 0)")
+    lora_lr: float = _f(5e-5, "AdamW learning rate of LoRA in the mask phase and the post-tune")
+    lora_rank: int = _f(32, "rank of the LoRA on each parametrized layer (merged and counted in the size)")
+    lora_alpha: float = _f(16.0, "LoRA alpha")
+    lora_dropout: float = _f(0.05, "LoRA dropout")
+    post_tune_steps: int = _f(1000, "LoRA-only steps with the masks frozen")
+    seq_len: int = _f(1024, "tokens per packed training block")
+    batch_size: int = _f(4, "blocks per step")
+    scale: float = _f(0.02, "initial mask value s (also the gate's forward value)")
+    seed: int = _f(0, "seed")
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.stop_retention < 1.0:
+            raise RecipeError(f"acip.stop_retention must lie strictly between 0 and 1, got {self.stop_retention!r}")
+        for name in ("max_steps", "lambda_every", "lora_rank", "seq_len", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise RecipeError(f"acip.{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if not isinstance(self.post_tune_steps, int) or self.post_tune_steps < 0:
+            raise RecipeError(f"acip.post_tune_steps must be an integer >= 0, got {self.post_tune_steps!r}")
+        for name in ("lambda_init", "mask_lr", "lora_lr", "lora_alpha", "scale"):
+            if not getattr(self, name) > 0:
+                raise RecipeError(f"acip.{name} must be > 0, got {getattr(self, name)!r}")
+        if self.lambda_growth < 1:
+            raise RecipeError(f"acip.lambda_growth must be >= 1, got {self.lambda_growth!r}")
+
+
+@dataclass
 class StudyConfig:
     """The grid of ``air-ft run``: every method at every retention, optionally LoRA-recovered, beside dense."""
 
@@ -303,6 +342,7 @@ class Recipe:
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
+    acip: AcipConfig = field(default_factory=AcipConfig)
 
 
 def build_dataclass(cls: type, values: dict | None, where: str = "") -> Any:
@@ -319,7 +359,7 @@ def build_dataclass(cls: type, values: dict | None, where: str = "") -> Any:
         ftype = fields[name].type
         sub = {"ModelConfig": ModelConfig, "DataConfig": DataConfig, "CompressConfig": CompressConfig,
                "EvalConfig": EvalConfig, "LoraConfig": LoraConfig, "TrainConfig": TrainConfig,
-               "StudyConfig": StudyConfig}.get(str(ftype))
+               "StudyConfig": StudyConfig, "AcipConfig": AcipConfig}.get(str(ftype))
         kwargs[name] = build_dataclass(sub, val, f"{where}.{name}".strip(".")) if sub else val
     try:
         return cls(**kwargs)

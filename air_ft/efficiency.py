@@ -17,7 +17,7 @@ from torch import nn
 
 from air_ft.modeling import LowRankLinear, count_parameters, find_targets, prepare_model
 
-__all__ = ["efficiency", "parameter_counts", "flops_per_token", "checkpoint_bytes"]
+__all__ = ["efficiency", "compare", "parameter_counts", "flops_per_token", "checkpoint_bytes"]
 
 
 def _linear_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -198,3 +198,29 @@ def efficiency(model: nn.Module, tok=None, batch_sizes: tuple[int, ...] = (1, 16
             "threads": torch.get_num_threads(),
             "settings": {"batch_sizes": list(batch_sizes), "prompt_len": prompt_len, "decode_steps": decode_steps,
                          "prefill_len": prefill_len, "repeats": repeats}}
+
+
+def compare(loaders: dict, rounds: int = 3, **settings) -> dict[str, dict]:
+    """:func:`efficiency` of several models measured in turns, in one process: ``rounds`` times over the models
+    in order (each loaded by its ``loaders[name]() -> (model, tok)`` and freed before the next), so that a slow
+    spell of the machine falls on every model alike. Timings are the median over rounds, with their range
+    (``decode_range``: min and max seconds per token per batch size)."""
+    import gc
+
+    runs: dict[str, list[dict]] = {name: [] for name in loaders}
+    for _ in range(rounds):
+        for name, load in loaders.items():
+            model, tok = load()
+            runs[name].append(efficiency(model, tok, **settings))
+            del model
+            gc.collect()
+    out = {}
+    for name, results in runs.items():
+        first = results[0]
+        decode = {b: [r["decode_s_per_token"][b] for r in results] for b in first["decode_s_per_token"]}
+        out[name] = {**first, "rounds": rounds,
+                     "prefill_tokens_per_s": statistics.median(r["prefill_tokens_per_s"] for r in results),
+                     "peak_forward_bytes": int(statistics.median(r["peak_forward_bytes"] for r in results)),
+                     "decode_s_per_token": {b: statistics.median(v) for b, v in decode.items()},
+                     "decode_range": {b: [min(v), max(v)] for b, v in decode.items()}}
+    return out

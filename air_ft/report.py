@@ -11,7 +11,8 @@ from pathlib import Path
 
 __all__ = ["write_report", "render_report", "headline_metric", "markdown", "METHOD_NAMES"]
 
-METHOD_NAMES = {"svd": "SVD", "asvd": "ASVD", "fwsvd": "FWSVD", "svdllm": "SVD-LLM(W)", "air": "AIR"}
+METHOD_NAMES = {"svd": "SVD", "asvd": "ASVD", "fwsvd": "FWSVD", "svdllm": "SVD-LLM(W)", "air": "AIR",
+                "acip": "ACIP-style"}
 
 
 def headline_metric(task: dict) -> str:
@@ -52,7 +53,8 @@ def markdown(report: dict) -> str:
     header = ["model", "retention"] + [f"ppl {t}" for t in texts] + [f"{t} ({headline_metric(_first(rows, t))})"
                                                                        for t in tasks]
     header += ["mean acc"] if tasks else []
-    header += ["params"] + [f"decode b{b} (ms/tok)" for b in batches]
+    trained = any((r.get("tokens") or {}).get("training") for r in rows)
+    header += ["params"] + (["train tokens"] if trained else []) + [f"decode b{b} (ms/tok)" for b in batches]
     cells, values = [], []  # values: (number, lower_is_better) per column for the bold marks
     for r in rows:
         line, nums = [_label(r), "1.00" if r["method"] == "dense" else f"{r['retention']:.2f}"], [None, None]
@@ -73,6 +75,10 @@ def markdown(report: dict) -> str:
         params = eff.get("params", {}).get("model")
         line.append(f"{params / 1e6:.1f} M" if params else "")
         nums.append(None)
+        if trained:
+            t = (r.get("tokens") or {}).get("training", 0)
+            line.append(f"{t / 1e3:.0f} k" if t else "0")
+            nums.append(None)
         for b in batches:
             s = (eff.get("decode_s_per_token") or {}).get(str(b))
             line.append(f"{s * 1e3:.1f}" if s is not None else "")
@@ -175,9 +181,12 @@ def _efficiency_lines(report: dict) -> list[str]:
         return []
     d = dense["efficiency"]
     lines = ["## Speed and memory against dense", "",
-             f"Measured on {d['device']} ({d['dtype']}, {d['threads']} threads); ratios below 1 are faster / "
-             "smaller. Decode: seconds per token with the KV cache, median of repeats.", "",
-             "| model | retention | FLOPs/token | checkpoint | peak forward memory | prefill tok/s | "
+             f"Measured on {d['device']} ({d['dtype']}, {d['threads']} threads)"
+             + (f", every model in turns in one process, {d['rounds']} rounds, medians (ranges in report.json)"
+                if d.get("rounds") else "")
+             + "; ratios to dense, below 1 is faster / smaller (prefill: above 1 is faster). Decode: seconds per "
+               "token with the KV cache.", "",
+             "| model | retention | FLOPs/token | checkpoint | peak forward memory | prefill tokens/s | "
              + " | ".join(f"decode b{b}" for b in d["decode_s_per_token"]) + " |",
              "|" + "---|" * (6 + len(d["decode_s_per_token"]))]
     slower = []

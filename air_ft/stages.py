@@ -97,7 +97,10 @@ def run_compress(recipe: Recipe, dense=None) -> dict:
         for name, text in evals.items():
             report["dense"][name] = _ppl(model, tok, text, recipe)
             print(f"dense      {name}: ppl {report['dense'][name]['ppl']:.2f}")
-    info = air_ft.compress(model, tok, cal, device=recipe.model.device, **dataclasses.asdict(recipe.compress))
+    if recipe.compress.method == "acip":
+        model, info = acip_compress(model, tok, cal, recipe)
+    else:
+        info = air_ft.compress(model, tok, cal, device=recipe.model.device, **dataclasses.asdict(recipe.compress))
     for name, text in evals.items():
         report["compressed"][name] = _ppl(model, tok, text, recipe)
         print(f"{recipe.compress.method:<10} {name}: ppl {report['compressed'][name]['ppl']:.2f}")
@@ -110,6 +113,38 @@ def run_compress(recipe: Recipe, dense=None) -> dict:
           f"{info['model_params_after']:,} / {info['model_params_before']:,} parameters")
     print(f"saved factored checkpoint to {out}")
     return {"info": summary, "perplexity": report}
+
+
+def acip_compress(model, tok, cal: list[str], recipe: Recipe):
+    """ACIP-style compression to ``compress.retention``: the mask phase + post-tune runs once per (model, data,
+    ``acip`` settings), cached under ``AIR_FT_CACHE/acip/<key>`` (a killed mask phase resumes there), and every
+    retention is materialized from the same score map. Returns the factored model and an info dict like
+    :func:`air_ft.compress`'s."""
+    from air_ft.acip import FIT_MARKER, AcipFit, acip_fit
+    from air_ft.assets import cache_root
+    from air_ft.efficiency import parameter_counts
+    from air_ft.modeling import count_parameters
+
+    key = _key("acip", to_dict(recipe.model), recipe.data.calibration, to_dict(recipe.acip))
+    folder = cache_root() / "acip" / key
+    if (folder / "fit" / FIT_MARKER).exists():
+        fit = AcipFit.load(folder / "fit")
+        print(f"[air-ft] ACIP mask phase: reused {folder / 'fit'}")
+    else:
+        fit = acip_fit(model, tok, cal, **dataclasses.asdict(recipe.acip), output_dir=folder / "run",
+                       progress=recipe.compress.progress)
+        fit.save(folder / "fit")
+        shutil.rmtree(folder / "run", ignore_errors=True)
+    before = parameter_counts(model)
+    small = fit.materialize(recipe.compress.retention)
+    after = parameter_counts(small)
+    info = {"method": "acip", "retention": recipe.compress.retention, "retention_actual": after["retention"],
+            "linear_params_before": before["linear"], "linear_params_after": after["linear"],
+            "model_params_before": count_parameters(model), "model_params_after": count_parameters(small),
+            "ranks": {n: m.rank for n, m in small.named_modules() if hasattr(m, "rank")},
+            "retention_reached": fit.retention_reached, "mask_steps": len(fit.history),
+            "train_tokens": fit.tokens, "acip": fit.settings}
+    return small, info
 
 
 def _ppl(model, tok, text: str, recipe: Recipe) -> dict:
@@ -236,9 +271,10 @@ def run_merge(adapter_dir: str, output_dir: str, base: str | None = None, dtype:
 
 # ---------------------------------------------------------------------------------------------- evaluate stage
 
-def evaluate_model(model, tok, recipe: Recipe, eval_texts: dict[str, str] | None = None) -> dict:
-    """Perplexity on every ``data.evaluation`` text, the ``eval.tasks`` through lm-eval, and (``eval.efficiency``)
-    size and speed: everything the report shows for one model."""
+def evaluate_model(model, tok, recipe: Recipe, eval_texts: dict[str, str] | None = None,
+                   with_efficiency: bool = True) -> dict:
+    """Perplexity on every ``data.evaluation`` text, the ``eval.tasks`` through lm-eval, and (``eval.efficiency``
+    and ``with_efficiency``) size and speed: everything the report shows for one model."""
     from air_ft.efficiency import efficiency
     from air_ft.reasoning import evaluate_tasks
 
@@ -255,7 +291,7 @@ def evaluate_model(model, tok, recipe: Recipe, eval_texts: dict[str, str] | None
         for name, row in out["tasks"].items():
             print(f"  {name}: " + ", ".join(f"{k} {row[k]:.3f}" for k in ("acc", "acc_norm") if k in row)
                   + f" ({row['n']} documents, {row['split']})", flush=True)
-    if ev.efficiency:
+    if ev.efficiency and with_efficiency:
         out["efficiency"] = efficiency(model, tok, batch_sizes=tuple(ev.decode_batch_sizes))
         dec = out["efficiency"]["decode_s_per_token"]
         print("  decode s/token: " + ", ".join(f"batch {b} {s * 1e3:.1f} ms" for b, s in dec.items()), flush=True)
@@ -336,20 +372,36 @@ class Stage:
         return result
 
 
-def _stage(path: Path, key: str, label: str, work) -> dict:
-    """Run ``work(path)`` unless ``path`` holds a finished stage with ``key``; print what happened."""
+def _stage(path: Path, key: str, label: str, work, all_ranks: bool = False) -> dict:
+    """Run ``work(path)`` unless ``path`` holds a finished stage with ``key``; print what happened.
+
+    Under ``accelerate launch`` with several processes, the main process does the work and the others wait and
+    read its result, except for ``all_ranks`` stages (training), which every process runs together.
+    """
+    from accelerate import PartialState
+
+    state = PartialState()
     stage = Stage(path, key)
     done = stage.cached()
     if done is not None:
-        print(f"[air-ft] {label}: reused {path}", flush=True)
+        if state.is_main_process:
+            print(f"[air-ft] {label}: reused {path}", flush=True)
         return done
-    print(f"[air-ft] {label} ...", flush=True)
-    stage.begin()
-    t0 = time.perf_counter()
-    result = work(path)
-    seconds = time.perf_counter() - t0
-    print(f"[air-ft] {label}: done in {seconds:.0f} s", flush=True)
-    return stage.finish({**result, "seconds": seconds}, seconds)
+    if state.is_main_process:
+        print(f"[air-ft] {label} ...", flush=True)
+        stage.begin()
+    if all_ranks:
+        state.wait_for_everyone()
+    result = None
+    if all_ranks or state.is_main_process:
+        t0 = time.perf_counter()
+        result = work(path)
+        seconds = time.perf_counter() - t0
+        if state.is_main_process:
+            print(f"[air-ft] {label}: done in {seconds:.0f} s", flush=True)
+            result = stage.finish({**result, "seconds": seconds}, seconds)
+    state.wait_for_everyone()
+    return result if state.is_main_process else stage.cached()
 
 
 def check_study(recipe: Recipe) -> None:
@@ -361,6 +413,10 @@ def check_study(recipe: Recipe) -> None:
         raise RecipeError("data.calibration is empty: the study's methods (and LoRA) need calibration text")
     for r in recipe.study.retentions:  # the compress section validates each grid point
         dataclasses.replace(recipe.compress, retention=float(r))
+    if "acip" in recipe.study.methods and min(recipe.study.retentions) < recipe.acip.stop_retention:
+        raise RecipeError(f"study.retentions go down to {min(recipe.study.retentions)} but acip.stop_retention is "
+                          f"{recipe.acip.stop_retention}: ACIP can only materialize sizes its mask phase reached; "
+                          "lower acip.stop_retention")
     _check_eval(recipe)
 
 
@@ -397,11 +453,12 @@ def run_study(recipe: Recipe) -> dict:
     def evaluate(name: str, source_key: str, load) -> dict:
         def work(path: Path) -> dict:
             model, tok = load()
-            return evaluate_model(model, tok, recipe, eval_texts())
+            return evaluate_model(model, tok, recipe, eval_texts(), with_efficiency=False)
 
+        loaders[name] = (source_key, load)
         return _stage(out / "stages" / "eval" / name, _key("eval", source_key, eval_key), f"evaluate {name}", work)
 
-    rows = []
+    rows, loaders = [], {}
     dense_key = _key("dense", model_spec)
     if recipe.study.dense:
         rows.append({"name": "dense", "method": "dense", "retention": 1.0, "lora": False,
@@ -421,8 +478,11 @@ def run_study(recipe: Recipe) -> dict:
 
             comp = _stage(out / "stages" / "compress" / name, ckey, f"compress {name}", compress_work)
             ckpt = out / "stages" / "compress" / name / "checkpoint"
+            tokens = {"calibration": comp["info"].get("calibration_tokens", 0),
+                      "training": comp["info"].get("train_tokens", 0)}  # ACIP's mask phase + post-tune
             row = {"name": name, "method": method, "retention": float(retention), "lora": False,
-                   "compress": comp["info"], **evaluate(name, ckey, lambda c=ckpt: load_any(c, recipe))}
+                   "compress": comp["info"], "tokens": tokens,
+                   **evaluate(name, ckey, lambda c=ckpt: load_any(c, recipe))}
             rows.append(row)
             if not recipe.study.recovers(method):
                 continue
@@ -433,18 +493,33 @@ def run_study(recipe: Recipe) -> dict:
                                           train=dataclasses.replace(sub.train, compressed_path=str(ckpt)))
                 return run_train(rec)
 
-            tr = _stage(out / "stages" / "train" / name, tkey, f"LoRA-recover {name}", train_work)
+            tr = _stage(out / "stages" / "train" / name, tkey, f"LoRA-recover {name}", train_work, all_ranks=True)
             merged = out / "stages" / "train" / name / "merged"
             rows.append({"name": f"{name}+lora", "method": method, "retention": float(retention), "lora": True,
                          "compress": comp["info"], "train": tr,
+                         "tokens": {**tokens, "training": tokens["training"] + tr["tokens"]},
                          "train_log": _read_log(out / "stages" / "train" / name / "train_log.jsonl"),
                          **evaluate(f"{name}+lora", tkey, lambda m=merged: load_any(m, recipe))})
+    if recipe.eval.efficiency:  # every model measured in turns in one process: ratios from one run
+        eff = _stage(out / "stages" / "efficiency", _key("efficiency", {n: k for n, (k, _) in loaders.items()},
+                                                         recipe.eval.decode_batch_sizes, recipe.eval.efficiency_rounds,
+                                                         model_spec),
+                     "measure speed and size", lambda path: _measure(loaders, recipe))
+        for row in rows:
+            row["efficiency"] = eff.get(row["name"])
     report = {"title": f"air_ft study: {recipe.model.name_or_path} {recipe.model.gguf_file or ''}".strip(),
               "setup": _setup(recipe), "rows": rows, "recipe": to_dict(recipe),
               "environment": run_metadata(recipe), "provenance": _provenance(recipe, eval_texts, rows)}
     if state.is_main_process:
         write_report(report, out)
     return report
+
+
+def _measure(loaders: dict, recipe: Recipe) -> dict:
+    from air_ft.efficiency import compare
+
+    return compare({name: load for name, (_, load) in loaders.items()}, rounds=recipe.eval.efficiency_rounds,
+                   batch_sizes=tuple(recipe.eval.decode_batch_sizes))
 
 
 def _read_log(path: Path) -> list[dict]:

@@ -152,3 +152,40 @@ def test_a_killed_mask_phase_resumes_with_its_score_map(tokenizer, text, tmp_pat
                        **kwargs)
     assert [h["step"] for h in resumed.history] == [h["step"] for h in straight.history]
     assert resumed.history[-1]["ratio"] == pytest.approx(straight.history[-1]["ratio"])
+
+
+def test_acip_is_one_more_method_of_the_study(tmp_path, tokenizer, text):
+    import json
+
+    import yaml
+
+    from air_ft.config import load_recipe
+    from air_ft.stages import run_study
+
+    model = tiny_llama(vocab_size=len(tokenizer))
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    (tmp_path / "corpus.txt").write_text(text)
+    recipe = {"output_dir": str(tmp_path / "out"), "model": {"name_or_path": str(tmp_path / "base")},
+              "data": {"calibration": [{"source": str(tmp_path / "corpus.txt"), "end": 0.8}],
+                       "evaluation": {"heldout": {"source": str(tmp_path / "corpus.txt"), "start": 0.8}}},
+              "compress": {"num_samples": 8, "seq_len": 32, "progress": False},
+              "eval": {"seq_len": 32, "max_windows": 4, "efficiency": False},
+              "acip": {"max_steps": 40, "stop_retention": 0.45, "lambda_init": 1e-3, "lambda_growth": 1.3,
+                       "lambda_every": 1, "mask_lr": 2e-3, "lora_lr": 1e-3, "lora_rank": 2, "post_tune_steps": 2,
+                       "seq_len": 32, "batch_size": 2},
+              "study": {"methods": ["svdllm", "acip"], "retentions": [0.7, 0.5], "dense": False}}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(RecipeError, match="acip.stop_retention"):
+        run_study(load_recipe(str(tmp_path / "study.yaml"), ["study.retentions=[0.3]"]))
+    report = run_study(load_recipe(str(tmp_path / "study.yaml")))
+    acip_rows = [r for r in report["rows"] if r["method"] == "acip"]
+    assert [r["retention"] for r in acip_rows] == [0.7, 0.5]
+    for r in acip_rows:
+        assert r["retention"] <= r["compress"]["retention_actual"] <= r["retention"] + 0.01
+        assert r["tokens"]["training"] == r["compress"]["train_tokens"] > 0
+    fits = list((tmp_path / "cache" / "acip").iterdir())  # one mask phase served both retentions
+    assert len(fits) == 1
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| ACIP-style |" in md and "train tokens" in md
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["recipe"]["acip"]["lora_rank"] == 2

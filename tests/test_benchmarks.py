@@ -15,8 +15,26 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
     ("gpu_train.py", ["--warmup", "-1"], "--warmup must be an integer >= 0"),
     ("gpu_train.py", ["--retention", "1.2"], "--retention must lie strictly between 0 and 1"),
     ("recovery.py", ["--britannica-share", "1"], "--britannica-share must lie strictly between 0 and 1"),
+    ("efficiency.py", ["--retentions", "1.5"], "--retentions must lie strictly between 0 and 1"),
+    ("efficiency.py", ["--repeats", "0"], "must be >= 1"),
+    ("user_loaded.py", ["--steps", "0"], "--steps and --eval-windows must be >= 1"),
+    ("lm_eval_agreement.py", ["--limit", "0"], "--limit must be >= 1"),
 ])
 def test_bad_benchmark_options_are_refused_before_any_work(script, args, message):
     proc = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert message in proc.stderr
+
+
+def test_efficiency_benchmark_runs_on_a_tiny_shape(tmp_path):
+    import json
+
+    out = tmp_path / "eff.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "efficiency.py"), "--shape", "tiny", "--repeats", "1",
+                           "--retentions", "0.5", "--batch-sizes", "1", "2", "--prompt-len", "8", "--prefill-len",
+                           "16", "--decode-steps", "2", "--output", str(out)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {"dense", "factored r0.50"}
+    assert rows["factored r0.50"]["vs_dense"]["params"] < 1 and rows["dense"]["vs_dense"]["decode_latency_b2"] == 1

@@ -57,7 +57,7 @@ def test_study_writes_report_and_a_rerun_reuses_every_stage(study, monkeypatch, 
     assert names == ["dense", "svdllm-r0.50", "svdllm-r0.50+lora", "air-r0.50", "air-r0.50+lora"]
     for row in report["rows"]:
         assert row["perplexity"]["heldout"]["ppl"] > 0 and row["tasks"]["piqa"]["n"] == 6
-        assert set(row["efficiency"]["decode_s_per_token"]) == {"1", "2"}
+        assert set(row["efficiency"]["decode_s_per_token"]) == {"1", "2"} and row["efficiency"]["rounds"] == 3
     lora_row = report["rows"][2]
     assert lora_row["train"]["tokens"] == 2 * 2 * 32 and lora_row["train_log"]
     assert report["provenance"]["tasks"]["piqa"]["split"] == "validation"
@@ -70,7 +70,7 @@ def test_study_writes_report_and_a_rerun_reuses_every_stage(study, monkeypatch, 
     # the factored rows really are factored at the grid's retention
     assert abs(report["rows"][1]["efficiency"]["params"]["retention"] - 0.5) < 0.02
     before = _finished(out)
-    assert len(before) == 9  # 1 + 2 x (compress, eval, train, eval)
+    assert len(before) == 10  # 1 + 2 x (compress, eval, train, eval) + the efficiency measurement
 
     def fail(*a, **k):
         raise AssertionError("a finished stage was redone")
@@ -80,7 +80,7 @@ def test_study_writes_report_and_a_rerun_reuses_every_stage(study, monkeypatch, 
     monkeypatch.setattr(stages, "evaluate_model", fail)
     capsys.readouterr()
     assert main(["run", "--recipe", str(path)]) == 0
-    assert _finished(out) == before and capsys.readouterr().out.count("reused") == 9
+    assert _finished(out) == before and capsys.readouterr().out.count("reused") == 10
 
 
 def test_changing_only_eval_re_evaluates_without_recompressing_or_retraining(study, monkeypatch):
@@ -219,3 +219,33 @@ def test_every_error_type_reaches_the_cli_as_one_line(study, monkeypatch, capsys
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("air-ft:")]
     assert len(err) == 1 and message in err[0], err
     assert not (tmp / "out" / "report.json").exists()
+
+
+def test_eval_scores_a_dense_checkpoint_and_the_recipe_model(study):
+    tmp, path = study
+    assert main(["eval", "--recipe", str(path), "--checkpoint", str(tmp / "base"), "eval.efficiency=false"]) == 0
+    result = json.loads((tmp / "base" / "eval.json").read_text())
+    assert result["perplexity"]["heldout"]["ppl"] > 0 and result["tasks"]["piqa"]["n"] == 6
+    assert main(["eval", "--recipe", str(path), "eval.efficiency=false", "eval.tasks=[]"]) == 0  # the recipe's model
+    again = json.loads((tmp / "out" / "eval.json").read_text())
+    assert again["perplexity"]["heldout"]["ppl"] == pytest.approx(result["perplexity"]["heldout"]["ppl"])
+    assert main(["eval", "--recipe", str(path), "--checkpoint", str(tmp / "missing")]) == 2
+
+
+def test_run_under_accelerate_launch(study):
+    import os
+    import subprocess
+    from pathlib import Path
+
+    tmp, path = study
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(root / "accelerate_configs" / "cpu.yaml"), "-m", "air_ft", "run", "--recipe", str(path),
+           "study.methods=[svdllm]", "eval.efficiency=false", "eval.tasks=[]"]
+    proc = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp / "out" / "report.json").read_text())
+    assert [r["name"] for r in report["rows"]] == ["dense", "svdllm-r0.50", "svdllm-r0.50+lora"]
+    assert report["rows"][2]["train"]["global_step"] == 2

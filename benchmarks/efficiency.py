@@ -1,0 +1,92 @@
+"""Factored against dense in one run: size, FLOPs, peak memory, prefill and decode speed at several retentions.
+
+    python benchmarks/efficiency.py                        # SmolLM2-135M-Instruct on this CPU
+    python benchmarks/efficiency.py --device cuda --dtype bfloat16 --shape 7b    # Llama-2-7B shape, random weights
+    python benchmarks/efficiency.py --shape tiny --repeats 1                     # smoke test (the tests run it)
+
+Speed depends on the ranks, not on which method chose the factors, so the factored models are plain truncated SVDs
+(no calibration needed); AIR, SVD-LLM(W) and ASVD at the same retention have the same shapes. Writes
+``benchmarks/results/efficiency_<shape>_<device>.json`` and prints each model's ratios to dense.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+
+import torch
+from common import MODEL, environment, set_threads, write_json
+
+import air_ft
+from air_ft.efficiency import efficiency
+
+SHAPES = {  # (hidden, intermediate, layers, heads, kv heads, vocab)
+    "tiny": (64, 160, 2, 4, 2, 256),
+    "1b": (2048, 8192, 16, 32, 8, 128256),
+    "7b": (4096, 11008, 32, 32, 32, 32000),
+}
+
+
+def build(shape: str, dtype: str, device: str):
+    if shape == "smollm2":
+        return air_ft.load_model(MODEL, dtype=dtype, device=device)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    h, i, n, a, kv, v = SHAPES[shape]
+    cfg = LlamaConfig(hidden_size=h, intermediate_size=i, num_hidden_layers=n, num_attention_heads=a,
+                      num_key_value_heads=kv, vocab_size=v, max_position_embeddings=4096)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(air_ft.modeling.resolve_dtype(dtype)).eval()
+    return model, None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", choices=["smollm2", *SHAPES], default="smollm2")
+    ap.add_argument("--retentions", type=float, nargs="+", default=[0.8, 0.6, 0.4])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--decode-steps", type=int, default=8)
+    ap.add_argument("--prefill-len", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--output", default=None)
+    args = ap.parse_args()
+    if any(not 0 < r < 1 for r in args.retentions):
+        ap.error("--retentions must lie strictly between 0 and 1")
+    if min(args.batch_sizes + [args.prompt_len, args.decode_steps, args.prefill_len, args.repeats]) < 1:
+        ap.error("--batch-sizes, --prompt-len, --decode-steps, --prefill-len and --repeats must be >= 1")
+    set_threads(args.threads)
+    settings = dict(batch_sizes=tuple(args.batch_sizes), prompt_len=args.prompt_len, decode_steps=args.decode_steps,
+                    prefill_len=args.prefill_len, repeats=args.repeats)
+    dense, tok = build(args.shape, args.dtype, args.device)
+    rows = {"dense": efficiency(dense, tok, **settings)}
+    for r in args.retentions:
+        model = copy.deepcopy(dense)
+        air_ft.compress(model, tok, None, method="svd", retention=r, progress=False)
+        rows[f"factored r{r:.2f}"] = efficiency(model, tok, **settings)
+        del model
+        gc.collect()
+    d = rows["dense"]
+    print(f"{'model':<16} {'params':>9} {'FLOPs/tok':>10} {'prefill':>8} "
+          + " ".join(f"{'decode b' + str(b):>11}" for b in args.batch_sizes) + "   (ratios to dense)")
+    for name, e in rows.items():
+        e["vs_dense"] = {"params": e["params"]["model"] / d["params"]["model"],
+                         "flops_per_token": e["flops_per_token"] / d["flops_per_token"],
+                         "prefill_speed": e["prefill_tokens_per_s"] / d["prefill_tokens_per_s"],
+                         "peak_forward_bytes": e["peak_forward_bytes"] / max(d["peak_forward_bytes"], 1),
+                         **{f"decode_latency_b{b}": e["decode_s_per_token"][str(b)] / d["decode_s_per_token"][str(b)]
+                            for b in args.batch_sizes}}
+        v = e["vs_dense"]
+        print(f"{name:<16} {v['params']:9.2f} {v['flops_per_token']:10.2f} {v['prefill_speed']:8.2f} "
+              + " ".join(f"{v[f'decode_latency_b{b}']:11.2f}" for b in args.batch_sizes))
+    out = write_json(args.output or f"efficiency_{args.shape}_{args.device.split(':')[0]}.json",
+                     {"rows": rows, "settings": vars(args), "environment": environment()})
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -28,6 +28,7 @@ __all__ = ["texts", "run_compress", "run_train", "run_merge", "run_eval", "run_s
            "save_resolved", "run_metadata", "STAGE_MARKER"]
 
 STAGE_MARKER = "stage.json"
+EFFICIENCY_KEYS = ("efficiency", "decode_batch_sizes", "efficiency_rounds")
 
 
 def texts(specs: list[dict]) -> list[str]:
@@ -437,7 +438,8 @@ def run_study(recipe: Recipe) -> dict:
     if state.is_main_process:
         save_resolved(recipe, out)
     model_spec, data = to_dict(recipe.model), to_dict(recipe.data)
-    eval_key = (to_dict(recipe.eval), data["evaluation"])
+    # the evaluate stage's inputs: efficiency settings belong to the efficiency stage
+    eval_key = ({k: v for k, v in to_dict(recipe.eval).items() if k not in EFFICIENCY_KEYS}, data["evaluation"])
     cache: dict = {}
 
     def dense():

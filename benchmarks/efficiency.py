@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 
 import torch
 from common import MODEL, environment, set_threads, write_json
 
 import air_ft
-from air_ft.efficiency import efficiency
+from air_ft.efficiency import compare
 
 SHAPES = {  # (hidden, intermediate, layers, heads, kv heads, vocab)
     "tiny": (64, 160, 2, 4, 2, 256),
@@ -51,25 +50,25 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--decode-steps", type=int, default=8)
     ap.add_argument("--prefill-len", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3, help="every model measured in turns this many times (medians)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--output", default=None)
     args = ap.parse_args()
     if any(not 0 < r < 1 for r in args.retentions):
         ap.error("--retentions must lie strictly between 0 and 1")
-    if min(args.batch_sizes + [args.prompt_len, args.decode_steps, args.prefill_len, args.repeats]) < 1:
-        ap.error("--batch-sizes, --prompt-len, --decode-steps, --prefill-len and --repeats must be >= 1")
+    if min(args.batch_sizes + [args.prompt_len, args.decode_steps, args.prefill_len, args.repeats, args.rounds]) < 1:
+        ap.error("--batch-sizes, --prompt-len, --decode-steps, --prefill-len, --repeats and --rounds must be >= 1")
     set_threads(args.threads)
     settings = dict(batch_sizes=tuple(args.batch_sizes), prompt_len=args.prompt_len, decode_steps=args.decode_steps,
                     prefill_len=args.prefill_len, repeats=args.repeats)
     dense, tok = build(args.shape, args.dtype, args.device)
-    rows = {"dense": efficiency(dense, tok, **settings)}
+    models = {"dense": dense}
     for r in args.retentions:
-        model = copy.deepcopy(dense)
-        air_ft.compress(model, tok, None, method="svd", retention=r, progress=False)
-        rows[f"factored r{r:.2f}"] = efficiency(model, tok, **settings)
-        del model
-        gc.collect()
+        models[f"factored r{r:.2f}"] = copy.deepcopy(dense)
+        air_ft.compress(models[f"factored r{r:.2f}"], tok, None, method="svd", retention=r, progress=False)
+    # every model measured in turns, `rounds` times: a slow spell of the machine falls on all of them alike
+    rows = compare({name: (lambda m=m: (m, tok)) for name, m in models.items()}, rounds=args.rounds, **settings)
     d = rows["dense"]
     print(f"{'model':<16} {'params':>9} {'FLOPs/tok':>10} {'prefill':>8} "
           + " ".join(f"{'decode b' + str(b):>11}" for b in args.batch_sizes) + "   (ratios to dense)")

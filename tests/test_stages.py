@@ -183,6 +183,7 @@ def test_report_renders_from_a_results_file(tmp_path, capsys):
 @pytest.mark.parametrize("error, message", [
     ("recipe", "unknown key(s) ['eval.bogus']"),
     ("task", "unknown lm-eval task(s) ['piqaa']"),
+    ("taskdata", "task data folder"),
     ("data", "fewer than one window"),
     ("missing", "is neither a file nor a known dataset"),
     ("calibration", "calibration loss is NaN/Inf"),
@@ -206,6 +207,8 @@ def test_every_error_type_reaches_the_cli_as_one_line(study, monkeypatch, capsys
         args.append("eval.bogus=1")
     elif error == "task":
         args.append("eval.tasks=[piqaa]")
+    elif error == "taskdata":
+        args += ["eval.tasks=[piqa]", f"eval.task_data={tmp / 'no-such-folder'}"]
     elif error == "data":
         args.append("eval.seq_len=100000")
     elif error == "missing":
@@ -225,6 +228,8 @@ def test_every_error_type_reaches_the_cli_as_one_line(study, monkeypatch, capsys
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("air-ft:")]
     assert len(err) == 1 and message in err[0], err
     assert not (tmp / "out" / "report.json").exists()
+    if error in ("recipe", "task", "taskdata"):  # known before any work
+        assert not (tmp / "out" / "stages").exists()
 
 
 def test_eval_scores_a_dense_checkpoint_and_the_recipe_model(study):

@@ -31,7 +31,8 @@ def test_efficiency_benchmark_runs_on_a_tiny_shape(tmp_path):
 
     out = tmp_path / "eff.json"
     args = ["--shape", "tiny", "--threads", "1", "--repeats", "1", "--rounds", "1", "--retentions", "0.5",
-            "--batch-sizes", "1", "2", "--prompt-len", "8", "--prefill-len", "16", "--decode-steps", "2", "--output", str(out)]
+            "--batch-sizes", "1", "2", "--prompt-len", "8", "--prefill-len", "16", "--decode-steps", "2",
+            "--output", str(out)]
     proc = subprocess.run([sys.executable, str(BENCH / "efficiency.py"), *args], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -75,14 +75,16 @@ def _check_finite(t: torch.Tensor, what: str, name: str) -> None:
             "or exclude the layer (exclude regex).")
 
 
-class _Hooks:
+class StatsHooks:
     """Forward/backward hooks that accumulate Grams and influence for a set of target linears."""
 
     def __init__(self, targets: dict[str, nn.Linear], influence: bool,
-                 unwhiten: dict[str, torch.Tensor] | None = None) -> None:
+                 unwhiten: dict[str, torch.Tensor] | None = None, grams: bool = True) -> None:
         self.targets = targets
         self.influence = influence
         self.unwhiten = unwhiten  # layer -> S^-T: measure the Fisher in whitened coordinates only
+        self.want_grams = grams and unwhiten is None  # the whitened pass already has its Grams
+        self.in_backward = False  # forwards run by activation checkpointing's recomputation are not new data
         self.group_of: dict[str, str] = {}
         self.grams: dict[str, torch.Tensor] = {}
         self.abs_sum: dict[str, torch.Tensor] = {}
@@ -105,17 +107,20 @@ class _Hooks:
 
     def end_batch(self) -> None:
         self.first_batch = False
+        self.in_backward = False
         self._seen.clear()
         self._whitened.clear()
 
     def _forward_hook(self, name: str):
         def hook(mod: nn.Linear, inputs: tuple, output: torch.Tensor) -> None:
+            if self.in_backward:
+                return
             if self.first_batch:  # group layers that read the very same tensor (kept alive to make ids unique)
                 leader, _ = self._seen.setdefault(id(inputs[0]), (name, inputs[0]))
                 self.group_of[name] = leader
             x = inputs[0].detach()
             _check_finite(x, "the input", name)
-            if self.group_of[name] == name and self.unwhiten is None:  # the whitened pass already has its Grams
+            if self.group_of[name] == name and self.want_grams:
                 flat = x.reshape(-1, x.shape[-1]).to(torch.float64)
                 if name not in self.grams:
                     self.grams[name] = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float64,
@@ -165,7 +170,9 @@ class _Hooks:
 
 def calibrate(model: nn.Module, windows: torch.Tensor, targets: dict[str, nn.Linear], influence: bool,
               batch_size: int = 4, progress: bool = True,
-              whitening: dict[str, torch.Tensor] | None = None) -> CalibrationStats:
+              whitening: dict[str, torch.Tensor] | None = None, grams: bool = True,
+              start: nn.Module | None = None, checkpointing: bool = False, desc: str | None = None,
+              tokens: int | None = None) -> CalibrationStats:
     """Run the calibration windows through ``model`` once and collect :class:`CalibrationStats`.
 
     Args:
@@ -177,6 +184,13 @@ def calibrate(model: nn.Module, windows: torch.Tensor, targets: dict[str, nn.Lin
         whitening: layer -> whitening factor ``S`` (``W' = W S``): instead of ``wxg``/``fisher``, measure
             ``fisher_whitened = sum_d (g_d S^-T)^2``, the Fisher of the whitened weight (a second pass: ``S``
             comes from the Grams of a first one).
+        grams: accumulate the input Grams (an influence pass over a group of blocks whose Grams are known sets
+            False).
+        start: the module (a decoder block) at whose input the backward may stop: no layer before it is
+            observed, so no graph is built below it (default: the input embeddings).
+        checkpointing: recompute block activations in the backward (Hugging Face gradient checkpointing):
+            memory of one block's activations instead of all of them, for one more forward.
+        tokens: calibration tokens to record (default ``windows.numel()``; a process of several holds a shard).
     """
     device = next(model.parameters()).device
     unwhiten = None
@@ -188,20 +202,38 @@ def calibrate(model: nn.Module, windows: torch.Tensor, targets: dict[str, nn.Lin
                 inverse[id(s)] = torch.linalg.inv(s.to(device, torch.float64)).T.to(torch.float32).contiguous()
             unwhiten[name] = inverse[id(s)]
         influence = True
-    hooks = _Hooks(targets, influence, unwhiten)
+    hooks = StatsHooks(targets, influence, unwhiten, grams=grams)
     saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
     was_training = model.training
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    embed = model.get_input_embeddings()
-    embed_handle = embed.register_forward_hook(lambda m, i, o: o.requires_grad_(True)) if influence else None
+    handle = None
+    if influence and start is None:
+        handle = model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+    elif influence:  # the graph starts at this block's input: nothing below it is differentiated
+        def grad_from_here(mod, args, kwargs):
+            if args:
+                return (args[0].detach().requires_grad_(True), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": kwargs["hidden_states"].detach().requires_grad_(True)}
+
+        handle = start.register_forward_pre_hook(grad_from_here, with_kwargs=True)
+    # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_* (the old names warn)
+    prefix = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
+    ckpt = influence and checkpointing and getattr(model, "supports_gradient_checkpointing", False)
+    was_ckpt = ckpt and getattr(model, f"is_{prefix}_checkpointing", False)
+    if ckpt and not was_ckpt:
+        getattr(model, f"{prefix}_checkpointing_enable")({"use_reentrant": False})
+        model.eval()
+        for mod in model.modules():  # a block recomputes only in training mode: switch the blocks alone, so that
+            if getattr(mod, "gradient_checkpointing", False):  # their attention and MLP keep eval behaviour
+                mod.training = True
     hooks.attach()
     t0 = time.perf_counter()
     try:
         batches = windows.split(batch_size)
-        desc = ("whitened influence" if whitening is not None else "calibration") + (
-            " (forward+backward)" if influence else " (forward)")
+        desc = desc or (("whitened influence" if whitening is not None else "calibration") + (
+            " (forward+backward)" if influence else " (forward)"))
         for batch in tqdm(batches, desc=desc, disable=not progress):
             batch = batch.to(device)
             with torch.set_grad_enabled(influence):
@@ -210,18 +242,21 @@ def calibrate(model: nn.Module, windows: torch.Tensor, targets: dict[str, nn.Lin
                     if not torch.isfinite(out.loss):
                         raise CalibrationError("calibration loss is NaN/Inf; load the model in float32 or check "
                                                "the calibration text")
+                    hooks.in_backward = True
                     # out.loss is the mean over equal-length samples; scale so each sample's loss has weight 1
                     (out.loss * batch.shape[0]).backward()
             hooks.end_batch()
     finally:
         hooks.detach()
-        if embed_handle is not None:
-            embed_handle.remove()
+        if handle is not None:
+            handle.remove()
+        if ckpt and not was_ckpt:
+            getattr(model, f"{prefix}_checkpointing_disable")()
         for n, p in model.named_parameters():
             p.requires_grad_(saved_flags[n])
         model.train(was_training)
     return CalibrationStats(grams=hooks.grams, abs_sum=hooks.abs_sum, group_of=dict(hooks.group_of),
-                            tokens=int(windows.numel()), influence=hooks.imaps,
+                            tokens=int(windows.numel() if tokens is None else tokens), influence=hooks.imaps,
                             seconds=time.perf_counter() - t0)
 
 

@@ -1,11 +1,17 @@
-"""The compression stage: calibrate once, then factor every target layer with one of five methods.
+"""The compression stage: calibrate, then factor every target layer with one of five methods.
 
-Reads top to bottom: validate -> choose layers and ranks -> calibration statistics (cached) -> per layer:
-factor (pure math in :mod:`air_ft.linalg`) and swap in a :class:`~air_ft.modeling.LowRankLinear`.
+Reads top to bottom: validate -> choose layers and ranks -> calibration statistics, streamed one decoder block at
+a time (cached per block) -> per block and layer: factor (pure math in :mod:`air_ft.linalg`) and swap in a
+:class:`~air_ft.modeling.LowRankLinear`. Memory holds one block's statistics, whatever the depth.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -13,11 +19,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from air_ft import linalg
+from air_ft import dist, linalg
 from air_ft.assets import cache_root
 from air_ft.calibration import (
     WHITENED,
     CalibrationStats,
+    StatsHooks,
     calibrate,
     load_stats,
     model_fingerprint,
@@ -27,6 +34,7 @@ from air_ft.calibration import (
 from air_ft.config import CompressConfig, RecipeError, build_dataclass
 from air_ft.data import sample_windows
 from air_ft.modeling import LowRankLinear, count_parameters, find_targets, prepare_model, set_module
+from air_ft.stream import BlockStore, capture_inputs, find_blocks, run_block
 
 __all__ = ["compress", "METHOD_FUNCTIONS", "plan_ranks"]
 
@@ -137,6 +145,11 @@ def compress(model: nn.Module, tok, texts: list[str] | None = None, method: str 
              **options) -> dict:
     """Compress every target linear of ``model`` in place to rank ``k`` factors; return what was done.
 
+    Calibration and compression stream through the decoder blocks (:func:`_stream`): statistics memory is one
+    block's (or one influence pass's, ``stats_memory_gb``), whatever the depth. Under ``accelerate launch`` with
+    several processes, calibration batches are sharded over the processes and each block's matrices are factored
+    in parallel; every process ends with the same model.
+
     Args:
         model: a causal LM whose projections are ``nn.Linear``.
         tok: its tokenizer.
@@ -144,15 +157,19 @@ def compress(model: nn.Module, tok, texts: list[str] | None = None, method: str 
             ``stats`` is given.
         method: ``svd`` | ``asvd`` | ``fwsvd`` | ``svdllm`` | ``air``.
         retention: fraction of the compressed layers' parameters kept.
-        stats: precomputed :class:`CalibrationStats` (skips calibration; benchmarks share one).
+        stats: precomputed :class:`CalibrationStats` of every layer at once (the all-at-once reference path:
+            skips calibration; benchmarks share one).
         **options: any other :class:`~air_ft.config.CompressConfig` field (delta, influence, normalization,
-            sweeps, tol, include, exclude, als_dtype, als_backend, eps, batch_size, cache, progress, device).
+            sweeps, tol, include, exclude, als_dtype, als_backend, eps, batch_size, sequential, stats_memory_gb,
+            checkpointing, cache, progress, device).
 
     Returns:
-        dict with ``ranks``, ``rungs``, per-layer ``objective`` (AIR), parameter counts, timings.
+        dict with ``ranks``, ``rungs``, per-layer ``objective`` (AIR), parameter counts, timings and, for the
+        streamed path, ``stream`` (blocks, influence passes, peak statistics / device / host memory).
     """
     device = options.pop("device", None)
     prepare_model(model)
+    dist.init_from_env()
     if method == "acip":
         raise RecipeError("method 'acip' trains masks and LoRA: use air_ft.acip_fit(model, tok, texts, ...)"
                           ".materialize(retention), or air-ft compress / run with compress.method=acip")
@@ -169,53 +186,324 @@ def compress(model: nn.Module, tok, texts: list[str] | None = None, method: str 
                           "choose a lower retention")
     need_gram, need_infl = cfg.method in NEEDS_GRAM, cfg.method in NEEDS_INFLUENCE and not (
         cfg.method == "air" and cfg.delta == 0)
-    if (need_gram or need_infl) and stats is None:
-        if not texts:
-            raise RecipeError(f"method {cfg.method!r} needs calibration texts (a non-empty list of strings)")
-        stats = get_stats(model, tok, texts, targets, cfg, influence=need_infl)
-    if need_infl and cfg.method == "air" and cfg.influence not in stats.influence:
+    if (need_gram or need_infl) and stats is None and not texts:
+        raise RecipeError(f"method {cfg.method!r} needs calibration texts (a non-empty list of strings)")
+    if stats is not None and need_infl and cfg.method == "air" and cfg.influence not in stats.influence:
         raise RecipeError(f"calibration statistics hold no {cfg.influence!r} influence; recalibrate")
     params_before = count_parameters(model)
     math_device = torch.device(device) if device else next(model.parameters()).device
-    whitening_cache: dict[str, tuple[torch.Tensor, str]] = {}
-    info: dict = {"method": cfg.method, "retention": cfg.retention, "ranks": {}, "rungs": {}, "objective": {},
-                  "config": {k: v for k, v in vars(cfg).items()}}
+    info: dict = {"method": cfg.method, "retention": cfg.retention, "ranks": dict(ranks), "rungs": {},
+                  "objective": {}, "config": {k: v for k, v in vars(cfg).items()}}
     t0 = time.perf_counter()
-    linear_before = linear_after = 0
-    for name, mod in tqdm(targets.items(), desc=f"compress ({cfg.method})", disable=not cfg.progress):
-        k = ranks[name]
-        m, n = mod.weight.shape
-        linear_before += m * n + (mod.bias.numel() if mod.bias is not None else 0)
-        info["ranks"][name] = k
-        if k is None:
-            linear_after += m * n + (mod.bias.numel() if mod.bias is not None else 0)
-            continue
-        layer = _layer_inputs(name, stats, cfg, math_device, whitening_cache)
-        w = mod.weight.detach().to(math_device, torch.float64)
-        uf, vf, extra = METHOD_FUNCTIONS[cfg.method](w, k, layer, cfg)
+    if stats is not None or not (need_gram or need_infl):
+        _factor_layers(model, targets, list(targets), ranks, stats, cfg, math_device, info, progress=cfg.progress)
+        info.update(compression_seconds=time.perf_counter() - t0,
+                    calibration_seconds=stats.seconds if stats is not None else 0.0,
+                    calibration_cached=bool(stats.cached) if stats is not None else False,
+                    calibration_tokens=stats.tokens if stats is not None else 0)
+    else:
+        windows = sample_windows(tok, texts, cfg.num_samples, cfg.seq_len, cfg.seed)
+        info.update(_stream(model, windows, targets, ranks, cfg, math_device, info, need_gram, need_infl))
+    linear_before = sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0) for m in targets.values())
+    linear_after = sum((m.weight.numel() if ranks[n] is None else ranks[n] * sum(m.weight.shape))
+                       + (m.bias.numel() if m.bias is not None else 0) for n, m in targets.items())
+    info.update(linear_params_before=linear_before, linear_params_after=linear_after,
+                retention_actual=linear_after / linear_before,
+                model_params_before=params_before, model_params_after=count_parameters(model))
+    model.config.air_ft = {"method": cfg.method, "retention": cfg.retention,
+                           "ranks": {k: v for k, v in info["ranks"].items() if v is not None}}
+    return info
+
+
+def _factor_layers(model: nn.Module, targets: dict[str, nn.Linear], names: list[str], ranks: dict,
+                   stats: CalibrationStats | None, cfg: CompressConfig, device: torch.device, info: dict,
+                   progress: bool = False) -> None:
+    """Factor the layers ``names`` with ``cfg.method`` and swap each for a :class:`LowRankLinear`.
+
+    With several processes each factors its share (balanced by ``k m n``, the cost of the SVD and the sweep) and
+    the owner broadcasts the factors, so every process ends with the same layers.
+    """
+    todo = [n for n in names if ranks[n] is not None]
+    world, me = dist.world(), dist.rank()
+    owner = dist.assign({n: float(ranks[n] * targets[n].weight.numel()) for n in todo}, world)
+    whitening_cache: dict[str, tuple[torch.Tensor, str]] = {}
+    done: dict[str, tuple] = {}
+    for name in tqdm([n for n in todo if owner[n] == me], desc=f"compress ({cfg.method})", disable=not progress):
+        layer = _layer_inputs(name, stats, cfg, device, whitening_cache)
+        w = targets[name].weight.detach().to(device, torch.float64)
+        uf, vf, extra = METHOD_FUNCTIONS[cfg.method](w, ranks[name], layer, cfg)
         if not (torch.isfinite(uf).all() and torch.isfinite(vf).all()):
             raise linalg.WhiteningError(f"factors of {name!r} are not finite; raise eps (e.g. eps=1e-6) or use "
                                         "more calibration samples")
+        done[name] = (uf, vf, extra)
+    whitening_cache.clear()
+    for name in todo:
+        mod = targets[name]
+        if world > 1:
+            (m, n), k = mod.weight.shape, ranks[name]
+            uf, vf, extra = done.get(name) or (torch.empty(m, k, dtype=torch.float64, device=device),
+                                               torch.empty(k, n, dtype=torch.float64, device=device), None)
+            uf, vf = dist.broadcast(uf, owner[name]), dist.broadcast(vf, owner[name])
+            extra = dist.broadcast_object(extra, owner[name])
+        else:
+            uf, vf, extra = done.pop(name)
         bias = mod.bias.detach() if mod.bias is not None else None
-        new = LowRankLinear.from_factors(uf, vf, bias, dtype=mod.weight.dtype, device=mod.weight.device)
-        set_module(model, name, new)
-        linear_after += k * (m + n) + (bias.numel() if bias is not None else 0)
+        set_module(model, name, LowRankLinear.from_factors(uf, vf, bias, dtype=mod.weight.dtype,
+                                                           device=mod.weight.device))
         if "rung" in extra:
             info["rungs"][name] = extra["rung"]
         if "objective_start" in extra:
             info["objective"][name] = [extra["objective_start"], extra["objective_end"]]
-    info.update(
-        compression_seconds=time.perf_counter() - t0,
-        calibration_seconds=stats.seconds if stats is not None else 0.0,
-        calibration_cached=bool(stats.cached) if stats is not None else False,
-        calibration_tokens=stats.tokens if stats is not None else 0,
-        linear_params_before=linear_before, linear_params_after=linear_after,
-        retention_actual=linear_after / linear_before,
-        model_params_before=params_before, model_params_after=count_parameters(model),
-    )
-    model.config.air_ft = {"method": cfg.method, "retention": cfg.retention,
-                           "ranks": {k: v for k, v in info["ranks"].items() if v is not None}}
-    return info
+
+
+def _reduce(cfg: CompressConfig, t: torch.Tensor) -> torch.Tensor:
+    """The sum over the processes of a statistic accumulated on this process's batches (``data_parallel``)."""
+    return dist.all_reduce_sum(t) if cfg.data_parallel else t
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _stream(model: nn.Module, windows: torch.Tensor, targets: dict[str, nn.Linear], ranks: dict,
+            cfg: CompressConfig, device: torch.device, info: dict, need_gram: bool, need_infl: bool) -> dict:
+    """Calibrate and compress one decoder block at a time; return timings and memory figures.
+
+    1. Dense Grams (a forward, block by block over the captured block inputs), when compression or the whitened
+       influence needs them; each block's Grams go to the :class:`~air_ft.stream.BlockStore` and are freed.
+    2. Influence maps on the dense model (whole-model backward passes, each observing as many consecutive blocks
+       as ``stats_memory_gb`` holds; the backward stops at the first of them); each block's maps go to the store.
+    3. Block by block: its statistics (stored, or with ``sequential`` the Grams of the inputs that the compressed
+       blocks before it produce), factor its layers, swap them in, and (``sequential``) run the compressed block to
+       make the next block's inputs. Each finished block's factors are kept on disk (``cache``), so a killed run
+       resumes from its last finished block.
+    """
+    blocks = find_blocks(model, targets)
+    run_device = next(model.parameters()).device
+    whitened = need_infl and cfg.method == "air" and cfg.influence == WHITENED
+    kind = f"influence-{WHITENED}-{cfg.whitening}-{cfg.eps}" if whitened else "influence-wxg+fisher"
+    batches = list(windows.split(cfg.batch_size))
+    if len(batches) < dist.world():
+        raise RecipeError(f"{len(batches)} calibration batches for {dist.world()} processes: raise num_samples or "
+                          "lower batch_size so that every process gets a batch")
+    mine = dist.shard(batches) if cfg.data_parallel else batches
+    tokens = int(windows.numel())
+    peak = {"stats": 0}
+    if run_device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run_device)
+    store, tmp = _open_store(model, windows, targets, cfg)
+    run = _RunState(_run_dir(store.root, cfg, ranks) if cfg.cache else None, writer=dist.is_main())
+    try:
+        t0 = time.perf_counter()
+        computed = 0
+        if need_gram and (not cfg.sequential or whitened):
+            computed = _dense_grams(model, blocks, targets, mine, store, tokens, cfg, peak)
+        passes = _influence(model, blocks, targets, torch.cat(mine), store, kind, whitened, tokens, cfg,
+                            peak) if need_infl else 0
+        t1 = time.perf_counter()
+        inputs = capture_inputs(model, blocks, mine, run_device) if cfg.sequential and need_gram else None
+        resumed = 0
+        for i in tqdm(range(len(blocks)), desc=f"compress ({cfg.method}) by block", disable=not cfg.progress):
+            names = blocks.members(i, targets)
+            if run.done(i):
+                run.restore(i, model, targets, info)
+                resumed += 1
+            elif names:
+                block_stats = _block_stats(blocks, i, names, targets, inputs, store, kind, need_gram, need_infl,
+                                           tokens, cfg)
+                held = [*block_stats.grams.values(), *block_stats.abs_sum.values(),
+                        *(t for maps in block_stats.influence.values() for t in maps.values())]
+                peak["stats"] = max(peak["stats"], _nbytes(held) + _nbytes(block_stats.grams.values()))  # + roots
+                _factor_layers(model, targets, names, ranks, block_stats, cfg, device, info)
+                run.save(i, model, names, info)
+                del block_stats, held
+            if inputs is not None and i < len(blocks) - 1:
+                run_block(blocks, i, inputs, update=True)  # the compressed block makes the next block's inputs
+        t2 = time.perf_counter()
+        dist.barrier()
+        run.clear()
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    import resource
+
+    return {"calibration_seconds": t1 - t0, "compression_seconds": t2 - t1, "calibration_tokens": tokens,
+            "calibration_cached": computed == 0 and passes == 0,
+            "stream": {"blocks": len(blocks), "influence_passes": passes, "sequential": cfg.sequential,
+                       "processes": dist.world(), "resumed_blocks": resumed, "peak_stats_bytes": peak["stats"],
+                       "peak_device_bytes": (torch.cuda.max_memory_allocated(run_device)
+                                             if run_device.type == "cuda" else None),
+                       "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                       "stats_dir": str(store.root) if cfg.cache else None}}
+
+
+def _open_store(model: nn.Module, windows: torch.Tensor, targets: dict, cfg: CompressConfig):
+    """The per-block statistics store: in the cache (shared by the processes, written by the main one), or in a
+    private temporary folder that is removed afterwards (``cache: false``)."""
+    if not cfg.cache:
+        tmp = tempfile.TemporaryDirectory(prefix="air_ft-stats-")
+        return BlockStore(Path(tmp.name)), tmp
+    key = dist.broadcast_object(stats_key(model_fingerprint(model), windows, list(targets), "blocks"), 0)
+    return BlockStore(stats_dir() / f"blocks-{key}", writer=dist.is_main()), None
+
+
+def _dense_grams(model, blocks, targets, batches, store, tokens, cfg, peak) -> int:
+    """Pass 1: every missing block's Grams and input sums from the dense model, block by block; returns how many
+    blocks were computed (0: all were stored)."""
+    missing = dist.broadcast_object([i for i in range(len(blocks))
+                                     if blocks.members(i, targets) and not store.has("grams", i)], 0)
+    if missing:
+        inputs = capture_inputs(model, blocks, batches, next(model.parameters()).device)
+        for i in tqdm(range(max(missing) + 1), desc="calibration (forward, by block)", disable=not cfg.progress):
+            hooks = StatsHooks({n: targets[n] for n in blocks.members(i, targets)}, influence=False) \
+                if i in missing else None
+            if hooks is not None:
+                hooks.attach()
+            try:
+                run_block(blocks, i, inputs, update=True, hooks=hooks)
+            finally:
+                if hooks is not None:
+                    hooks.detach()
+            if hooks is not None:
+                tensors = {f"gram::{k}": _reduce(cfg, v) for k, v in hooks.grams.items()}
+                tensors.update({f"abs::{k}": _reduce(cfg, v) for k, v in hooks.abs_sum.items()})
+                peak["stats"] = max(peak["stats"], _nbytes(tensors.values()))
+                store.save("grams", i, tensors, {"group_of": hooks.group_of, "tokens": tokens})
+                del tensors, hooks
+        del inputs
+    dist.barrier()
+    return len(missing)
+
+
+def _influence(model, blocks, targets, windows, store, kind, whitened, tokens, cfg, peak) -> int:
+    """Pass 2: influence maps of every missing block from whole-model backward passes of the dense model, each
+    observing the consecutive blocks whose maps (and whitening factors) fit ``stats_memory_gb``. Returns the
+    number of passes run."""
+    todo = dist.broadcast_object([i for i in range(len(blocks))
+                                  if blocks.members(i, targets) and not store.has(kind, i)], 0)
+    if not todo:
+        return 0
+    signals = 1 if whitened else 2
+    per_block = max(sum(targets[n].weight.numel() * 4 * signals + (targets[n].in_features ** 2 * 4 if whitened
+                                                                  else 0) for n in blocks.members(i, targets))
+                    for i in todo)
+    size = max(1, int(cfg.stats_memory_gb * 2 ** 30 // per_block))
+    groups: list[list[int]] = []
+    for i in todo:  # consecutive runs of at most `size` blocks
+        if groups and groups[-1][-1] == i - 1 and len(groups[-1]) < size:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    device = next(model.parameters()).device
+    for ids in groups:
+        group = {n: targets[n] for i in ids for n in blocks.members(i, targets)}
+        whitening = None
+        if whitened:  # S of each input from the dense Grams of pass 1
+            whitening = {}
+            for i in ids:
+                grams, meta = store.load("grams", i, device)
+                roots = {g: linalg.whitening_factor(grams[f"gram::{g}"], cfg.eps, cfg.whitening)[0]
+                         for g in set(meta["group_of"].values())}
+                whitening.update({n: roots[g] for n, g in meta["group_of"].items()})
+                del grams
+        label = f"influence, block {ids[0]}" + (f"-{ids[-1]}" if len(ids) > 1 else "")
+        st = calibrate(model, windows, group, influence=True, batch_size=cfg.batch_size, progress=cfg.progress,
+                       whitening=whitening, grams=False, start=blocks.modules[ids[0]],
+                       checkpointing=cfg.checkpointing, desc=f"{label} ({len(groups)} passes)", tokens=tokens)
+        held = [t for maps in st.influence.values() for t in maps.values()]
+        peak["stats"] = max(peak["stats"], _nbytes(held) + (_nbytes({id(s): s for s in whitening.values()}.values())
+                                                            if whitening else 0))
+        for i in ids:
+            names = blocks.members(i, targets)
+            store.save(kind, i, {f"{sig}::{n}": _reduce(cfg, maps[n]) for sig, maps in st.influence.items()
+                                 for n in names}, {"signals": sorted(st.influence)})
+        del st, held, whitening
+        dist.barrier()
+    return len(groups)
+
+
+def _block_stats(blocks, i, names, targets, inputs, store, kind, need_gram, need_infl, tokens,
+                 cfg) -> CalibrationStats:
+    """Block ``i``'s statistics: its Grams (stored, or accumulated now from ``inputs`` with ``sequential``) and
+    its influence maps (stored)."""
+    device = next(blocks.modules[i].parameters()).device
+    grams, abs_sum, group_of = {}, {}, {}
+    if need_gram and inputs is not None:
+        hooks = StatsHooks({n: targets[n] for n in names}, influence=False)
+        hooks.attach()
+        try:
+            run_block(blocks, i, inputs, update=False, hooks=hooks)
+        finally:
+            hooks.detach()
+        grams = {k: _reduce(cfg, v) for k, v in hooks.grams.items()}
+        abs_sum = {k: _reduce(cfg, v) for k, v in hooks.abs_sum.items()}
+        group_of = hooks.group_of
+    elif need_gram:
+        tensors, meta = store.load("grams", i, device)
+        grams = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith("gram::")}
+        abs_sum = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith("abs::")}
+        group_of = meta["group_of"]
+    influence: dict[str, dict[str, torch.Tensor]] = {}
+    if need_infl:
+        tensors, _ = store.load(kind, i, device)
+        for key, val in tensors.items():
+            sig, name = key.split("::", 1)
+            influence.setdefault(sig, {})[name] = val
+    return CalibrationStats(grams=grams, abs_sum=abs_sum, group_of=group_of, tokens=tokens, influence=influence)
+
+
+def _run_dir(stats_root: Path, cfg: CompressConfig, ranks: dict) -> Path:
+    settings = {k: v for k, v in vars(cfg).items() if k not in ("progress", "cache", "device")}
+    key = hashlib.sha256(json.dumps([stats_root.name, settings, ranks], sort_keys=True, default=str).encode())
+    return cache_root() / "runs" / key.hexdigest()[:24]
+
+
+class _RunState:
+    """Factors of the finished blocks of one compression run (safetensors + JSON per block), so that a killed run
+    resumes from its last finished block; removed when the run completes."""
+
+    def __init__(self, root: Path | None, writer: bool) -> None:
+        self.root, self.writer = root, writer
+
+    def done(self, i: int) -> bool:
+        return self.root is not None and (self.root / f"block-{i:04d}.json").exists()
+
+    def save(self, i: int, model: nn.Module, names: list[str], info: dict) -> None:
+        from safetensors.torch import save_file
+
+        if self.root is None or not self.writer:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for n in names:
+            mod = model.get_submodule(n)
+            if isinstance(mod, LowRankLinear):
+                tensors[f"u::{n}"], tensors[f"v::{n}"] = mod.factor_u.weight, mod.factor_v.weight
+        tmp = self.root / f"block-{i:04d}.safetensors.tmp"
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, self.root / f"block-{i:04d}.safetensors")
+        meta = {"rungs": {n: info["rungs"][n] for n in names if n in info["rungs"]},
+                "objective": {n: info["objective"][n] for n in names if n in info["objective"]}}
+        (self.root / f"block-{i:04d}.json.tmp").write_text(json.dumps(meta))
+        os.replace(self.root / f"block-{i:04d}.json.tmp", self.root / f"block-{i:04d}.json")
+
+    def restore(self, i: int, model: nn.Module, targets: dict[str, nn.Linear], info: dict) -> None:
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(self.root / f"block-{i:04d}.safetensors"))
+        meta = json.loads((self.root / f"block-{i:04d}.json").read_text())
+        for key in [k for k in tensors if k.startswith("u::")]:
+            name = key[3:]
+            mod = targets[name]
+            bias = mod.bias.detach() if mod.bias is not None else None
+            set_module(model, name, LowRankLinear.from_factors(tensors[key], tensors[f"v::{name}"], bias,
+                                                               dtype=mod.weight.dtype, device=mod.weight.device))
+        info["rungs"].update(meta["rungs"])
+        info["objective"].update(meta["objective"])
+
+    def clear(self) -> None:
+        if self.root is not None and self.writer:
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
 def _layer_inputs(name: str, stats: CalibrationStats | None, cfg: CompressConfig, device: torch.device,
@@ -223,8 +511,10 @@ def _layer_inputs(name: str, stats: CalibrationStats | None, cfg: CompressConfig
     """The statistics one method call needs for layer ``name`` (whitening shared by the layers of one input)."""
     if stats is None:
         return {}
-    group = stats.group_of[name]
-    out = {"abs_sum": stats.abs_sum[group].to(device), "tokens": stats.tokens}
+    out: dict = {"tokens": stats.tokens}
+    group = stats.group_of.get(name)
+    if group is not None and group in stats.abs_sum:
+        out["abs_sum"] = stats.abs_sum[group].to(device)
     if cfg.method in ("svdllm", "air"):
         if group not in whitening_cache:
             whitening_cache.clear()  # layers of one group are adjacent; keep memory bounded

@@ -21,7 +21,7 @@ ENGINE_METHODS = ("svd", "asvd", "fwsvd", "svdllm", "air")  # one-shot factoriza
 METHODS = (*ENGINE_METHODS, "acip")  # + ACIP-style, which trains (air_ft.acip; the `acip` recipe section)
 INFLUENCES = ("wxg", "fisher", "fisher_whitened")
 NORMALIZATIONS = ("mean", "power", "rank")
-ALS_BACKENDS = ("auto", "native", "torch")
+ALS_BACKENDS = ("auto", "native", "triton", "torch")
 
 
 class RecipeError(ValueError):
@@ -61,14 +61,30 @@ class CompressConfig:
     tol: float = _f(0.0, "stop sweeping once a sweep improves the objective by less than this (relative)")
     als_dtype: str = _f("float32", "ALS working precision: float32 | float64")
     als_backend: str = _f("auto", "ALS implementation: auto (the fused C kernel on CPU when a C compiler is "
-                                  "available, else torch) | native (require the kernel) | torch (reference)")
+                                  "available, the Triton kernels on CUDA when they build; else torch) | native "
+                                  "(require the C kernel) | triton (require the GPU kernels) | torch (reference)")
     eps: float = _f(0.0, "initial damping added to the Gram diagonal before Cholesky")
     whitening: str = _f("cholesky", "square root of the Gram: 'cholesky' (the paper) or 'symmetric' (keeps AIR's "
                                     "element weights attached to input features); same SVD-LLM(W) result")
     asvd_alpha: float = _f(0.5, "ASVD scaling exponent")
     include: list[str] = _f([], "regexes; compress only layers whose name matches one (empty: all)")
     exclude: list[str] = _f([], "regexes; never compress layers whose name matches one (LM head always excluded)")
-    cache: bool = _f(True, "cache calibration statistics on disk (AIR_FT_CACHE or ~/.cache/air_ft)")
+    sequential: bool = _f(False, "each block's Grams come from the inputs that the already compressed blocks before "
+                                 "it produce (GPTQ / SVD-LLM V2 style: a block can correct the earlier blocks' "
+                                 "error) instead of the dense model's; influence maps always come from the dense "
+                                 "model")
+    stats_memory_gb: float = _f(8.0, "memory (GiB) for the influence maps and whitening factors that one backward "
+                                     "pass collects; a pass covers as many decoder blocks as fit (less: more "
+                                     "passes over the calibration data)")
+    checkpointing: bool = _f(False, "recompute block activations in the influence backward (one block's activations "
+                                    "held instead of all; one more forward): 7B models with 2048-token windows on "
+                                    "one GPU need it")
+    data_parallel: bool = _f(True, "with several processes, shard the calibration batches over them and sum the "
+                                   "statistics (faster; equals a one-process run up to float summation order); "
+                                   "false: every process calibrates on all batches and only the factorizations are "
+                                   "shared out (the one-process checkpoint bit for bit)")
+    cache: bool = _f(True, "cache calibration statistics on disk per decoder block (AIR_FT_CACHE or "
+                           "~/.cache/air_ft); a killed compression resumes from its last finished block")
     progress: bool = _f(True, "show progress bars")
 
     def __post_init__(self) -> None:
@@ -90,6 +106,12 @@ class CompressConfig:
         for name, low in (("num_samples", 1), ("seq_len", 2), ("batch_size", 1), ("sweeps", 1), ("rank_multiple", 1)):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < low:
                 raise RecipeError(f"{name} must be an integer >= {low}, got {getattr(self, name)!r}")
+        if isinstance(self.stats_memory_gb, bool) or not isinstance(self.stats_memory_gb, (int, float)) \
+                or not self.stats_memory_gb > 0:
+            raise RecipeError(f"stats_memory_gb must be a positive number of GiB, got {self.stats_memory_gb!r}")
+        for name in ("sequential", "checkpointing", "data_parallel", "cache", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise RecipeError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("delta", "tol", "eps"):
             if getattr(self, name) < 0:
                 raise RecipeError(f"{name} must be >= 0, got {getattr(self, name)!r}")

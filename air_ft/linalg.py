@@ -231,23 +231,41 @@ class ALSResult:
     sweeps: int
 
 
-def _use_native(backend: str, resid: torch.Tensor) -> bool:
+def _backend(backend: str, resid: torch.Tensor, track_steps: bool) -> str:
+    """Which implementation runs a sweep: ``native`` (the C kernel, CPU), ``triton`` (GPU kernels) or ``torch``."""
+    from air_ft import gpu_als
+
     if backend not in ALS_BACKENDS:
         raise ValueError(f"ALS backend must be one of {', '.join(ALS_BACKENDS)}, got {backend!r}")
     if backend == "torch":
-        return False
-    if not native.usable(resid):
-        if backend == "native":
-            raise ValueError(f"the native ALS kernel runs on CPU float32/float64 tensors, not {resid.dtype} on "
+        return "torch"
+    if backend == "triton":
+        if not gpu_als.usable(resid):
+            raise ValueError(f"the Triton ALS kernels run on CUDA float32 tensors, not {resid.dtype} on "
                              f"{resid.device}; use backend 'torch' or 'auto'")
-        return False
-    if backend == "native":
-        native.load()  # raises NativeUnavailable with the compiler's message
-        return True
-    if not native.available():
-        native.warn_fallback()
-        return False
-    return True
+        if track_steps:
+            raise ValueError("the Triton ALS kernels do not record the objective after every rank step; use "
+                             "backend 'torch' for track_steps")
+        return "triton"
+    if backend == "native" or resid.device.type == "cpu":
+        if not native.usable(resid):
+            if backend == "native":
+                raise ValueError(f"the native ALS kernel runs on CPU float32/float64 tensors, not {resid.dtype} on "
+                                 f"{resid.device}; use backend 'torch' or 'auto'")
+            return "torch"
+        if backend == "native":
+            native.load()  # raises NativeUnavailable with the compiler's message
+            return "native"
+        if not native.available():
+            native.warn_fallback()
+            return "torch"
+        return "native"
+    # auto on an accelerator: the Triton kernels when they build and pass their check, else torch
+    if resid.device.type == "cuda" and gpu_als.usable(resid) and not track_steps:
+        if gpu_als.available(resid.device):
+            return "triton"
+        gpu_als.warn_fallback()
+    return "torch"
 
 
 def _converged(trace: list[float], steps: int, tol: float) -> bool:
@@ -278,7 +296,8 @@ def als_sweep(target: torch.Tensor, c: torch.Tensor, u: torch.Tensor, sigma: tor
         dtype: working precision of the sweep.
         backend: ``torch`` (the reference below, any device), ``native`` (the fused C kernel of
             :mod:`air_ft.native`: the same updates in the same order, one pass over the residual per rank step;
-            CPU only) or ``auto`` (native on CPU when it builds, else torch).
+            CPU only), ``triton`` (the GPU kernels of :mod:`air_ft.gpu_als`, same order; CUDA float32, no
+            per-step tracking) or ``auto`` (native on CPU, triton on CUDA, when they build; else torch).
     """
     c = c.to(dtype)
     tgt = target.to(dtype)
@@ -298,11 +317,20 @@ def als_sweep(target: torch.Tensor, c: torch.Tensor, u: torch.Tensor, sigma: tor
     trace = [objective()]
     done = 0
     tiny = torch.finfo(dtype).tiny
-    fused = _use_native(backend, resid)
+    impl = _backend(backend, resid, track_steps)
     for _ in range(sweeps):
         # Eq. 5's denominators sum_i C_ij u_r[i]^2 for every r at once (u_r only changes at its own step)
         den = ((us * us) @ c).clamp_min_(tiny)
-        if fused:
+        if impl == "triton":
+            from air_ft import gpu_als
+
+            gpu_als.sweep(resid, c, us, vs, den)
+            trace.append(objective())
+            done += 1
+            if _converged(trace, 1, tol):
+                break
+            continue
+        if impl == "native":
             steps = native.sweep(resid, c, us, vs, den, track=track_steps)
             trace.extend(steps if track_steps else [objective()])
             done += 1

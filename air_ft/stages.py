@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from air_ft import dist
 from air_ft.config import Recipe, RecipeError, to_dict
 
 __all__ = ["texts", "run_compress", "run_train", "run_merge", "run_eval", "run_study", "evaluate_model",
@@ -52,11 +53,11 @@ def run_metadata(recipe: Recipe) -> dict:
     except (OSError, subprocess.SubprocessError):
         commit = ""
     versions = {}
-    for dist in ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "lm-eval"):
+    for package in ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "lm-eval"):
         try:
-            versions[dist] = version(dist)
+            versions[package] = version(package)
         except PackageNotFoundError:
-            versions[dist] = None
+            versions[package] = None
     return {"air_ft": air_ft.__version__, **versions, "python": platform.python_version(),
             "seed": recipe.compress.seed, "git_commit": commit, "argv": sys.argv}
 
@@ -69,11 +70,20 @@ def save_resolved(recipe: Recipe, out_dir: Path) -> None:
     (out_dir / "run_metadata.json").write_text(json.dumps(run_metadata(recipe), indent=2))
 
 
+def _device(recipe: Recipe) -> str:
+    """The recipe's device; under a launcher with several processes on GPUs, each process takes its own GPU."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    if recipe.model.device.startswith("cuda") and state.num_processes > 1:
+        return str(state.device)
+    return recipe.model.device
+
+
 def _load_dense(recipe: Recipe):
     import air_ft
 
-    return air_ft.load_model(recipe.model.name_or_path, recipe.model.gguf_file, recipe.model.dtype,
-                             recipe.model.device)
+    return air_ft.load_model(recipe.model.name_or_path, recipe.model.gguf_file, recipe.model.dtype, _device(recipe))
 
 
 # ----------------------------------------------------------------------------------------------- compress stage
@@ -82,9 +92,13 @@ def run_compress(recipe: Recipe, dense=None) -> dict:
     """``air-ft compress``: load, compress, evaluate perplexity (if the recipe names texts), save a checkpoint.
 
     ``dense``: an already loaded ``(model, tokenizer)`` to compress a copy of (a study compresses several).
+    Under ``accelerate launch --num_processes N`` every process takes part in the compression (calibration
+    batches and matrices are shared out, :func:`air_ft.compress`) and the main process evaluates and saves.
     """
     import air_ft
 
+    dist.init_from_env()
+    main = dist.is_main()
     cal = texts(recipe.data.calibration)
     if recipe.compress.method != "svd" and not cal:
         raise RecipeError("data.calibration is empty: give at least one {source: ...} text for calibration")
@@ -94,25 +108,27 @@ def run_compress(recipe: Recipe, dense=None) -> dict:
     else:
         model, tok = copy.deepcopy(dense[0]), dense[1]
     report: dict = {"dense": {}, "compressed": {}}
-    if dense is None:
+    if dense is None and main:
         for name, text in evals.items():
             report["dense"][name] = _ppl(model, tok, text, recipe)
             print(f"dense      {name}: ppl {report['dense'][name]['ppl']:.2f}")
     if recipe.compress.method == "acip":
         model, info = acip_compress(model, tok, cal, recipe)
     else:
-        info = air_ft.compress(model, tok, cal, device=recipe.model.device, **dataclasses.asdict(recipe.compress))
-    for name, text in evals.items():
-        report["compressed"][name] = _ppl(model, tok, text, recipe)
-        print(f"{recipe.compress.method:<10} {name}: ppl {report['compressed'][name]['ppl']:.2f}")
-    out = Path(recipe.output_dir)
+        info = air_ft.compress(model, tok, cal, device=_device(recipe), **dataclasses.asdict(recipe.compress))
     summary = {k: v for k, v in info.items() if k not in ("objective",)}
-    air_ft.save_compressed(model, tok, out, metadata={"compress": summary, "perplexity": report})
-    save_resolved(recipe, out)
-    print(f"retention {info['retention_actual']:.3f} of compressed linear layers "
-          f"({info['linear_params_after']:,} / {info['linear_params_before']:,}); whole model "
-          f"{info['model_params_after']:,} / {info['model_params_before']:,} parameters")
-    print(f"saved factored checkpoint to {out}")
+    if main:
+        for name, text in evals.items():
+            report["compressed"][name] = _ppl(model, tok, text, recipe)
+            print(f"{recipe.compress.method:<10} {name}: ppl {report['compressed'][name]['ppl']:.2f}")
+        out = Path(recipe.output_dir)
+        air_ft.save_compressed(model, tok, out, metadata={"compress": summary, "perplexity": report})
+        save_resolved(recipe, out)
+        print(f"retention {info['retention_actual']:.3f} of compressed linear layers "
+              f"({info['linear_params_after']:,} / {info['linear_params_before']:,}); whole model "
+              f"{info['model_params_after']:,} / {info['model_params_before']:,} parameters")
+        print(f"saved factored checkpoint to {out}")
+    dist.barrier()  # the others wait for the checkpoint (a no-op when this process compresses alone)
     return {"info": summary, "perplexity": report}
 
 
@@ -170,7 +186,8 @@ def _load_base(recipe: Recipe, out: Path):
     state = PartialState()
     with state.main_process_first():  # compress once; the other ranks then read the saved checkpoint
         if state.is_main_process and not (out / "base" / "air_ft.json").exists():
-            run_compress(base_recipe)
+            with dist.local():
+                run_compress(base_recipe)
     model, tok = air_ft.load_compressed(out / "base", dtype=recipe.model.dtype)
     return model, tok, str(out / "base")
 
@@ -195,6 +212,7 @@ def run_train(recipe: Recipe, callbacks: list | None = None) -> dict:
 
     from air_ft.train import ADAPTER_MARKER, instruction_dataset, save_adapters, train_adapters
 
+    dist.init_from_env()
     cfg, lcfg, out = recipe.train, recipe.lora, Path(recipe.output_dir)
     if not cfg.data and not recipe.data.calibration:
         raise RecipeError("no training data: set train.data (or data.calibration) to [{source: ...}]")
@@ -436,6 +454,7 @@ def run_study(recipe: Recipe) -> dict:
 
     check_study(recipe)
     out = Path(recipe.output_dir)
+    dist.init_from_env()
     state = PartialState()
     if state.is_main_process:
         save_resolved(recipe, out)
@@ -480,7 +499,9 @@ def run_study(recipe: Recipe) -> dict:
                                           data=dataclasses.replace(sub.data, evaluation={}))
                 return run_compress(rec, dense=dense())
 
-            comp = _stage(out / "stages" / "compress" / name, ckey, f"compress {name}", compress_work)
+            # every process takes part in a one-shot compression; ACIP's training runs on the main one
+            comp = _stage(out / "stages" / "compress" / name, ckey, f"compress {name}", compress_work,
+                          all_ranks=method != "acip")
             ckpt = out / "stages" / "compress" / name / "checkpoint"
             tokens = {"calibration": comp["info"].get("calibration_tokens", 0),
                       "training": comp["info"].get("train_tokens", 0)}  # ACIP's mask phase + post-tune

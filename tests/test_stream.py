@@ -1,0 +1,225 @@
+"""Block-streaming calibration and compression: the same factors as the all-at-once reference, memory that does
+not grow with depth, the sequential variant's inputs, grouped influence passes, per-block resume, and several
+processes writing the one-process checkpoint."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import air_ft
+from air_ft.compress import get_stats
+from air_ft.config import CompressConfig, RecipeError
+from air_ft.modeling import LowRankLinear, find_targets
+from air_ft.stream import find_blocks
+from tests.conftest import make_text, tiny_llama
+
+ROOT = Path(__file__).resolve().parents[1]
+compress_mod = sys.modules["air_ft.compress"]  # the module (air_ft.compress is also the function)
+SMALL = dict(num_samples=8, seq_len=32, batch_size=2, progress=False)
+
+
+def _compressed(model, tok, text, **options):
+    info = air_ft.compress(model, tok, [text], **{**SMALL, **options})
+    return model, info
+
+
+def _same_state(a: nn.Module, b: nn.Module) -> float:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    return max(float((sa[k] - sb[k]).abs().max()) for k in sa)
+
+
+@pytest.mark.parametrize("method,options", [("svdllm", {}), ("air", {}), ("air", {"influence": "wxg"}),
+                                            ("asvd", {}), ("fwsvd", {})])
+def test_streaming_gives_the_factors_of_the_all_at_once_reference(tokenizer, text, method, options):
+    base = tiny_llama(vocab_size=len(tokenizer), layers=3)
+    ref = copy.deepcopy(base)
+    cfg = CompressConfig(method=method, **SMALL, **options)
+    stats = get_stats(ref, tokenizer, [text], find_targets(ref), cfg, influence=method in ("air", "fwsvd"))
+    air_ft.compress(ref, tokenizer, method=method, stats=stats, **SMALL, **options)
+    streamed, info = _compressed(copy.deepcopy(base), tokenizer, text, method=method, **options)
+    assert info["stream"]["blocks"] == 3
+    assert _same_state(ref, streamed) < 1e-6
+    ids = torch.arange(24).view(2, 12) % len(tokenizer)
+    assert not torch.allclose(base(ids).logits, streamed(ids).logits, atol=1e-3)
+
+
+def test_sequential_blocks_see_the_inputs_of_the_compressed_blocks_before_them(tokenizer, text):
+    base = tiny_llama(vocab_size=len(tokenizer), layers=2)
+    seq, info = _compressed(copy.deepcopy(base), tokenizer, text, method="svdllm", sequential=True)
+    plain, _ = _compressed(copy.deepcopy(base), tokenizer, text, method="svdllm")
+    assert info["stream"]["sequential"]
+    # block 0 reads the dense inputs either way
+    for name, p in seq.model.layers[0].state_dict().items():
+        assert torch.equal(p, plain.model.layers[0].state_dict()[name])
+    # block 1: the all-at-once reference on a model whose block 0 is already compressed
+    ref = copy.deepcopy(base)
+    air_ft.compress(ref, tokenizer, [text], method="svdllm", include=[r"layers\.0\."], **SMALL)
+    cfg = CompressConfig(method="svdllm", include=[r"layers\.1\."], **SMALL)
+    stats = get_stats(ref, tokenizer, [text], find_targets(ref, cfg.include), cfg, influence=False)
+    air_ft.compress(ref, tokenizer, method="svdllm", stats=stats, include=[r"layers\.1\."], **SMALL)
+    assert _same_state(ref, seq) < 1e-6
+    assert _same_state(plain, seq) > 1e-4  # the sequential Grams really differ
+
+
+def test_influence_passes_split_by_the_memory_budget_and_checkpointing_change_nothing(tokenizer, text):
+    base = tiny_llama(vocab_size=len(tokenizer), layers=3)
+    one, info_one = _compressed(copy.deepcopy(base), tokenizer, text, method="air", influence="wxg")
+    split, info_split = _compressed(copy.deepcopy(base), tokenizer, text, method="air", influence="wxg",
+                                    stats_memory_gb=1e-6, cache=False)
+    model = copy.deepcopy(base)
+    act, count = model.model.layers[0].mlp.act_fn, [0]
+
+    def counted(x, forward=act.forward):  # module hooks are skipped on recompute; forward is not
+        count[0] += 1
+        return forward(x)
+
+    act.forward = counted
+    ckpt, _ = _compressed(model, tokenizer, text, method="air", influence="wxg", checkpointing=True, cache=False)
+    batches = SMALL["num_samples"] // SMALL["batch_size"]
+    # the Grams pass, the influence pass and its backward's recompute, + one call while capturing block inputs
+    assert count[0] == 3 * batches + 1
+    assert info_one["stream"]["influence_passes"] == 1 and info_split["stream"]["influence_passes"] == 3
+    assert _same_state(one, split) < 1e-5
+    assert _same_state(one, ckpt) < 1e-5
+
+
+def _live_bytes(model: nn.Module) -> int:
+    """Bytes of every live tensor that is not a parameter or buffer of ``model`` (storages counted once)."""
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    seen, total = set(), 0
+    with warnings.catch_warnings():  # isinstance on some lazily deprecated objects of torch warns
+        warnings.simplefilter("ignore")
+        tensors = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+    for obj in tensors:
+        if not isinstance(obj, nn.Parameter) and obj.device.type == "cpu":
+            storage = obj.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr and ptr not in own and ptr not in seen:
+                seen.add(ptr)
+                total += storage.nbytes()
+    return total
+
+
+def _peak_while_compressing(monkeypatch, model, tok, text, reference: bool) -> int:
+    peak = [0]
+    factor = compress_mod._factor_layers
+
+    def probe(m, *args, **kwargs):  # called once per block (streamed) or once for the whole model (reference)
+        peak[0] = max(peak[0], _live_bytes(model))
+        return factor(m, *args, **kwargs)
+
+    monkeypatch.setattr(compress_mod, "_factor_layers", probe)
+    options = dict(method="air", influence="wxg", stats_memory_gb=1e-6, cache=False)
+    if reference:
+        cfg = CompressConfig(**SMALL, **options)
+        stats = get_stats(model, tok, [text], find_targets(model), cfg, influence=True)
+        air_ft.compress(model, tok, stats=stats, **SMALL, **options)
+        del stats
+    else:
+        air_ft.compress(model, tok, [text], **SMALL, **options)
+    monkeypatch.setattr(compress_mod, "_factor_layers", factor)
+    return peak[0]
+
+
+def test_peak_statistics_memory_does_not_grow_with_the_number_of_blocks(monkeypatch, tokenizer, text):
+    gc.collect()
+    streamed = [_peak_while_compressing(monkeypatch, tiny_llama(len(tokenizer), layers=n), tokenizer, text, False)
+                for n in (2, 4)]
+    gc.collect()
+    reference = [_peak_while_compressing(monkeypatch, tiny_llama(len(tokenizer), layers=n), tokenizer, text, True)
+                 for n in (2, 4)]
+    # the all-at-once path holds every block's Grams and maps, so the probe does see statistics
+    assert reference[1] > 1.6 * reference[0]
+    assert streamed[1] <= 1.05 * streamed[0]
+    assert streamed[1] < 0.5 * reference[1]
+
+
+def test_stats_are_cached_per_block_and_a_killed_compression_resumes(monkeypatch, tokenizer, text):
+    base = tiny_llama(vocab_size=len(tokenizer), layers=3)
+    calls = []
+    factor = compress_mod._factor_layers
+
+    def dies_at_block_1(model, targets, names, *args, **kwargs):
+        calls.append(names[0])
+        if ".layers.1." in names[0] and len(calls) == 2:
+            raise KeyboardInterrupt  # what a kill looks like to Python
+        return factor(model, targets, names, *args, **kwargs)
+
+    monkeypatch.setattr(compress_mod, "_factor_layers", dies_at_block_1)
+    with pytest.raises(KeyboardInterrupt):
+        _compressed(copy.deepcopy(base), tokenizer, text, method="air")
+    cache = Path(os.environ["AIR_FT_CACHE"])
+    (stats_dir,) = (cache / "stats").glob("blocks-*")
+    names = sorted(p.name for p in stats_dir.glob("*.json"))
+    assert [n for n in names if n.startswith("grams-")] == ["grams-0000.json", "grams-0001.json", "grams-0002.json"]
+    assert len([n for n in names if n.startswith("influence-")]) == 3
+    (run_dir,) = (cache / "runs").iterdir()
+    assert sorted(p.name for p in run_dir.glob("*.json")) == ["block-0000.json"]
+
+    calls.clear()
+    resumed, info = _compressed(copy.deepcopy(base), tokenizer, text, method="air")
+    assert info["stream"]["resumed_blocks"] == 1 and info["calibration_cached"]
+    assert [c.split(".")[2] for c in calls] == ["1", "2"]  # block 0 was not factored again
+    assert not run_dir.exists()  # a finished run leaves no partial state behind
+    monkeypatch.setattr(compress_mod, "_factor_layers", factor)
+    fresh, _ = _compressed(copy.deepcopy(base), tokenizer, text, method="air", cache=False)
+    assert _same_state(fresh, resumed) == 0.0
+    assert set(info["objective"]) == {n for n, m in resumed.named_modules() if isinstance(m, LowRankLinear)}
+
+
+def test_layers_outside_the_decoder_blocks_are_refused_with_what_to_do(tokenizer, text):
+    model = tiny_llama(vocab_size=len(tokenizer))
+    model.model.extra = nn.Linear(64, 64)
+    with pytest.raises(RecipeError, match="exclude"):
+        find_blocks(model, find_targets(model))
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("dense")
+    tiny_llama(vocab_size=len(tokenizer), layers=3).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    (path / "cal.txt").write_text(make_text(6000, 1))
+    return path
+
+
+def _launch(tiny_dir: Path, out: Path, processes: int, *overrides: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    launch = ([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+               str(processes), "--main_process_port", "29517"] if processes > 1 else [sys.executable])
+    cmd = [*launch, "-m", "air_ft", "compress", "--recipe", str(ROOT / "recipes" / "tiny" / "air-compress.yaml"),
+           f"output_dir={out}", f"model.name_or_path={tiny_dir}",
+           f"data.calibration=[{{source: {tiny_dir / 'cal.txt'}}}]", *overrides]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    meta = json.loads((out / "air_ft.json").read_text())["metadata"]["compress"]
+    return {"tensors": load_file(str(out / "model.safetensors")), "stream": meta["stream"]}
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_one_process_checkpoint(tmp_path, tiny_dir):
+    one = _launch(tiny_dir, tmp_path / "one", 1)
+    shared = _launch(tiny_dir, tmp_path / "two", 2, "compress.data_parallel=false")
+    sharded = _launch(tiny_dir, tmp_path / "two-dp", 2)
+    assert one["stream"]["processes"] == 1 and shared["stream"]["processes"] == 2
+    assert one["tensors"].keys() == shared["tensors"].keys() == sharded["tensors"].keys()
+    # matrices shared out, every process calibrating on everything: the same bits
+    assert all(torch.equal(one["tensors"][k], shared["tensors"][k]) for k in one["tensors"])
+    # calibration batches sharded, statistics summed over processes: equal up to the order of float sums
+    for k, t in one["tensors"].items():
+        torch.testing.assert_close(sharded["tensors"][k], t, rtol=1e-4, atol=1e-5)

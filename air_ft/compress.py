@@ -142,7 +142,7 @@ def get_stats(model: nn.Module, tok, texts: list[str], targets: dict[str, nn.Lin
 
 def compress(model: nn.Module, tok, texts: list[str] | None = None, method: str = "air", retention: float = 0.6,
              num_samples: int = 64, seq_len: int = 512, seed: int = 0, stats: CalibrationStats | None = None,
-             **options) -> dict:
+             windows: torch.Tensor | None = None, **options) -> dict:
     """Compress every target linear of ``model`` in place to rank ``k`` factors; return what was done.
 
     Calibration and compression stream through the decoder blocks (:func:`_stream`): statistics memory is one
@@ -159,6 +159,8 @@ def compress(model: nn.Module, tok, texts: list[str] | None = None, method: str 
         retention: fraction of the compressed layers' parameters kept.
         stats: precomputed :class:`CalibrationStats` of every layer at once (the all-at-once reference path:
             skips calibration; benchmarks share one).
+        windows: ``(N, T)`` calibration token ids to use as they are, instead of drawing ``num_samples`` windows
+            of ``seq_len`` tokens from ``texts``.
         **options: any other :class:`~air_ft.config.CompressConfig` field (delta, influence, normalization,
             sweeps, tol, include, exclude, als_dtype, als_backend, eps, batch_size, sequential, stats_memory_gb,
             checkpointing, cache, progress, device).
@@ -186,7 +188,11 @@ def compress(model: nn.Module, tok, texts: list[str] | None = None, method: str 
                           "choose a lower retention")
     need_gram, need_infl = cfg.method in NEEDS_GRAM, cfg.method in NEEDS_INFLUENCE and not (
         cfg.method == "air" and cfg.delta == 0)
-    if (need_gram or need_infl) and stats is None and not texts:
+    if windows is not None and (windows.dim() != 2 or windows.dtype not in (torch.long, torch.int) or
+                                windows.shape[1] < 2 or windows.shape[0] < 1):
+        raise RecipeError(f"windows must be an (N, T) tensor of token ids with N >= 1 and T >= 2, got "
+                          f"{tuple(windows.shape)} {windows.dtype}")
+    if (need_gram or need_infl) and stats is None and not texts and windows is None:
         raise RecipeError(f"method {cfg.method!r} needs calibration texts (a non-empty list of strings)")
     if stats is not None and need_infl and cfg.method == "air" and cfg.influence not in stats.influence:
         raise RecipeError(f"calibration statistics hold no {cfg.influence!r} influence; recalibrate")
@@ -202,7 +208,8 @@ def compress(model: nn.Module, tok, texts: list[str] | None = None, method: str 
                     calibration_cached=bool(stats.cached) if stats is not None else False,
                     calibration_tokens=stats.tokens if stats is not None else 0)
     else:
-        windows = sample_windows(tok, texts, cfg.num_samples, cfg.seq_len, cfg.seed)
+        if windows is None:
+            windows = sample_windows(tok, texts, cfg.num_samples, cfg.seq_len, cfg.seed)
         info.update(_stream(model, windows, targets, ranks, cfg, math_device, info, need_gram, need_infl))
     linear_before = sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0) for m in targets.values())
     linear_after = sum((m.weight.numel() if ranks[n] is None else ranks[n] * sum(m.weight.shape))

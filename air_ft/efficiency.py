@@ -15,14 +15,14 @@ import time
 import torch
 from torch import nn
 
-from air_ft.modeling import LowRankLinear, count_parameters, find_targets, prepare_model
+from air_ft.modeling import FusedLowRankLinear, LowRankLinear, count_parameters, find_targets, prepare_model
 
 __all__ = ["efficiency", "compare", "parameter_counts", "flops_per_token", "checkpoint_bytes"]
 
 
 def _linear_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every decoder linear map, dense or factored (the LM head excepted)."""
-    out = {name: mod for name, mod in model.named_modules() if isinstance(mod, LowRankLinear)}
+    """Every decoder linear map, dense or factored, fused or not (the LM head excepted)."""
+    out = {name: mod for name, mod in model.named_modules() if isinstance(mod, (LowRankLinear, FusedLowRankLinear))}
     inside = tuple(f"{n}." for n in out)
     out.update({n: m for n, m in find_targets(model).items() if not n.startswith(inside)})
     return out
@@ -32,6 +32,8 @@ def _weights(mod: nn.Module) -> int:
     """Weight entries of a linear map as it is stored: ``k (m + n)`` factored, ``m n`` dense (biases apart)."""
     if isinstance(mod, LowRankLinear):
         return mod.factor_u.weight.numel() + mod.factor_v.weight.numel()
+    if isinstance(mod, FusedLowRankLinear):  # its rows of the shared V
+        return mod.factor_u.weight.numel() + mod.rank * mod.in_features
     return mod.weight.numel()
 
 
@@ -44,8 +46,8 @@ def parameter_counts(model: nn.Module) -> dict:
     linear = sum(_weights(m) for m in layers.values())
     dense = sum(m.in_features * m.out_features for m in layers.values())
     return {"linear": linear, "linear_dense": dense, "retention": linear / dense if dense else 1.0,
-            "model": count_parameters(model), "factored_layers": sum(isinstance(m, LowRankLinear)
-                                                                    for m in layers.values())}
+            "model": count_parameters(model),
+            "factored_layers": sum(isinstance(m, (LowRankLinear, FusedLowRankLinear)) for m in layers.values())}
 
 
 def flops_per_token(model: nn.Module, context: int) -> int:
@@ -143,17 +145,17 @@ def _decode_seconds(model: nn.Module, batch: int, prompt: int, steps: int, repea
     def cache_of(out):
         return out.cache if "cache" in out else out.past_key_values
 
-    def run() -> None:
+    def decode() -> float:  # the prefill fills the cache untimed; only the decode steps are timed
         past = cache_of(model(input_ids=ids, use_cache=True))
+        _sync(device)
+        t0 = time.perf_counter()
         for _ in range(steps):
             past = cache_of(model(input_ids=nxt, use_cache=True, **{name: past}))
+        _sync(device)
+        return time.perf_counter() - t0
 
-    def prefill_only() -> None:
-        model(input_ids=ids, use_cache=True)
-
-    total = _median_seconds(run, device, repeats)
-    prefill = _median_seconds(prefill_only, device, repeats)
-    return max(total - prefill, 0.0) / steps
+    decode()  # warm-up
+    return statistics.median(decode() for _ in range(repeats)) / steps
 
 
 @torch.no_grad()
@@ -166,7 +168,7 @@ def efficiency(model: nn.Module, tok=None, batch_sizes: tuple[int, ...] = (1, 16
         tok: its tokenizer (only its vocabulary size is used; random token ids are fed).
         batch_sizes: decode batch sizes to time.
         prompt_len: prompt tokens before decoding (the KV cache holds them).
-        decode_steps: decode steps timed per repeat (the prefill's time is measured apart and removed).
+        decode_steps: decode steps timed per repeat (after an untimed prefill that fills the KV cache).
         prefill_len: tokens of the prefill throughput forward (batch 1).
         repeats: timed repeats after one warm-up; medians are reported.
 

@@ -12,7 +12,8 @@ from torch import nn
 from air_ft.assets import resolve_asset
 from air_ft.config import RecipeError
 
-__all__ = ["LowRankLinear", "load_model", "find_targets", "factored_skeleton", "resolve_dtype", "prepare_model"]
+__all__ = ["LowRankLinear", "load_model", "find_targets", "factored_skeleton", "resolve_dtype", "prepare_model",
+           "fuse_shared_inputs", "SharedInputV", "FusedLowRankLinear"]
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
@@ -64,6 +65,93 @@ class LowRankLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+class SharedInputV(nn.Module):
+    """The ``V`` factors of several factored layers that read the same input (q/k/v, gate/up), stacked into one
+    ``(k_1 + k_2 + ...) x n`` matrix: one matmul ``z = V_cat x`` serves them all, each member reading its slice.
+
+    The first member called with an input computes ``z``; the others called with the very same tensor (same
+    object, unchanged since) reuse it. Holds the last input and ``z`` until the next call.
+    """
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=weight.requires_grad)
+        self._last: tuple | None = None
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        last = self._last
+        if last is None or last[0] is not x or last[1] != x._version:
+            last = self._last = (x, x._version, nn.functional.linear(x, self.weight))
+        return last[2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(x)
+
+
+class FusedLowRankLinear(nn.Module):
+    """A factored layer whose ``V x`` is a slice of a :class:`SharedInputV`'s output: ``y = U z[start:start+k]``."""
+
+    def __init__(self, shared: SharedInputV, start: int, layer: LowRankLinear) -> None:
+        super().__init__()
+        object.__setattr__(self, "shared", shared)  # registered once, at the parent; not a child of each member
+        self.start, self.rank = start, layer.rank
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.factor_u = layer.factor_u
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.factor_u(self.shared.project(x)[..., self.start:self.start + self.rank])
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank} (shared V)"
+
+
+@torch.no_grad()
+def fuse_shared_inputs(model: nn.Module, example: torch.Tensor | None = None) -> int:
+    """For inference: give the factored layers that read one input (found by one forward on ``example``, as
+    calibration groups them) a single stacked ``V`` matmul, so that q/k/v launch one down-projection instead of
+    three and gate/up one instead of two. Outputs are unchanged; returns the number of groups fused.
+
+    The fused model is for running, not for saving (save the model before fusing); its parameters are the same
+    numbers, the ``V`` factors stacked under ``<parent>.shared_v_<i>``.
+    """
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    if not layers:
+        return 0
+    seen: dict[int, list[str]] = {}
+    keep = []
+
+    def hook(name):
+        def record(mod, inputs, output):
+            seen.setdefault(id(inputs[0]), []).append(name)
+            keep.append(inputs[0])  # alive until grouping is done, so that ids stay unique
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
+    device = next(model.parameters()).device
+    ids = example if example is not None else torch.zeros(1, 4, dtype=torch.long)
+    try:
+        model(input_ids=ids.to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    fused = 0
+    for names in seen.values():
+        names = list(dict.fromkeys(names))
+        parents = {n.rpartition(".")[0] for n in names}
+        if len(names) < 2 or len(parents) != 1:
+            continue
+        parent = model.get_submodule(parents.pop())
+        weight = torch.cat([layers[n].factor_v.weight for n in names])
+        shared = SharedInputV(weight)
+        parent.add_module(f"shared_v_{fused}", shared)
+        start = 0
+        for n in names:
+            set_module(model, n, FusedLowRankLinear(shared, start, layers[n]))
+            start += layers[n].rank
+        fused += 1
+    return fused
 
 
 # Quantization methods whose weights transformers turns into plain floats on load: only the marker is left.

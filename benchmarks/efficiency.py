@@ -5,7 +5,9 @@
     python benchmarks/efficiency.py --shape tiny --repeats 1                     # smoke test (the tests run it)
 
 Speed depends on the ranks, not on which method chose the factors, so the factored models are plain truncated SVDs
-(no calibration needed); AIR, SVD-LLM(W) and ASVD at the same retention have the same shapes. Writes
+(no calibration needed); AIR, SVD-LLM(W) and ASVD at the same retention have the same shapes. Each retention is
+measured as compressed and with the V factors of the layers that read one input stacked into one matmul
+(``air_ft.modeling.fuse_shared_inputs``: q/k/v, gate/up; ``--no-fuse`` skips those rows). Writes
 ``benchmarks/results/efficiency_<shape>_<device>.json`` and prints each model's ratios to dense.
 """
 
@@ -19,6 +21,7 @@ from common import MODEL, environment, set_threads, write_json
 
 import air_ft
 from air_ft.efficiency import compare
+from air_ft.modeling import fuse_shared_inputs
 
 SHAPES = {  # (hidden, intermediate, layers, heads, kv heads, vocab)
     "tiny": (64, 160, 2, 4, 2, 256),
@@ -53,6 +56,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3, help="every model measured in turns this many times (medians)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-fuse", action="store_true", help="skip the rows with stacked V factors")
     ap.add_argument("--output", default=None)
     args = ap.parse_args()
     if any(not 0 < r < 1 for r in args.retentions):
@@ -67,6 +71,9 @@ def main() -> None:
     for r in args.retentions:
         models[f"factored r{r:.2f}"] = copy.deepcopy(dense)
         air_ft.compress(models[f"factored r{r:.2f}"], tok, None, method="svd", retention=r, progress=False)
+        if not args.no_fuse:
+            models[f"fused r{r:.2f}"] = copy.deepcopy(models[f"factored r{r:.2f}"])
+            fuse_shared_inputs(models[f"fused r{r:.2f}"])
     # every model measured in turns, `rounds` times: a slow spell of the machine falls on all of them alike
     rows = compare({name: (lambda m=m: (m, tok)) for name, m in models.items()}, rounds=args.rounds, **settings)
     d = rows["dense"]

@@ -19,6 +19,9 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
     ("efficiency.py", ["--repeats", "0"], "must be >= 1"),
     ("user_loaded.py", ["--steps", "0"], "--steps and --eval-windows must be >= 1"),
     ("lm_eval_agreement.py", ["--limit", "0"], "--limit must be >= 1"),
+    ("scale.py", ["--retention", "1"], "--retention must lie strictly between 0 and 1"),
+    ("scale.py", ["--num-samples", "0"], "--num-samples must be >= 1"),
+    ("sequential.py", ["--retentions", "0"], "--retentions must lie strictly between 0 and 1"),
 ])
 def test_bad_benchmark_options_are_refused_before_any_work(script, args, message):
     proc = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=120)
@@ -37,5 +40,25 @@ def test_efficiency_benchmark_runs_on_a_tiny_shape(tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    assert set(rows) == {"dense", "factored r0.50"}
+    assert set(rows) == {"dense", "factored r0.50", "fused r0.50"}
     assert rows["factored r0.50"]["vs_dense"]["params"] < 1 and rows["dense"]["vs_dense"]["decode_latency_b2"] == 1
+    assert rows["fused r0.50"]["params"] == rows["factored r0.50"]["params"]
+
+
+def test_scale_benchmark_runs_on_a_tiny_shape(tmp_path):
+    """benchmarks/scale.py end to end on a tiny Llama on the CPU, so the 7B script cannot rot."""
+    import json
+
+    out = tmp_path / "scale.json"
+    args = ["--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--num-samples", "4", "--seq-len", "32",
+            "--repeats", "1", "--output", str(out)]
+    proc = subprocess.run([sys.executable, str(BENCH / "scale.py"), *args], capture_output=True, text=True,
+                          timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert {r["backend"] for r in res["als"]} == {"native", "torch"}
+    assert all(r["effective_bytes_per_s"] > 0 and r["objective_end"] <= r["objective_start"] for r in res["als"])
+    comp = res["compress"]
+    assert comp["stream"]["blocks"] == 2 and comp["tokens"] == 4 * 32 and 0.5 < comp["retention_actual"] <= 0.6
+    assert set(res["ratios_to_dense"]) == {"factored", "fused"}
+    assert res["fused"]["params"] == res["factored"]["params"] and res["factored"]["params"]["retention"] < 0.61

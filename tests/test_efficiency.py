@@ -40,3 +40,40 @@ def test_efficiency_measures_speed_and_memory(model, tokenizer):
     assert out["prefill_tokens_per_s"] > 0 and out["peak_forward_bytes"] >= 0 and out["dtype"] == "float32"
     assert not model.training and next(model.parameters()).requires_grad  # left as it was
     assert torch.isfinite(torch.tensor(out["flops_per_token"], dtype=torch.float64))
+
+
+def test_fusing_the_v_factors_of_one_input_changes_no_output_and_no_count():
+    import copy
+
+    from air_ft.modeling import FusedLowRankLinear, SharedInputV, fuse_shared_inputs
+
+    from .conftest import tiny_llama
+
+    model = tiny_llama(vocab_size=60, layers=2)
+    air_ft.compress(model, None, method="svd", retention=0.5, progress=False)
+    fused = copy.deepcopy(model)
+    assert fuse_shared_inputs(fused) == 4  # q/k/v and gate/up of each of the two blocks
+    attn = fused.model.layers[0].self_attn
+    assert all(isinstance(getattr(attn, p), FusedLowRankLinear) for p in ("q_proj", "k_proj", "v_proj"))
+    assert isinstance(attn.shared_v_0, SharedInputV)
+    assert attn.shared_v_0.weight.shape[0] == sum(getattr(attn, p).rank for p in ("q_proj", "k_proj", "v_proj"))
+    shared = {id(m.weight) for m in fused.modules() if isinstance(m, SharedInputV)}
+    calls, linear = [0], torch.nn.functional.linear
+
+    def counted(x, weight, bias=None):
+        calls[0] += id(weight) in shared
+        return linear(x, weight, bias)
+
+    ids = torch.randint(0, 60, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.nn.functional.linear = counted
+        try:
+            out = fused(ids).logits
+        finally:
+            torch.nn.functional.linear = linear
+        assert calls[0] == 4  # one stacked V matmul per input: attention's and the MLP's, in each block
+        torch.testing.assert_close(out, model(ids).logits, rtol=1e-5, atol=1e-5)
+        assert torch.equal(fused.generate(ids[:1, :4], max_new_tokens=4, do_sample=False),
+                           model.generate(ids[:1, :4], max_new_tokens=4, do_sample=False))
+    assert parameter_counts(fused) == parameter_counts(model)
+    assert flops_per_token(fused, 16) == flops_per_token(model, 16)

@@ -30,6 +30,8 @@ __all__ = ["texts", "run_compress", "run_train", "run_merge", "run_eval", "run_s
 
 STAGE_MARKER = "stage.json"
 EFFICIENCY_KEYS = ("efficiency", "decode_batch_sizes", "efficiency_rounds")
+# compress fields that change how the work is done, not its result: they do not key the compress stage
+EXECUTION_KEYS = ("progress", "cache", "stats_memory_gb", "checkpointing", "data_parallel")
 
 
 def texts(specs: list[dict]) -> list[str]:
@@ -491,7 +493,8 @@ def run_study(recipe: Recipe) -> dict:
             name = f"{method}-r{float(retention):.2f}"
             sub = dataclasses.replace(recipe, compress=dataclasses.replace(recipe.compress, method=method,
                                                                            retention=float(retention)))
-            ckey = _key("compress", model_spec, data["calibration"], to_dict(sub.compress))
+            ckey = _key("compress", model_spec, data["calibration"],
+                        {k: v for k, v in to_dict(sub.compress).items() if k not in EXECUTION_KEYS})
 
             def compress_work(path: Path, sub=sub) -> dict:
                 # perplexity belongs to the evaluate stage: the compress stage evaluates nothing

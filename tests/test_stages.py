@@ -115,6 +115,22 @@ def test_a_changed_compress_section_redoes_compression(study):
     assert after["stages/eval/dense"] == before["stages/eval/dense"]
 
 
+def test_execution_settings_keep_the_compression_and_sequential_redoes_it(study, monkeypatch):
+    tmp, path = study
+    base = ["study.lora=false", "study.methods=[svdllm]", "eval.tasks=[]", "eval.efficiency=false"]
+    stages.run_study(load_recipe(str(path), base))
+    before = _finished(tmp / "out")
+    real = stages.run_compress
+    monkeypatch.setattr(stages, "run_compress", lambda *a, **k: pytest.fail("recompressed"))
+    stages.run_study(load_recipe(str(path), [*base, "compress.stats_memory_gb=0.5", "compress.cache=false",
+                                             "compress.checkpointing=true", "compress.data_parallel=false"]))
+    assert _finished(tmp / "out") == before
+    monkeypatch.setattr(stages, "run_compress", real)
+    stages.run_study(load_recipe(str(path), [*base, "compress.sequential=true"]))
+    after = _finished(tmp / "out")
+    assert after["stages/compress/svdllm-r0.50"] != before["stages/compress/svdllm-r0.50"]
+
+
 def test_a_killed_study_continues_from_its_finished_stages(study, monkeypatch):
     tmp, path = study
     recipe = load_recipe(str(path), ["study.lora=false", "eval.tasks=[]", "eval.efficiency=false"])

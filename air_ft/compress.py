@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,7 +32,7 @@ from air_ft.calibration import (
 from air_ft.config import CompressConfig, RecipeError, build_dataclass
 from air_ft.data import sample_windows
 from air_ft.modeling import LowRankLinear, count_parameters, find_targets, prepare_model, set_module
-from air_ft.stream import BlockStore, capture_inputs, find_blocks, run_block
+from air_ft.stream import BlockStore, capture_inputs, find_blocks, inject, passthrough, run_block
 
 __all__ = ["compress", "METHOD_FUNCTIONS", "plan_ranks"]
 
@@ -274,16 +272,25 @@ def _nbytes(tensors) -> int:
 
 def _stream(model: nn.Module, windows: torch.Tensor, targets: dict[str, nn.Linear], ranks: dict,
             cfg: CompressConfig, device: torch.device, info: dict, need_gram: bool, need_infl: bool) -> dict:
-    """Calibrate and compress one decoder block at a time; return timings and memory figures.
+    """Calibrate and compress one group of consecutive decoder blocks at a time; return timings and memory.
 
-    1. Dense Grams (a forward, block by block over the captured block inputs), when compression or the whitened
-       influence needs them; each block's Grams go to the :class:`~air_ft.stream.BlockStore` and are freed.
-    2. Influence maps on the dense model (whole-model backward passes, each observing as many consecutive blocks
-       as ``stats_memory_gb`` holds; the backward stops at the first of them); each block's maps go to the store.
-    3. Block by block: its statistics (stored, or with ``sequential`` the Grams of the inputs that the compressed
-       blocks before it produce), factor its layers, swap them in, and (``sequential``) run the compressed block to
-       make the next block's inputs. Each finished block's factors are kept on disk (``cache``), so a killed run
-       resumes from its last finished block.
+    The inputs of block 0 are captured once. For each group (as many blocks as ``stats_memory_gb`` holds the
+    statistics of):
+
+    1. its blocks run, dense, over the group's input hidden states with hooks: their Grams, and the hidden states
+       at the group's exit;
+    2. the influence maps of its layers from a whole-model backward that starts at the group: the blocks before
+       it stand aside and the group's input hidden states enter its first block (the dense model's, so the maps
+       are the dense model's whatever was compressed before; with ``sequential``, those the compressed blocks
+       produce); the backward stops at the group;
+    3. its blocks are factored one by one, their Grams the dense ones of step 1, or with ``sequential`` the Grams
+       of the inputs that the compressed blocks before each produce (the hidden states advance through each block
+       once it is compressed);
+    4. the group's statistics are freed and its exit hidden states are the next group's inputs.
+
+    With ``cache``, every block's dense Grams and maps are stored on disk and reused by later runs on the same
+    data (not with ``sequential``: its statistics depend on the compression), and the factors of every finished
+    block are kept until the run completes, so a killed run resumes from its last finished block.
     """
     blocks = find_blocks(model, targets)
     run_device = next(model.parameters()).device
@@ -294,169 +301,197 @@ def _stream(model: nn.Module, windows: torch.Tensor, targets: dict[str, nn.Linea
         raise RecipeError(f"{len(batches)} calibration batches for {dist.world()} processes: raise num_samples or "
                           "lower batch_size so that every process gets a batch")
     mine = dist.shard(batches) if cfg.data_parallel else batches
-    tokens = int(windows.numel())
-    peak = {"stats": 0}
+    tokens, n_blocks = int(windows.numel()), len(blocks)
     if run_device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run_device)
-    store, tmp = _open_store(model, windows, targets, cfg)
-    run = _RunState(_run_dir(store.root, cfg, ranks) if cfg.cache else None, writer=dist.is_main())
-    try:
+    cached = _open_store(model, windows, targets, cfg) if cfg.cache else None
+    run = BlockStore(_run_dir(cached.root, cfg, ranks), writer=dist.is_main()) if cached is not None else None
+    # the statistics are the dense model's, and shared by every run on the same data, only without `sequential`
+    store = cached if not cfg.sequential else None
+    peak = {"stats": 0, "grams_computed": 0, "influence_passes": 0}
+    seconds = {"calibration": 0.0, "factoring": 0.0}
+    t0 = time.perf_counter()
+    inputs = capture_inputs(model, blocks, mine, run_device)
+    # resume: the blocks whose factors a killed run left, from block 0 on
+    first = 0
+    while first < n_blocks and (not blocks.members(first, targets) or (run is not None and run.has("factors", first))):
+        first += 1
+    first = dist.broadcast_object(first, 0)
+    if first:
+        if not cfg.sequential:  # the dense inputs of the first unfinished block, then the finished factors
+            for i in range(first):
+                run_block(blocks, i, inputs, update=True)
+        for i in range(first):
+            if blocks.members(i, targets):
+                _restore(run, i, model, targets, info)
+            if cfg.sequential:
+                run_block(blocks, i, inputs, update=True)
+    seconds["calibration"] += time.perf_counter() - t0
+    groups = _groups(blocks, targets, range(first, n_blocks), cfg, whitened, need_infl)
+    bar = tqdm(total=n_blocks - first, desc=f"compress ({cfg.method}) by block", disable=not cfg.progress)
+    for ids in groups:
         t0 = time.perf_counter()
-        computed = 0
-        if need_gram and (not cfg.sequential or whitened):
-            computed = _dense_grams(model, blocks, targets, mine, store, tokens, cfg, peak)
-        passes = _influence(model, blocks, targets, torch.cat(mine), store, kind, whitened, tokens, cfg,
-                            peak) if need_infl else 0
-        t1 = time.perf_counter()
-        inputs = capture_inputs(model, blocks, mine, run_device) if cfg.sequential and need_gram else None
-        resumed = 0
-        for i in tqdm(range(len(blocks)), desc=f"compress ({cfg.method}) by block", disable=not cfg.progress):
-            names = blocks.members(i, targets)
-            if run.done(i):
-                run.restore(i, model, targets, info)
-                resumed += 1
-            elif names:
-                block_stats = _block_stats(blocks, i, names, targets, inputs, store, kind, need_gram, need_infl,
-                                           tokens, cfg)
-                held = [*block_stats.grams.values(), *block_stats.abs_sum.values(),
-                        *(t for maps in block_stats.influence.values() for t in maps.values())]
-                peak["stats"] = max(peak["stats"], _nbytes(held) + _nbytes(block_stats.grams.values()))  # + roots
-                _factor_layers(model, targets, names, ranks, block_stats, cfg, device, info)
-                run.save(i, model, names, info)
-                del block_stats, held
-            if inputs is not None and i < len(blocks) - 1:
+        members = {i: blocks.members(i, targets) for i in ids}
+        # 1. the group's Grams over its input hidden states (for its factors, or with `sequential` only for the
+        #    whitened influence), and its exit hidden states
+        exit_inputs = inputs.fork() if not cfg.sequential or whitened else None
+        grams: dict[int, CalibrationStats] = {}
+        for i in ids if exit_inputs is not None else []:
+            stored = store is not None and members[i] and store.has("grams", i)
+            hooks = StatsHooks({n: targets[n] for n in members[i]}, influence=False) if (
+                members[i] and (need_gram or whitened) and not stored) else None
+            _run_with(hooks, blocks, i, exit_inputs)
+            if stored:
+                grams[i] = _stats_from(*store.load("grams", i, run_device), tokens)
+            elif hooks is not None:
+                grams[i] = CalibrationStats({k: _reduce(cfg, v) for k, v in hooks.grams.items()},
+                                            {k: _reduce(cfg, v) for k, v in hooks.abs_sum.items()},
+                                            dict(hooks.group_of), tokens)
+                peak["grams_computed"] += 1
+                if store is not None:
+                    store.save("grams", i, {**{f"gram::{k}": v for k, v in grams[i].grams.items()},
+                                            **{f"abs::{k}": v for k, v in grams[i].abs_sum.items()}},
+                               {"group_of": grams[i].group_of, "tokens": tokens})
+        maps = _group_influence(model, blocks, ids, members, targets, inputs, torch.cat(mine), grams, store, kind,
+                                whitened, tokens, cfg, peak) if need_infl else {}
+        held = [t for st in grams.values() for t in (*st.grams.values(), *st.abs_sum.values())]
+        held += [t for per in maps.values() for sig in per.values() for t in sig.values()]
+        peak["stats"] = max(peak["stats"], _nbytes(held) + _nbytes(t for st in grams.values()
+                                                                   for t in st.grams.values()))  # + their roots
+        del held
+        seconds["calibration"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for i in ids:  # 3. factor the group's blocks
+            if members[i]:
+                st = grams.get(i) or CalibrationStats({}, {}, {}, tokens)
+                if cfg.sequential and need_gram:  # the Grams of the inputs the compressed blocks before produce
+                    hooks = StatsHooks({n: targets[n] for n in members[i]}, influence=False)
+                    _run_with(hooks, blocks, i, inputs, update=False)
+                    st = CalibrationStats({k: _reduce(cfg, v) for k, v in hooks.grams.items()},
+                                          {k: _reduce(cfg, v) for k, v in hooks.abs_sum.items()},
+                                          dict(hooks.group_of), tokens)
+                st.influence = maps.get(i, {})
+                _factor_layers(model, targets, members[i], ranks, st, cfg, device, info)
+                if run is not None:
+                    _save_factors(run, i, model, members[i], info)
+            if cfg.sequential and i < n_blocks - 1:
                 run_block(blocks, i, inputs, update=True)  # the compressed block makes the next block's inputs
-        t2 = time.perf_counter()
-        dist.barrier()
-        run.clear()
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+            bar.update(1)
+        if not cfg.sequential:
+            inputs = exit_inputs  # 4. the dense exit is the next group's input
+        elif exit_inputs is not None:
+            exit_inputs.hidden.clear()
+        del grams, maps, exit_inputs
+        seconds["factoring"] += time.perf_counter() - t0
+    bar.close()
+    dist.barrier()
+    if run is not None and run.writer:
+        shutil.rmtree(run.root, ignore_errors=True)
     import resource
 
-    return {"calibration_seconds": t1 - t0, "compression_seconds": t2 - t1, "calibration_tokens": tokens,
-            "calibration_cached": computed == 0 and passes == 0,
-            "stream": {"blocks": len(blocks), "influence_passes": passes, "sequential": cfg.sequential,
-                       "processes": dist.world(), "resumed_blocks": resumed, "peak_stats_bytes": peak["stats"],
+    return {"calibration_seconds": seconds["calibration"], "compression_seconds": seconds["factoring"],
+            "calibration_tokens": tokens,
+            "calibration_cached": peak["grams_computed"] == 0 and peak["influence_passes"] == 0,
+            "stream": {"blocks": n_blocks, "groups": len(groups), "influence_passes": peak["influence_passes"],
+                       "sequential": cfg.sequential, "processes": dist.world(), "resumed_blocks": first,
+                       "peak_stats_bytes": peak["stats"], "hidden_state_bytes": inputs.nbytes(),
                        "peak_device_bytes": (torch.cuda.max_memory_allocated(run_device)
                                              if run_device.type == "cuda" else None),
                        "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                       "stats_dir": str(store.root) if cfg.cache else None}}
+                       "stats_dir": str(store.root) if store is not None else None,
+                       "influence_of": ("the inputs the compressed blocks before each group produce"
+                                        if cfg.sequential else "the dense model") if need_infl else None}}
 
 
-def _open_store(model: nn.Module, windows: torch.Tensor, targets: dict, cfg: CompressConfig):
-    """The per-block statistics store: in the cache (shared by the processes, written by the main one), or in a
-    private temporary folder that is removed afterwards (``cache: false``)."""
-    if not cfg.cache:
-        tmp = tempfile.TemporaryDirectory(prefix="air_ft-stats-")
-        return BlockStore(Path(tmp.name)), tmp
-    key = dist.broadcast_object(stats_key(model_fingerprint(model), windows, list(targets), "blocks"), 0)
-    return BlockStore(stats_dir() / f"blocks-{key}", writer=dist.is_main()), None
+def _run_with(hooks, blocks, i: int, inputs, update: bool = True) -> None:
+    """Run block ``i`` over ``inputs`` with ``hooks`` attached (if any)."""
+    if hooks is not None:
+        hooks.attach()
+    try:
+        run_block(blocks, i, inputs, update=update, hooks=hooks)
+    finally:
+        if hooks is not None:
+            hooks.detach()
 
 
-def _dense_grams(model, blocks, targets, batches, store, tokens, cfg, peak) -> int:
-    """Pass 1: every missing block's Grams and input sums from the dense model, block by block; returns how many
-    blocks were computed (0: all were stored)."""
-    missing = dist.broadcast_object([i for i in range(len(blocks))
-                                     if blocks.members(i, targets) and not store.has("grams", i)], 0)
-    if missing:
-        inputs = capture_inputs(model, blocks, batches, next(model.parameters()).device)
-        for i in tqdm(range(max(missing) + 1), desc="calibration (forward, by block)", disable=not cfg.progress):
-            hooks = StatsHooks({n: targets[n] for n in blocks.members(i, targets)}, influence=False) \
-                if i in missing else None
-            if hooks is not None:
-                hooks.attach()
-            try:
-                run_block(blocks, i, inputs, update=True, hooks=hooks)
-            finally:
-                if hooks is not None:
-                    hooks.detach()
-            if hooks is not None:
-                tensors = {f"gram::{k}": _reduce(cfg, v) for k, v in hooks.grams.items()}
-                tensors.update({f"abs::{k}": _reduce(cfg, v) for k, v in hooks.abs_sum.items()})
-                peak["stats"] = max(peak["stats"], _nbytes(tensors.values()))
-                store.save("grams", i, tensors, {"group_of": hooks.group_of, "tokens": tokens})
-                del tensors, hooks
-        del inputs
-    dist.barrier()
-    return len(missing)
+def _stats_from(tensors: dict, meta: dict, tokens: int) -> CalibrationStats:
+    grams = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith("gram::")}
+    abs_sum = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith("abs::")}
+    return CalibrationStats(grams, abs_sum, meta["group_of"], tokens)
 
 
-def _influence(model, blocks, targets, windows, store, kind, whitened, tokens, cfg, peak) -> int:
-    """Pass 2: influence maps of every missing block from whole-model backward passes of the dense model, each
-    observing the consecutive blocks whose maps (and whitening factors) fit ``stats_memory_gb``. Returns the
-    number of passes run."""
-    todo = dist.broadcast_object([i for i in range(len(blocks))
-                                  if blocks.members(i, targets) and not store.has(kind, i)], 0)
-    if not todo:
-        return 0
-    signals = 1 if whitened else 2
-    per_block = max(sum(targets[n].weight.numel() * 4 * signals + (targets[n].in_features ** 2 * 4 if whitened
-                                                                  else 0) for n in blocks.members(i, targets))
-                    for i in todo)
-    size = max(1, int(cfg.stats_memory_gb * 2 ** 30 // per_block))
+def _groups(blocks, targets, todo, cfg: CompressConfig, whitened: bool, need_infl: bool) -> list[list[int]]:
+    """Consecutive runs of blocks whose statistics (Grams, their roots, influence maps; bounded above by their
+    shapes) fit ``stats_memory_gb``; one block per group when nothing needs a backward."""
+    todo = list(todo)
+    if not need_infl:
+        return [[i] for i in todo]
+
+    def bytes_of(i: int) -> int:
+        names = blocks.members(i, targets)
+        maps = sum(targets[n].weight.numel() * 4 * (1 if whitened else 2) for n in names)
+        grams = sum(targets[n].in_features ** 2 * 8 for n in names)  # an upper bound: inputs are shared
+        return maps + 2 * grams + (grams // 2 if whitened else 0)
+
+    budget = cfg.stats_memory_gb * 2 ** 30
     groups: list[list[int]] = []
-    for i in todo:  # consecutive runs of at most `size` blocks
-        if groups and groups[-1][-1] == i - 1 and len(groups[-1]) < size:
+    used = 0
+    for i in todo:
+        b = bytes_of(i)
+        if groups and used + b <= budget:
             groups[-1].append(i)
+            used += b
         else:
             groups.append([i])
+            used = b
+    return groups
+
+
+def _group_influence(model, blocks, ids, members, targets, inputs, windows, grams, store, kind, whitened,
+                     tokens, cfg, peak) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
+    """Step 2 of :func:`_stream`: the group's influence maps, ``{block: {signal: {layer: map}}}``, stored or from
+    one whole-model backward that starts at the group's first block (blocks before it stand aside, the group's
+    stored dense inputs enter it). ``windows``: this process's calibration tokens (the labels), in batch order."""
     device = next(model.parameters()).device
-    for ids in groups:
-        group = {n: targets[n] for i in ids for n in blocks.members(i, targets)}
-        whitening = None
-        if whitened:  # S of each input from the dense Grams of pass 1
-            whitening = {}
-            for i in ids:
-                grams, meta = store.load("grams", i, device)
-                roots = {g: linalg.whitening_factor(grams[f"gram::{g}"], cfg.eps, cfg.whitening)[0]
-                         for g in set(meta["group_of"].values())}
-                whitening.update({n: roots[g] for n, g in meta["group_of"].items()})
-                del grams
-        label = f"influence, block {ids[0]}" + (f"-{ids[-1]}" if len(ids) > 1 else "")
-        st = calibrate(model, windows, group, influence=True, batch_size=cfg.batch_size, progress=cfg.progress,
-                       whitening=whitening, grams=False, start=blocks.modules[ids[0]],
-                       checkpointing=cfg.checkpointing, desc=f"{label} ({len(groups)} passes)", tokens=tokens)
-        held = [t for maps in st.influence.values() for t in maps.values()]
-        peak["stats"] = max(peak["stats"], _nbytes(held) + (_nbytes({id(s): s for s in whitening.values()}.values())
-                                                            if whitening else 0))
-        for i in ids:
-            names = blocks.members(i, targets)
-            store.save(kind, i, {f"{sig}::{n}": _reduce(cfg, maps[n]) for sig, maps in st.influence.items()
-                                 for n in names}, {"signals": sorted(st.influence)})
-        del st, held, whitening
-        dist.barrier()
-    return len(groups)
+    out: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
+    todo = [i for i in ids if members[i]]
+    if store is not None and all(store.has(kind, i) for i in todo):
+        for i in todo:
+            tensors, _ = store.load(kind, i, device)
+            for key, val in tensors.items():
+                sig, name = key.split("::", 1)
+                out.setdefault(i, {}).setdefault(sig, {})[name] = val
+        return out
+    if not todo:
+        return out
+    whitening = None
+    if whitened:  # S of each input from the group's dense Grams
+        whitening = {}
+        for i in todo:
+            roots = {g: linalg.whitening_factor(grams[i].grams[g], cfg.eps, cfg.whitening)[0]
+                     for g in set(grams[i].group_of.values())}
+            whitening.update({n: roots[g] for n, g in grams[i].group_of.items()})
+    group = {n: targets[n] for i in todo for n in members[i]}
+    start = todo[0]
+    label = f"influence, block {start}" + (f"-{todo[-1]}" if len(todo) > 1 else "")
+    with passthrough(blocks, start, inputs.returns_tuple), inject(blocks.modules[start], inputs.hidden):
+        st = calibrate(model, windows, group, influence=True,
+                       batch_size=cfg.batch_size, progress=cfg.progress, whitening=whitening, grams=False,
+                       start=blocks.modules[start], checkpointing=cfg.checkpointing, desc=label, tokens=tokens)
+    peak["influence_passes"] += 1
+    for i in todo:
+        per = {sig: {n: _reduce(cfg, maps[n]) for n in members[i]} for sig, maps in st.influence.items()}
+        out[i] = per
+        if store is not None:
+            store.save(kind, i, {f"{sig}::{n}": t for sig, m in per.items() for n, t in m.items()},
+                       {"signals": sorted(per)})
+    return out
 
 
-def _block_stats(blocks, i, names, targets, inputs, store, kind, need_gram, need_infl, tokens,
-                 cfg) -> CalibrationStats:
-    """Block ``i``'s statistics: its Grams (stored, or accumulated now from ``inputs`` with ``sequential``) and
-    its influence maps (stored)."""
-    device = next(blocks.modules[i].parameters()).device
-    grams, abs_sum, group_of = {}, {}, {}
-    if need_gram and inputs is not None:
-        hooks = StatsHooks({n: targets[n] for n in names}, influence=False)
-        hooks.attach()
-        try:
-            run_block(blocks, i, inputs, update=False, hooks=hooks)
-        finally:
-            hooks.detach()
-        grams = {k: _reduce(cfg, v) for k, v in hooks.grams.items()}
-        abs_sum = {k: _reduce(cfg, v) for k, v in hooks.abs_sum.items()}
-        group_of = hooks.group_of
-    elif need_gram:
-        tensors, meta = store.load("grams", i, device)
-        grams = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith("gram::")}
-        abs_sum = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith("abs::")}
-        group_of = meta["group_of"]
-    influence: dict[str, dict[str, torch.Tensor]] = {}
-    if need_infl:
-        tensors, _ = store.load(kind, i, device)
-        for key, val in tensors.items():
-            sig, name = key.split("::", 1)
-            influence.setdefault(sig, {})[name] = val
-    return CalibrationStats(grams=grams, abs_sum=abs_sum, group_of=group_of, tokens=tokens, influence=influence)
+def _open_store(model: nn.Module, windows: torch.Tensor, targets: dict, cfg: CompressConfig) -> BlockStore:
+    """The per-block statistics cache, shared by the processes and written by the main one."""
+    key = dist.broadcast_object(stats_key(model_fingerprint(model), windows, list(targets), "blocks"), 0)
+    return BlockStore(stats_dir() / f"blocks-{key}", writer=dist.is_main())
 
 
 def _run_dir(stats_root: Path, cfg: CompressConfig, ranks: dict) -> Path:
@@ -465,52 +500,27 @@ def _run_dir(stats_root: Path, cfg: CompressConfig, ranks: dict) -> Path:
     return cache_root() / "runs" / key.hexdigest()[:24]
 
 
-class _RunState:
-    """Factors of the finished blocks of one compression run (safetensors + JSON per block), so that a killed run
-    resumes from its last finished block; removed when the run completes."""
+def _save_factors(run: BlockStore, i: int, model: nn.Module, names: list[str], info: dict) -> None:
+    """Block ``i``'s factors (as the model stores them) and its per-layer records, for a resumed run."""
+    tensors = {}
+    for n in names:
+        mod = model.get_submodule(n)
+        if isinstance(mod, LowRankLinear):
+            tensors[f"u::{n}"], tensors[f"v::{n}"] = mod.factor_u.weight, mod.factor_v.weight
+    run.save("factors", i, tensors, {"rungs": {n: info["rungs"][n] for n in names if n in info["rungs"]},
+                                     "objective": {n: info["objective"][n] for n in names if n in info["objective"]}})
 
-    def __init__(self, root: Path | None, writer: bool) -> None:
-        self.root, self.writer = root, writer
 
-    def done(self, i: int) -> bool:
-        return self.root is not None and (self.root / f"block-{i:04d}.json").exists()
-
-    def save(self, i: int, model: nn.Module, names: list[str], info: dict) -> None:
-        from safetensors.torch import save_file
-
-        if self.root is None or not self.writer:
-            return
-        self.root.mkdir(parents=True, exist_ok=True)
-        tensors = {}
-        for n in names:
-            mod = model.get_submodule(n)
-            if isinstance(mod, LowRankLinear):
-                tensors[f"u::{n}"], tensors[f"v::{n}"] = mod.factor_u.weight, mod.factor_v.weight
-        tmp = self.root / f"block-{i:04d}.safetensors.tmp"
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, self.root / f"block-{i:04d}.safetensors")
-        meta = {"rungs": {n: info["rungs"][n] for n in names if n in info["rungs"]},
-                "objective": {n: info["objective"][n] for n in names if n in info["objective"]}}
-        (self.root / f"block-{i:04d}.json.tmp").write_text(json.dumps(meta))
-        os.replace(self.root / f"block-{i:04d}.json.tmp", self.root / f"block-{i:04d}.json")
-
-    def restore(self, i: int, model: nn.Module, targets: dict[str, nn.Linear], info: dict) -> None:
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(self.root / f"block-{i:04d}.safetensors"))
-        meta = json.loads((self.root / f"block-{i:04d}.json").read_text())
-        for key in [k for k in tensors if k.startswith("u::")]:
-            name = key[3:]
-            mod = targets[name]
-            bias = mod.bias.detach() if mod.bias is not None else None
-            set_module(model, name, LowRankLinear.from_factors(tensors[key], tensors[f"v::{name}"], bias,
-                                                               dtype=mod.weight.dtype, device=mod.weight.device))
-        info["rungs"].update(meta["rungs"])
-        info["objective"].update(meta["objective"])
-
-    def clear(self) -> None:
-        if self.root is not None and self.writer:
-            shutil.rmtree(self.root, ignore_errors=True)
+def _restore(run: BlockStore, i: int, model: nn.Module, targets: dict[str, nn.Linear], info: dict) -> None:
+    tensors, meta = run.load("factors", i)
+    for key in [k for k in tensors if k.startswith("u::")]:
+        name = key[3:]
+        mod = targets[name]
+        bias = mod.bias.detach() if mod.bias is not None else None
+        set_module(model, name, LowRankLinear.from_factors(tensors[key], tensors[f"v::{name}"], bias,
+                                                           dtype=mod.weight.dtype, device=mod.weight.device))
+    info["rungs"].update(meta["rungs"])
+    info["objective"].update(meta["objective"])
 
 
 def _layer_inputs(name: str, stats: CalibrationStats | None, cfg: CompressConfig, device: torch.device,

@@ -10,6 +10,7 @@ memory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -20,7 +21,8 @@ from torch import nn
 
 from air_ft.config import RecipeError
 
-__all__ = ["Blocks", "find_blocks", "BlockInputs", "capture_inputs", "run_block", "BlockStore"]
+__all__ = ["Blocks", "find_blocks", "BlockInputs", "capture_inputs", "run_block", "BlockStore", "passthrough",
+           "inject"]
 
 
 @dataclass
@@ -100,9 +102,64 @@ class BlockInputs:
 
     hidden: list[torch.Tensor]
     extra: list[list[tuple[tuple, dict]]] = field(default_factory=list)
+    returns_tuple: bool = False  # what the model's blocks return (for pass-through stand-ins)
+
+    def fork(self) -> BlockInputs:
+        """A copy that advances on its own (the tensors are shared until a block replaces them)."""
+        return BlockInputs(hidden=list(self.hidden), extra=self.extra, returns_tuple=self.returns_tuple)
 
     def nbytes(self) -> int:
         return sum(h.numel() * h.element_size() for h in self.hidden)
+
+
+def _hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@contextlib.contextmanager
+def passthrough(blocks: Blocks, upto: int, returns_tuple: bool, record=None):
+    """Within this block, blocks ``0 .. upto-1`` hand their hidden state on unchanged (as a 1-tuple when the
+    model's blocks return tuples) instead of computing; ``record(i, args, kwargs)`` sees each call first."""
+    saved = [blk.__dict__.get("forward") for blk in blocks.modules[:upto]]
+
+    def stand_in(i):
+        def forward(*args, **kwargs):
+            if record is not None:
+                record(i, args, kwargs)
+            h = _hidden_of(args, kwargs)
+            return (h,) if returns_tuple else h
+        return forward
+
+    for i, blk in enumerate(blocks.modules[:upto]):
+        blk.forward = stand_in(i)
+    try:
+        yield
+    finally:
+        for blk, fwd in zip(blocks.modules[:upto], saved):
+            if fwd is None:
+                del blk.forward
+            else:
+                blk.forward = fwd
+
+
+@contextlib.contextmanager
+def inject(block: nn.Module, hidden: list[torch.Tensor]):
+    """Within this block, the ``b``-th call of ``block`` gets ``hidden[b]`` as its hidden state, whatever reaches it
+    (with :func:`passthrough` below it: a forward that starts at this block from stored inputs)."""
+    count = [0]
+
+    def pre(mod, args, kwargs):
+        h = hidden[count[0]]
+        count[0] += 1
+        if args:
+            return (h, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": h}
+
+    handle = block.register_forward_pre_hook(pre, with_kwargs=True, prepend=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @torch.no_grad()
@@ -110,54 +167,51 @@ def capture_inputs(model: nn.Module, blocks: Blocks, batches: list[torch.Tensor]
     """Record what enters every block (block 0's hidden state; every block's other arguments) for each batch.
 
     The model's own forward runs with each block stood in for by a recorder that passes its hidden state through
-    unchanged, so capturing costs the embeddings and whatever the model does between blocks, not a forward of the
-    blocks; it stops at the last block. Block 0 runs for real once, to learn what a block returns (a tensor, or a
-    tuple whose first item is the hidden state).
+    unchanged (:func:`passthrough`), so capturing costs the embeddings and whatever the model does between
+    blocks, not a forward of the blocks; it stops at the last block. Block 0 runs for real once, to learn what a
+    block returns (a tensor, or a tuple whose first item is the hidden state).
     """
     n = len(blocks)
     extra: list[list[tuple[tuple, dict]]] = [[] for _ in range(n)]
     hidden: list[torch.Tensor] = []
-    returns_tuple: list[bool] = []
 
-    def recorder(i, real):
-        def forward(*args, **kwargs):
-            h = args[0] if args else kwargs["hidden_states"]
-            rest = (tuple(args[1:]), {k: v for k, v in kwargs.items() if k != "hidden_states"})
-            if extra[i]:  # share what equals the previous batch's
-                prev_args, prev_kw = extra[i][-1]
-                rest = (tuple(_dedup(a, p) for a, p in zip(rest[0], prev_args)),
-                        {k: _dedup(v, prev_kw.get(k)) for k, v in rest[1].items()})
-            extra[i].append(rest)
-            if i == 0:
-                hidden.append(h.detach())
-            if i == n - 1:
-                raise _Stop
-            if not returns_tuple:
-                returns_tuple.append(isinstance(real(*args, **kwargs), (tuple, list)))
-            return (h,) if returns_tuple[0] else h
-        return forward
+    def record(i, args, kwargs):
+        rest = (tuple(args[1:]), {k: v for k, v in kwargs.items() if k != "hidden_states"})
+        if extra[i]:  # share what equals the previous batch's
+            prev_args, prev_kw = extra[i][-1]
+            rest = (tuple(_dedup(a, p) for a, p in zip(rest[0], prev_args)),
+                    {k: _dedup(v, prev_kw.get(k)) for k, v in rest[1].items()})
+        extra[i].append(rest)
+        if i == 0:
+            hidden.append(_hidden_of(args, kwargs).detach())
+        if i == n - 1:
+            raise _Stop
 
-    saved = [blk.__dict__.get("forward") for blk in blocks.modules]
-    for i, blk in enumerate(blocks.modules):
-        blk.forward = recorder(i, blk.forward)
+    probe: list = []
+
+    def learn(mod, args, kwargs, out):
+        probe.append(isinstance(out, (tuple, list)))
+
     was_training = model.training
     model.eval()
-    try:
-        for batch in batches:
-            try:
-                model(input_ids=batch.to(device), use_cache=False)
-            except _Stop:
-                pass
-            else:
-                raise RuntimeError("the model's forward never reached its last decoder block")
+    handle = blocks.modules[0].register_forward_hook(learn, with_kwargs=True)
+    try:  # one real forward of two tokens says what blocks return
+        model(input_ids=batches[0][:1, :2].to(device), use_cache=False)
     finally:
-        for blk, fwd in zip(blocks.modules, saved):
-            if fwd is None:
-                del blk.forward
-            else:
-                blk.forward = fwd
+        handle.remove()
+    returns_tuple = bool(probe and probe[0])
+    try:
+        with passthrough(blocks, n, returns_tuple, record):
+            for batch in batches:
+                try:
+                    model(input_ids=batch.to(device), use_cache=False)
+                except _Stop:
+                    pass
+                else:
+                    raise RuntimeError("the model's forward never reached its last decoder block")
+    finally:
         model.train(was_training)
-    return BlockInputs(hidden=hidden, extra=extra)
+    return BlockInputs(hidden=hidden, extra=extra, returns_tuple=returns_tuple)
 
 
 @torch.no_grad()

@@ -166,7 +166,7 @@ def test_stats_are_cached_per_block_and_a_killed_compression_resumes(monkeypatch
     assert [n for n in names if n.startswith("grams-")] == ["grams-0000.json", "grams-0001.json", "grams-0002.json"]
     assert len([n for n in names if n.startswith("influence-")]) == 3
     (run_dir,) = (cache / "runs").iterdir()
-    assert sorted(p.name for p in run_dir.glob("*.json")) == ["block-0000.json"]
+    assert sorted(p.name for p in run_dir.glob("*.json")) == ["factors-0000.json"]
 
     calls.clear()
     resumed, info = _compressed(copy.deepcopy(base), tokenizer, text, method="air")

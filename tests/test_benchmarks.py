@@ -22,6 +22,8 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
     ("scale.py", ["--retention", "1"], "--retention must lie strictly between 0 and 1"),
     ("scale.py", ["--num-samples", "0"], "--num-samples must be >= 1"),
     ("sequential.py", ["--retentions", "0"], "--retentions must lie strictly between 0 and 1"),
+    ("acip_schedule.py", ["--schedule", "mask_lr"], "use key=value"),
+    ("acip_schedule.py", ["--schedule", "mask_lr=1e-3", "--retentions", "0.3"], "--retentions in [stop-retention"),
 ])
 def test_bad_benchmark_options_are_refused_before_any_work(script, args, message):
     proc = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=120)

@@ -310,15 +310,17 @@ def _stream(model: nn.Module, windows: torch.Tensor, targets: dict[str, nn.Linea
     store = cached if not cfg.sequential else None
     peak = {"stats": 0, "grams_computed": 0, "influence_passes": 0}
     seconds = {"calibration": 0.0, "factoring": 0.0}
+    # every statistic on disk already: no forward at all, each block is read back and factored
+    lazy = store is not None and _all_stored(store, blocks, targets, need_gram, need_infl, kind)
     t0 = time.perf_counter()
-    inputs = capture_inputs(model, blocks, mine, run_device)
+    inputs = None if lazy else capture_inputs(model, blocks, mine, run_device)
     # resume: the blocks whose factors a killed run left, from block 0 on
     first = 0
     while first < n_blocks and (not blocks.members(first, targets) or (run is not None and run.has("factors", first))):
         first += 1
     first = dist.broadcast_object(first, 0)
     if first:
-        if not cfg.sequential:  # the dense inputs of the first unfinished block, then the finished factors
+        if not cfg.sequential and not lazy:  # the dense inputs of the first unfinished block, then its factors
             for i in range(first):
                 run_block(blocks, i, inputs, update=True)
         for i in range(first):
@@ -332,6 +334,17 @@ def _stream(model: nn.Module, windows: torch.Tensor, targets: dict[str, nn.Linea
     for ids in groups:
         t0 = time.perf_counter()
         members = {i: blocks.members(i, targets) for i in ids}
+        if lazy:
+            for i in (i for i in ids if members[i]):
+                st = (_stats_from(*store.load("grams", i, run_device), tokens) if need_gram
+                      else CalibrationStats({}, {}, {}, tokens))
+                st.influence = _maps_from(store.load(kind, i, run_device)[0]) if need_infl else {}
+                _factor_layers(model, targets, members[i], ranks, st, cfg, device, info)
+                if run is not None:
+                    _save_factors(run, i, model, members[i], info)
+            bar.update(len(ids))
+            seconds["factoring"] += time.perf_counter() - t0
+            continue
         # 1. the group's Grams over its input hidden states (for its factors, or with `sequential` only for the
         #    whitened influence), and its exit hidden states
         exit_inputs = inputs.fork() if not cfg.sequential or whitened else None
@@ -387,20 +400,39 @@ def _stream(model: nn.Module, windows: torch.Tensor, targets: dict[str, nn.Linea
     dist.barrier()
     if run is not None and run.writer:
         shutil.rmtree(run.root, ignore_errors=True)
+    return _stream_report(seconds, tokens, peak, n_blocks, len(groups), first, cfg, store, run_device, need_infl,
+                          inputs.nbytes() if inputs is not None else 0)
+
+
+def _stream_report(seconds, tokens, peak, n_blocks, groups, resumed, cfg, store, device, need_infl,
+                   hidden_bytes=0) -> dict:
     import resource
 
     return {"calibration_seconds": seconds["calibration"], "compression_seconds": seconds["factoring"],
             "calibration_tokens": tokens,
             "calibration_cached": peak["grams_computed"] == 0 and peak["influence_passes"] == 0,
-            "stream": {"blocks": n_blocks, "groups": len(groups), "influence_passes": peak["influence_passes"],
-                       "sequential": cfg.sequential, "processes": dist.world(), "resumed_blocks": first,
-                       "peak_stats_bytes": peak["stats"], "hidden_state_bytes": inputs.nbytes(),
-                       "peak_device_bytes": (torch.cuda.max_memory_allocated(run_device)
-                                             if run_device.type == "cuda" else None),
+            "stream": {"blocks": n_blocks, "groups": groups, "influence_passes": peak["influence_passes"],
+                       "sequential": cfg.sequential, "processes": dist.world(), "resumed_blocks": resumed,
+                       "peak_stats_bytes": peak["stats"], "hidden_state_bytes": hidden_bytes,
+                       "peak_device_bytes": (torch.cuda.max_memory_allocated(device)
+                                             if device.type == "cuda" else None),
                        "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                        "stats_dir": str(store.root) if store is not None else None,
                        "influence_of": ("the inputs the compressed blocks before each group produce"
                                         if cfg.sequential else "the dense model") if need_infl else None}}
+
+
+def _all_stored(store, blocks, targets, need_gram: bool, need_infl: bool, kind: str) -> bool:
+    return all((not need_gram or store.has("grams", i)) and (not need_infl or store.has(kind, i))
+               for i in range(len(blocks)) if blocks.members(i, targets))
+
+
+def _maps_from(tensors: dict) -> dict[str, dict[str, torch.Tensor]]:
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, val in tensors.items():
+        sig, name = key.split("::", 1)
+        out.setdefault(sig, {})[name] = val
+    return out
 
 
 def _run_with(hooks, blocks, i: int, inputs, update: bool = True) -> None:
@@ -456,12 +488,7 @@ def _group_influence(model, blocks, ids, members, targets, inputs, windows, gram
     out: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
     todo = [i for i in ids if members[i]]
     if store is not None and all(store.has(kind, i) for i in todo):
-        for i in todo:
-            tensors, _ = store.load(kind, i, device)
-            for key, val in tensors.items():
-                sig, name = key.split("::", 1)
-                out.setdefault(i, {}).setdefault(sig, {})[name] = val
-        return out
+        return {i: _maps_from(store.load(kind, i, device)[0]) for i in todo}
     if not todo:
         return out
     whitening = None

@@ -177,6 +177,12 @@ def test_stats_are_cached_per_block_and_a_killed_compression_resumes(monkeypatch
     fresh, _ = _compressed(copy.deepcopy(base), tokenizer, text, method="air", cache=False)
     assert _same_state(fresh, resumed) == 0.0
     assert set(info["objective"]) == {n for n, m in resumed.named_modules() if isinstance(m, LowRankLinear)}
+    # another retention on the same data: every statistic comes from the cache, no block runs at all
+    model, ran = copy.deepcopy(base), []
+    for blk in model.model.layers:
+        blk.register_forward_pre_hook(lambda *a: ran.append(1))
+    _, again = _compressed(model, tokenizer, text, method="air", retention=0.4)
+    assert again["calibration_cached"] and not ran
 
 
 def test_layers_outside_the_decoder_blocks_are_refused_with_what_to_do(tokenizer, text):

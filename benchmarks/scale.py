@@ -124,7 +124,8 @@ def main() -> None:
     ap.add_argument("--num-samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=2, help="calibration windows per forward/backward")
-    ap.add_argument("--stats-memory-gb", type=float, default=8.0)
+    ap.add_argument("--stats-memory-gb", type=float, default=6.0,
+                    help="compress.stats_memory_gb: one influence pass's statistics (the 7B target: model + 16 GB)")
     ap.add_argument("--no-checkpointing", action="store_true", help="keep every block's activations in backward")
     ap.add_argument("--sequential", action="store_true")
     ap.add_argument("--decode-batch-sizes", type=int, nargs="+", default=[1, 16])

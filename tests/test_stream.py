@@ -229,3 +229,41 @@ def test_two_processes_write_the_one_process_checkpoint(tmp_path, tiny_dir):
     # calibration batches sharded, statistics summed over processes: equal up to the order of float sums
     for k, t in one["tensors"].items():
         torch.testing.assert_close(sharded["tensors"][k], t, rtol=1e-4, atol=1e-5)
+
+
+def _arch(name: str):
+    import transformers as T
+
+    common = dict(vocab_size=60, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                  max_position_embeddings=128)
+    return {"qwen2": lambda: T.Qwen2Config(**common, num_key_value_heads=2),
+            "mistral": lambda: T.MistralConfig(**common, num_key_value_heads=2, sliding_window=8),
+            "gemma2": lambda: T.Gemma2Config(**common, num_key_value_heads=2, head_dim=16, sliding_window=8),
+            "gpt_neox": lambda: T.GPTNeoXConfig(**common)}[name]()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral", "gemma2", "gpt_neox"])
+def test_streaming_matches_the_reference_on_other_architectures(arch):
+    """Blocks that take other arguments: sliding-window masks (Mistral; Gemma 2 alternates sliding and full
+    attention, so each block's mask is captured apart), GPT-NeoX's fused QKV projection and parallel residual; AIR
+    with one block per influence pass, so every pass starts from stored inputs."""
+    from transformers import AutoModelForCausalLM
+
+    from air_ft import linalg
+    from air_ft.calibration import calibrate
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(_arch(arch)).eval()
+    windows = torch.randint(0, 60, (8, 24), generator=torch.Generator().manual_seed(1))
+    ref = copy.deepcopy(base)
+    targets = find_targets(ref)
+    stats = calibrate(ref, windows, targets, influence=False, batch_size=2, progress=False)
+    roots = {g: linalg.whitening_factor(stats.grams[g])[0] for g in set(stats.group_of.values())}
+    stats.influence = calibrate(ref, windows, targets, influence=True, batch_size=2, progress=False,
+                                whitening={n: roots[g] for n, g in stats.group_of.items()}).influence
+    air_ft.compress(ref, None, method="air", retention=0.5, stats=stats, batch_size=2, progress=False)
+    streamed = copy.deepcopy(base)
+    info = air_ft.compress(streamed, None, method="air", retention=0.5, windows=windows, batch_size=2,
+                           progress=False, cache=False, stats_memory_gb=1e-6)
+    assert info["stream"]["blocks"] == 3 and info["stream"]["influence_passes"] == 3
+    assert _same_state(ref, streamed) < 1e-6

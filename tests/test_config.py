@@ -47,6 +47,18 @@ def test_overrides_are_typed_and_validated():
         load_recipe("nope.yaml")
 
 
+@pytest.mark.parametrize("override,message", [
+    ("compress.stats_memory_gb=0", "stats_memory_gb must be a positive number of GiB"),
+    ("compress.stats_memory_gb=true", "stats_memory_gb must be a positive number of GiB"),
+    ("compress.sequential=maybe", "sequential must be true or false"),
+    ("compress.data_parallel=1", "data_parallel must be true or false"),
+    ("compress.als_backend=cuda", "als_backend must be one of auto, native, triton, torch"),
+])
+def test_streaming_and_backend_options_are_checked(override, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(None, [override])
+
+
 def test_defaults_are_valid():
     cfg = CompressConfig()
     assert cfg.method == "air" and cfg.delta > 0 and cfg.sweeps == 1

@@ -267,3 +267,11 @@ def test_streaming_matches_the_reference_on_other_architectures(arch):
                            progress=False, cache=False, stats_memory_gb=1e-6)
     assert info["stream"]["blocks"] == 3 and info["stream"]["influence_passes"] == 3
     assert _same_state(ref, streamed) < 1e-6
+
+
+def test_bad_calibration_windows_are_refused_before_any_work(tokenizer):
+    model = tiny_llama(vocab_size=len(tokenizer))
+    for bad in (torch.zeros(8, dtype=torch.long), torch.zeros(2, 8), torch.zeros(2, 1, dtype=torch.long)):
+        with pytest.raises(RecipeError, match=r"windows must be an \(N, T\) tensor of token ids"):
+            air_ft.compress(model, tokenizer, method="svdllm", windows=bad)
+    assert not any(isinstance(m, LowRankLinear) for m in model.modules())

@@ -310,8 +310,15 @@ def _stream(model: nn.Module, windows: torch.Tensor, targets: dict[str, nn.Linea
     store = cached if not cfg.sequential else None
     peak = {"stats": 0, "grams_computed": 0, "influence_passes": 0}
     seconds = {"calibration": 0.0, "factoring": 0.0}
+    # what the cache holds, as the main process sees it before anything is written (every process must take the
+    # same branches: a block one process reads back while another computes it would leave a collective waiting)
+    stored = dist.broadcast_object({
+        "grams": [i for i in range(n_blocks) if store is not None and store.has("grams", i)],
+        "maps": [i for i in range(n_blocks) if store is not None and store.has(kind, i)]}, 0)
+    stored = {k: set(v) for k, v in stored.items()}
     # every statistic on disk already: no forward at all, each block is read back and factored
-    lazy = store is not None and _all_stored(store, blocks, targets, need_gram, need_infl, kind)
+    lazy = store is not None and all((not need_gram or i in stored["grams"]) and (not need_infl or i in stored["maps"])
+                                     for i in range(n_blocks) if blocks.members(i, targets))
     t0 = time.perf_counter()
     inputs = None if lazy else capture_inputs(model, blocks, mine, run_device)
     # resume: the blocks whose factors a killed run left, from block 0 on
@@ -350,11 +357,11 @@ def _stream(model: nn.Module, windows: torch.Tensor, targets: dict[str, nn.Linea
         exit_inputs = inputs.fork() if not cfg.sequential or whitened else None
         grams: dict[int, CalibrationStats] = {}
         for i in ids if exit_inputs is not None else []:
-            stored = store is not None and members[i] and store.has("grams", i)
+            on_disk = store is not None and members[i] and i in stored["grams"]
             hooks = StatsHooks({n: targets[n] for n in members[i]}, influence=False) if (
-                members[i] and (need_gram or whitened) and not stored) else None
+                members[i] and (need_gram or whitened) and not on_disk) else None
             _run_with(hooks, blocks, i, exit_inputs)
-            if stored:
+            if on_disk:
                 grams[i] = _stats_from(*store.load("grams", i, run_device), tokens)
             elif hooks is not None:
                 grams[i] = CalibrationStats({k: _reduce(cfg, v) for k, v in hooks.grams.items()},
@@ -365,8 +372,8 @@ def _stream(model: nn.Module, windows: torch.Tensor, targets: dict[str, nn.Linea
                     store.save("grams", i, {**{f"gram::{k}": v for k, v in grams[i].grams.items()},
                                             **{f"abs::{k}": v for k, v in grams[i].abs_sum.items()}},
                                {"group_of": grams[i].group_of, "tokens": tokens})
-        maps = _group_influence(model, blocks, ids, members, targets, inputs, torch.cat(mine), grams, store, kind,
-                                whitened, tokens, cfg, peak) if need_infl else {}
+        maps = _group_influence(model, blocks, ids, members, targets, inputs, torch.cat(mine), grams, store,
+                                stored["maps"], kind, whitened, tokens, cfg, peak) if need_infl else {}
         held = [t for st in grams.values() for t in (*st.grams.values(), *st.abs_sum.values())]
         held += [t for per in maps.values() for sig in per.values() for t in sig.values()]
         peak["stats"] = max(peak["stats"], _nbytes(held) + _nbytes(t for st in grams.values()
@@ -422,11 +429,6 @@ def _stream_report(seconds, tokens, peak, n_blocks, groups, resumed, cfg, store,
                                         if cfg.sequential else "the dense model") if need_infl else None}}
 
 
-def _all_stored(store, blocks, targets, need_gram: bool, need_infl: bool, kind: str) -> bool:
-    return all((not need_gram or store.has("grams", i)) and (not need_infl or store.has(kind, i))
-               for i in range(len(blocks)) if blocks.members(i, targets))
-
-
 def _maps_from(tensors: dict) -> dict[str, dict[str, torch.Tensor]]:
     out: dict[str, dict[str, torch.Tensor]] = {}
     for key, val in tensors.items():
@@ -479,15 +481,16 @@ def _groups(blocks, targets, todo, cfg: CompressConfig, whitened: bool, need_inf
     return groups
 
 
-def _group_influence(model, blocks, ids, members, targets, inputs, windows, grams, store, kind, whitened,
-                     tokens, cfg, peak) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
+def _group_influence(model, blocks, ids, members, targets, inputs, windows, grams, store, on_disk, kind,
+                     whitened, tokens, cfg, peak) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
     """Step 2 of :func:`_stream`: the group's influence maps, ``{block: {signal: {layer: map}}}``, stored or from
     one whole-model backward that starts at the group's first block (blocks before it stand aside, the group's
-    stored dense inputs enter it). ``windows``: this process's calibration tokens (the labels), in batch order."""
+    stored dense inputs enter it). ``windows``: this process's calibration tokens (the labels), in batch order;
+    ``on_disk``: the blocks whose maps the cache held when the run started."""
     device = next(model.parameters()).device
     out: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
     todo = [i for i in ids if members[i]]
-    if store is not None and all(store.has(kind, i) for i in todo):
+    if store is not None and all(i in on_disk for i in todo):
         return {i: _maps_from(store.load(kind, i, device)[0]) for i in todo}
     if not todo:
         return out

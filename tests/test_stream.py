@@ -201,9 +201,9 @@ def tiny_dir(tmp_path_factory, tokenizer):
     return path
 
 
-def _launch(tiny_dir: Path, out: Path, processes: int, *overrides: str) -> dict:
+def _launch(tiny_dir: Path, out: Path, processes: int, *overrides: str, env: dict | None = None) -> dict:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     launch = ([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                str(processes), "--main_process_port", "29517"] if processes > 1 else [sys.executable])
     cmd = [*launch, "-m", "air_ft", "compress", "--recipe", str(ROOT / "recipes" / "tiny" / "air-compress.yaml"),
@@ -229,6 +229,14 @@ def test_two_processes_write_the_one_process_checkpoint(tmp_path, tiny_dir):
     # calibration batches sharded, statistics summed over processes: equal up to the order of float sums
     for k, t in one["tensors"].items():
         torch.testing.assert_close(sharded["tensors"][k], t, rtol=1e-4, atol=1e-5)
+    # with the statistics cache (written by the main process), then a second run that reads it all back
+    cache = tmp_path / "cache"
+    first = _launch(tiny_dir, tmp_path / "two-cache", 2, "compress.cache=true", env={"AIR_FT_CACHE": str(cache)})
+    again = _launch(tiny_dir, tmp_path / "two-cache-again", 2, "compress.cache=true", "compress.retention=0.4",
+                    env={"AIR_FT_CACHE": str(cache)})
+    assert first["stream"]["influence_passes"] == 1 and again["stream"]["influence_passes"] == 0
+    for k, t in first["tensors"].items():
+        torch.testing.assert_close(t, sharded["tensors"][k], rtol=1e-6, atol=1e-7)
 
 
 def _arch(name: str):

@@ -289,8 +289,9 @@ def _stream(model: nn.Module, windows: torch.Tensor, targets: dict[str, nn.Linea
     4. the group's statistics are freed and its exit hidden states are the next group's inputs.
 
     With ``cache``, every block's dense Grams and maps are stored on disk and reused by later runs on the same
-    data (not with ``sequential``: its statistics depend on the compression), and the factors of every finished
-    block are kept until the run completes, so a killed run resumes from its last finished block.
+    data (with ``sequential``, the first group's only: the later groups' depend on the compression), and the
+    factors of every finished block are kept until the run completes, so a killed run resumes from its last
+    finished block.
     """
     blocks = find_blocks(model, targets)
     run_device = next(model.parameters()).device
@@ -304,10 +305,8 @@ def _stream(model: nn.Module, windows: torch.Tensor, targets: dict[str, nn.Linea
     tokens, n_blocks = int(windows.numel()), len(blocks)
     if run_device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run_device)
-    cached = _open_store(model, windows, targets, cfg) if cfg.cache else None
-    run = BlockStore(_run_dir(cached.root, cfg, ranks), writer=dist.is_main()) if cached is not None else None
-    # the statistics are the dense model's, and shared by every run on the same data, only without `sequential`
-    store = cached if not cfg.sequential else None
+    store = _open_store(model, windows, targets, cfg) if cfg.cache else None
+    run = BlockStore(_run_dir(store.root, cfg, ranks), writer=dist.is_main()) if store is not None else None
     peak = {"stats": 0, "grams_computed": 0, "influence_passes": 0}
     seconds = {"calibration": 0.0, "factoring": 0.0}
     # what the cache holds, as the main process sees it before anything is written (every process must take the
@@ -317,8 +316,9 @@ def _stream(model: nn.Module, windows: torch.Tensor, targets: dict[str, nn.Linea
         "maps": [i for i in range(n_blocks) if store is not None and store.has(kind, i)]}, 0)
     stored = {k: set(v) for k, v in stored.items()}
     # every statistic on disk already: no forward at all, each block is read back and factored
-    lazy = store is not None and all((not need_gram or i in stored["grams"]) and (not need_infl or i in stored["maps"])
-                                     for i in range(n_blocks) if blocks.members(i, targets))
+    lazy = store is not None and not cfg.sequential and all(
+        (not need_gram or i in stored["grams"]) and (not need_infl or i in stored["maps"])
+        for i in range(n_blocks) if blocks.members(i, targets))
     t0 = time.perf_counter()
     inputs = None if lazy else capture_inputs(model, blocks, mine, run_device)
     # resume: the blocks whose factors a killed run left, from block 0 on
@@ -341,6 +341,10 @@ def _stream(model: nn.Module, windows: torch.Tensor, targets: dict[str, nn.Linea
     for ids in groups:
         t0 = time.perf_counter()
         members = {i: blocks.members(i, targets) for i in ids}
+        # a group's statistics are the dense model's (and shared by every run on the same data) unless a block
+        # before it is compressed and `sequential` feeds it what the compressed blocks produce
+        dense = not cfg.sequential or not any(blocks.members(j, targets) for j in range(ids[0]))
+        group_store = store if dense else None
         if lazy:
             for i in (i for i in ids if members[i]):
                 st = (_stats_from(*store.load("grams", i, run_device), tokens) if need_gram
@@ -354,25 +358,29 @@ def _stream(model: nn.Module, windows: torch.Tensor, targets: dict[str, nn.Linea
             continue
         # 1. the group's Grams over its input hidden states (for its factors, or with `sequential` only for the
         #    whitened influence), and its exit hidden states
-        exit_inputs = inputs.fork() if not cfg.sequential or whitened else None
+        all_on_disk = group_store is not None and all(i in stored["grams"] for i in ids if members[i])
+        # with `sequential` the exit is made by the compressed blocks (step 3): a forward here only for Grams
+        exit_inputs = inputs.fork() if not cfg.sequential or (whitened and not all_on_disk) else None
         grams: dict[int, CalibrationStats] = {}
+        if exit_inputs is None and whitened:
+            grams = {i: _stats_from(*group_store.load("grams", i, run_device), tokens) for i in ids if members[i]}
         for i in ids if exit_inputs is not None else []:
-            on_disk = store is not None and members[i] and i in stored["grams"]
+            on_disk = group_store is not None and members[i] and i in stored["grams"]
             hooks = StatsHooks({n: targets[n] for n in members[i]}, influence=False) if (
                 members[i] and (need_gram or whitened) and not on_disk) else None
             _run_with(hooks, blocks, i, exit_inputs)
             if on_disk:
-                grams[i] = _stats_from(*store.load("grams", i, run_device), tokens)
+                grams[i] = _stats_from(*group_store.load("grams", i, run_device), tokens)
             elif hooks is not None:
                 grams[i] = CalibrationStats({k: _reduce(cfg, v) for k, v in hooks.grams.items()},
                                             {k: _reduce(cfg, v) for k, v in hooks.abs_sum.items()},
                                             dict(hooks.group_of), tokens)
                 peak["grams_computed"] += 1
-                if store is not None:
-                    store.save("grams", i, {**{f"gram::{k}": v for k, v in grams[i].grams.items()},
-                                            **{f"abs::{k}": v for k, v in grams[i].abs_sum.items()}},
-                               {"group_of": grams[i].group_of, "tokens": tokens})
-        maps = _group_influence(model, blocks, ids, members, targets, inputs, torch.cat(mine), grams, store,
+                if group_store is not None:
+                    group_store.save("grams", i, {**{f"gram::{k}": v for k, v in grams[i].grams.items()},
+                                                  **{f"abs::{k}": v for k, v in grams[i].abs_sum.items()}},
+                                     {"group_of": grams[i].group_of, "tokens": tokens})
+        maps = _group_influence(model, blocks, ids, members, targets, inputs, torch.cat(mine), grams, group_store,
                                 stored["maps"], kind, whitened, tokens, cfg, peak) if need_infl else {}
         held = [t for st in grams.values() for t in (*st.grams.values(), *st.abs_sum.values())]
         held += [t for per in maps.values() for sig in per.values() for t in sig.values()]

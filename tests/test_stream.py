@@ -283,3 +283,19 @@ def test_bad_calibration_windows_are_refused_before_any_work(tokenizer):
         with pytest.raises(RecipeError, match=r"windows must be an \(N, T\) tensor of token ids"):
             air_ft.compress(model, tokenizer, method="svdllm", windows=bad)
     assert not any(isinstance(m, LowRankLinear) for m in model.modules())
+
+
+def test_sequential_reuses_the_first_groups_statistics_and_only_those(tokenizer, text):
+    """With ``sequential`` the first group still sees the dense model, so its Grams and maps are the cache's;
+    later groups see compressed blocks, so theirs are never written to (or read from) the shared cache."""
+    base = tiny_llama(vocab_size=len(tokenizer), layers=3)
+    plain, _ = _compressed(copy.deepcopy(base), tokenizer, text, method="air", stats_memory_gb=1e-6)
+    (stats_dir,) = (Path(os.environ["AIR_FT_CACHE"]) / "stats").glob("blocks-*")
+    before = {p.name: p.stat().st_mtime_ns for p in stats_dir.iterdir()}
+    seq, info = _compressed(copy.deepcopy(base), tokenizer, text, method="air", stats_memory_gb=1e-6,
+                            sequential=True)
+    assert {p.name: p.stat().st_mtime_ns for p in stats_dir.iterdir()} == before  # nothing rewritten
+    assert info["stream"]["influence_passes"] == 2  # the first group's maps came from the cache
+    fresh, _ = _compressed(copy.deepcopy(base), tokenizer, text, method="air", stats_memory_gb=1e-6,
+                           sequential=True, cache=False)
+    assert _same_state(fresh, seq) < 1e-6 and _same_state(plain, seq) > 1e-4

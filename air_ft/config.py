@@ -326,7 +326,8 @@ class StudyConfig:
         return self.lora is True or (isinstance(self.lora, list) and method in self.lora)
 
     methods: list[str] = _f(["svdllm", "air"], f"compression methods to compare, each one of {METHODS}; the "
-                            "compress section's other knobs apply to all of them")
+                            "compress section's other knobs apply to all of them ([] with dense: the dense row "
+                            "alone)")
     retentions: list[float] = _f([0.6], "retentions to compress to (fraction of the linear layers' parameters)")
     dense: bool = _f(True, "evaluate the uncompressed model as the reference row")
     lora: bool | list[str] = _f(False, "also LoRA-recover the compressed models with the train/lora sections (the "
@@ -337,8 +338,9 @@ class StudyConfig:
         if isinstance(self.methods, str):
             self.methods = [self.methods]
         bad = [m for m in self.methods if m not in METHODS]
-        if bad or not self.methods:
-            raise RecipeError(f"study.methods {self.methods!r}: choose from {METHODS}")
+        if bad or not (self.methods or self.dense):
+            raise RecipeError(f"study.methods {self.methods!r}: choose from {METHODS} (an empty list only with "
+                              "study.dense: true, which evaluates the dense model alone)")
         if isinstance(self.lora, str):
             self.lora = [self.lora]
         if isinstance(self.lora, list) and not set(self.lora) <= set(self.methods):

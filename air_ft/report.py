@@ -189,16 +189,25 @@ def _efficiency_lines(report: dict) -> list[str]:
              "| model | retention | FLOPs/token | checkpoint | peak forward memory | prefill tokens/s | "
              + " | ".join(f"decode b{b}" for b in d["decode_s_per_token"]) + " |",
              "|" + "---|" * (6 + len(d["decode_s_per_token"]))]
-    slower = []
+    # rows with the same layer shapes share one measurement (measured_on): one line per measured model
+    groups: dict[str, list[dict]] = {}
     for r in rows:
-        e = r["efficiency"]
+        groups.setdefault(r["efficiency"].get("measured_on", r["name"]), []).append(r)
+    shared = any(len(g) > 1 for g in groups.values())
+    if shared:
+        lines[2] += (" Speed and size depend on the layer shapes, not on the values: models of one shape (the "
+                     "methods at one retention, and their LoRA-merged versions) share one measurement.")
+    slower = []
+    for group in groups.values():
+        r, e = group[0], group[0]["efficiency"]
+        label = ", ".join(dict.fromkeys(_label(g) for g in group))
         ratios = []
         for b, s in e["decode_s_per_token"].items():
             ratio = s / d["decode_s_per_token"][b]
             ratios.append(f"{ratio:.2f}x")
             if r is not dense and ratio > 1.0:
-                slower.append(f"{_label(r)} at {r['retention']:.2f}, decode batch {b}: {ratio:.2f}x dense")
-        lines.append(f"| {_label(r)} | {r['retention']:.2f} | {e['flops_per_token'] / d['flops_per_token']:.2f}x | "
+                slower.append(f"{label} at {r['retention']:.2f}, decode batch {b}: {ratio:.2f}x dense")
+        lines.append(f"| {label} | {r['retention']:.2f} | {e['flops_per_token'] / d['flops_per_token']:.2f}x | "
                      f"{e['checkpoint_bytes'] / d['checkpoint_bytes']:.2f}x | "
                      f"{_ratio(e['peak_forward_bytes'], d['peak_forward_bytes'])} | "
                      f"{e['prefill_tokens_per_s'] / d['prefill_tokens_per_s']:.2f}x | " + " | ".join(ratios) + " |")

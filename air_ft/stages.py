@@ -44,16 +44,11 @@ def texts(specs: list[dict]) -> list[str]:
 def run_metadata(recipe: Recipe) -> dict:
     """Versions, seed and git commit written next to every output."""
     import platform
-    import subprocess
     from importlib.metadata import PackageNotFoundError, version
 
     import air_ft
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
+    commit = git_commit()
     versions = {}
     for package in ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "lm-eval"):
         try:
@@ -62,6 +57,17 @@ def run_metadata(recipe: Recipe) -> dict:
             versions[package] = None
     return {"air_ft": air_ft.__version__, **versions, "python": platform.python_version(),
             "seed": recipe.compress.seed, "git_commit": commit, "argv": sys.argv}
+
+
+def git_commit() -> str:
+    """The git commit of the package's checkout ('' outside one)."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def save_resolved(recipe: Recipe, out_dir: Path) -> None:
@@ -390,7 +396,7 @@ class Stage:
     def finish(self, result: dict, seconds: float) -> dict:
         tmp = self.path / f".{STAGE_MARKER}.tmp"
         tmp.write_text(json.dumps({"key": self.key, "seconds": seconds, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                   "result": result}, indent=2, default=str))
+                                   "git_commit": git_commit(), "result": result}, indent=2, default=str))
         os.replace(tmp, self.path / STAGE_MARKER)
         return result
 
@@ -452,6 +458,7 @@ def run_study(recipe: Recipe) -> dict:
     """
     from accelerate import PartialState
 
+    from air_ft.checkpoint import MARKER
     from air_ft.report import write_report
 
     check_study(recipe)
@@ -475,19 +482,39 @@ def run_study(recipe: Recipe) -> dict:
             cache["texts"] = {name: texts([spec])[0] for name, spec in recipe.data.evaluation.items()}
         return cache["texts"]
 
-    def evaluate(name: str, source_key: str, load) -> dict:
+    def evaluate(name: str, source_key: str, load, shape: str) -> dict:
         def work(path: Path) -> dict:
             model, tok = load()
             return evaluate_model(model, tok, recipe, eval_texts(), with_efficiency=False)
 
-        loaders[name] = (source_key, load)
+        # speed and size depend on the layer shapes only: one measurement per shape, on its first model
+        shapes.setdefault(shape, (name, source_key, load))
+        row_shape[name] = shape
         return _stage(out / "stages" / "eval" / name, _key("eval", source_key, eval_key), f"evaluate {name}", work)
 
-    rows, loaders = [], {}
+    def ensure(stage_path: Path, key: str, label: str, work, artifact: Path, collective: bool = False) -> None:
+        """A finished stage whose files are gone (a results-only copy of a study, as committed to a repository:
+        markers and logs without checkpoints) is redone, on the main process, when a later stage needs its
+        files. ``collective``: every process calls this and waits for the main one."""
+        if not (artifact / MARKER).exists() and state.is_main_process:
+            if state.num_processes > 1 and "train" in stage_path.parts:
+                raise RecipeError(f"{artifact} is missing: rebuild it with one process (air-ft run without "
+                                  f"accelerate launch), or delete {stage_path} to retrain it with all of them")
+            print(f"[air-ft] {label}: {artifact} is not here; redoing the stage", flush=True)
+            stage = Stage(stage_path, key)
+            stage.begin()
+            t0 = time.perf_counter()
+            with dist.local():
+                result = work(stage_path)
+            stage.finish({**result, "seconds": time.perf_counter() - t0}, time.perf_counter() - t0)
+        if collective:
+            state.wait_for_everyone()
+
+    rows, shapes, row_shape = [], {}, {}
     dense_key = _key("dense", model_spec)
     if recipe.study.dense:
         rows.append({"name": "dense", "method": "dense", "retention": 1.0, "lora": False,
-                     **evaluate("dense", dense_key, dense)})
+                     **evaluate("dense", dense_key, dense, "dense")})
     for retention in recipe.study.retentions:
         for method in recipe.study.methods:
             name = f"{method}-r{float(retention):.2f}"
@@ -503,38 +530,60 @@ def run_study(recipe: Recipe) -> dict:
                 return run_compress(rec, dense=dense())
 
             # every process takes part in a one-shot compression; ACIP's training runs on the main one
-            comp = _stage(out / "stages" / "compress" / name, ckey, f"compress {name}", compress_work,
-                          all_ranks=method != "acip")
-            ckpt = out / "stages" / "compress" / name / "checkpoint"
+            cpath = out / "stages" / "compress" / name
+            comp = _stage(cpath, ckey, f"compress {name}", compress_work, all_ranks=method != "acip")
+            ckpt = cpath / "checkpoint"
+
+            def load_compressed(cpath=cpath, ckey=ckey, name=name, work=compress_work, ckpt=ckpt):
+                ensure(cpath, ckey, f"compress {name}", work, ckpt)
+                return load_any(ckpt, recipe)
+
             tokens = {"calibration": comp["info"].get("calibration_tokens", 0),
                       "training": comp["info"].get("train_tokens", 0)}  # ACIP's mask phase + post-tune
+            shape = _key("shape", comp["info"].get("ranks") or ckey)
             row = {"name": name, "method": method, "retention": float(retention), "lora": False,
-                   "compress": comp["info"], "tokens": tokens,
-                   **evaluate(name, ckey, lambda c=ckpt: load_any(c, recipe))}
+                   "compress": comp["info"], "tokens": tokens, **evaluate(name, ckey, load_compressed, shape)}
             rows.append(row)
             if not recipe.study.recovers(method):
                 continue
             tkey = _key("train", ckey, to_dict(recipe.train), to_dict(recipe.lora), model_spec)
+            tpath = out / "stages" / "train" / name
 
             def train_work(path: Path, sub=sub, ckpt=ckpt) -> dict:
                 rec = dataclasses.replace(sub, output_dir=str(path),
                                           train=dataclasses.replace(sub.train, compressed_path=str(ckpt)))
                 return run_train(rec)
 
-            tr = _stage(out / "stages" / "train" / name, tkey, f"LoRA-recover {name}", train_work, all_ranks=True)
-            merged = out / "stages" / "train" / name / "merged"
+            if Stage(tpath, tkey).cached() is None:  # training reads the compressed checkpoint
+                ensure(cpath, ckey, f"compress {name}", compress_work, ckpt, collective=True)
+            tr = _stage(tpath, tkey, f"LoRA-recover {name}", train_work, all_ranks=True)
+            merged = tpath / "merged"
+
+            def load_merged(tpath=tpath, tkey=tkey, name=name, work=train_work, merged=merged, cpath=cpath,
+                            ckey=ckey, cwork=compress_work, ckpt=ckpt):
+                if not (merged / MARKER).exists():
+                    ensure(cpath, ckey, f"compress {name}", cwork, ckpt)
+                ensure(tpath, tkey, f"LoRA-recover {name}", work, merged)
+                return load_any(merged, recipe)
+
+            # a merge into the factors (or truncated back to rank k) keeps every shape of the compressed model
+            same_shape = recipe.lora.placement == "factors" or recipe.lora.merge == "truncate"
             rows.append({"name": f"{name}+lora", "method": method, "retention": float(retention), "lora": True,
                          "compress": comp["info"], "train": tr,
                          "tokens": {**tokens, "training": tokens["training"] + tr["tokens"]},
-                         "train_log": _read_log(out / "stages" / "train" / name / "train_log.jsonl"),
-                         **evaluate(f"{name}+lora", tkey, lambda m=merged: load_any(m, recipe))})
-    if recipe.eval.efficiency:  # every model measured in turns in one process: ratios from one run
-        eff = _stage(out / "stages" / "efficiency", _key("efficiency", {n: k for n, (k, _) in loaders.items()},
+                         "train_log": _read_log(tpath / "train_log.jsonl"),
+                         **evaluate(f"{name}+lora", tkey, load_merged,
+                                    shape if same_shape else _key("shape", shape, to_dict(recipe.lora)))})
+    if recipe.eval.efficiency:  # every shape measured in turns in one process: ratios from one run
+        measured = {first: (key, load) for first, key, load in shapes.values()}
+        eff = _stage(out / "stages" / "efficiency", _key("efficiency", {n: k for n, (k, _) in measured.items()},
                                                          recipe.eval.decode_batch_sizes, recipe.eval.efficiency_rounds,
                                                          model_spec),
-                     "measure speed and size", lambda path: _measure(loaders, recipe))
+                     "measure speed and size", lambda path: _measure(measured, recipe))
         for row in rows:
-            row["efficiency"] = eff.get(row["name"])
+            first = shapes[row_shape[row["name"]]][0]
+            if eff.get(first) is not None:
+                row["efficiency"] = {**eff[first], "measured_on": first}
     report = {"title": f"air_ft study: {recipe.model.name_or_path} {recipe.model.gguf_file or ''}".strip(),
               "setup": _setup(recipe), "rows": rows, "recipe": to_dict(recipe),
               "environment": run_metadata(recipe), "provenance": _provenance(recipe, eval_texts, rows)}

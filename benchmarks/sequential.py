@@ -33,6 +33,16 @@ def geo_mean(values) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
+def _previous_rows(path, settings: dict) -> list[dict]:
+    """The rows an earlier (possibly killed) run with the same settings wrote: a rerun measures only the rest."""
+    import json
+
+    if not path.exists():
+        return []
+    old = json.loads(path.read_text())
+    return old["rows"] if old.get("settings") == settings else []
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=MODEL)
@@ -44,6 +54,7 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=32, help="evenly spaced windows per evaluation text")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--output", default="sequential_smollm2.json")
+    ap.add_argument("--fresh", action="store_true", help="ignore the rows a previous run of the same settings wrote")
     args = ap.parse_args()
     for r in args.retentions:
         if not 0 < r < 1:
@@ -54,13 +65,18 @@ def main() -> None:
     dense, tok = air_ft.load_model(args.model)
     cal, val_list, evl = load_split("calibration"), load_split("validation"), load_split("evaluation")
     val = {"britannica": val_list[0], "plays": val_list[1]}
-    rows = []
+    settings = {k: v for k, v in vars(args).items() if k not in ("threads", "fresh")}
+    rows = _previous_rows(RESULTS / args.output, settings) if not args.fresh else []
     dense_row = {"method": "dense", "validation": perplexities(dense, tok, val, args.seq_len, args.val_windows),
                  "evaluation": perplexities(dense, tok, evl, args.seq_len, args.eval_windows)}
     print(f"dense: validation {dense_row['validation']}, evaluation {dense_row['evaluation']}", flush=True)
     for retention in args.retentions:
         for method in args.methods:
             for sequential in (False, True):
+                if any(r["method"] == method and r["retention"] == retention and r["sequential"] is sequential
+                       for r in rows):
+                    print(f"{method} {retention} sequential={sequential}: reused from {args.output}", flush=True)
+                    continue
                 model = copy.deepcopy(dense)
                 t0 = time.perf_counter()
                 info = air_ft.compress(model, tok, cal, method=method, retention=retention,
@@ -74,6 +90,9 @@ def main() -> None:
                        "stream": info["stream"]}
                 row["validation_score"] = geo_mean(row["validation"].values())
                 rows.append(row)
+                # written after every row (complete: false) so that a killed run keeps what it measured
+                write_json(args.output, {"settings": settings, "environment": environment(), "dense": dense_row,
+                                         "rows": rows, "complete": False})
                 print(f"{method} {retention} sequential={sequential}: validation {row['validation_score']:.2f} "
                       f"{row['validation']}, evaluation {row['evaluation']} ({seconds:.0f} s)", flush=True)
                 del model
@@ -94,8 +113,8 @@ def main() -> None:
         print(f"| {r['method']} | {r['retention']} | {r['sequential']} | {v['britannica']:.2f} | {v['plays']:.2f} | "
               f"{e['britannica']:.2f} | {e['plays']:.2f} |")
     print(f"\nvalidation prefers sequential in {on_votes} of {len(wins)} cells -> default sequential: {choice}")
-    path = write_json(args.output, {"settings": vars(args), "environment": environment(), "dense": dense_row,
-                                    "rows": rows, "comparison": wins, "default_sequential": choice})
+    path = write_json(args.output, {"settings": settings, "environment": environment(), "dense": dense_row,
+                                    "rows": rows, "comparison": wins, "default_sequential": choice, "complete": True})
     fig, axes = subplots(1, 2, 4.5, 3.4)
     for ax, split in zip(axes[0], ("britannica", "plays")):
         for method in args.methods:

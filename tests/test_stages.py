@@ -69,6 +69,11 @@ def test_study_writes_report_and_a_rerun_reuses_every_stage(study, monkeypatch, 
         assert (out / "plots" / png).stat().st_size > 1000, png
     # the factored rows really are factored at the grid's retention
     assert abs(report["rows"][1]["efficiency"]["params"]["retention"] - 0.5) < 0.02
+    # one measurement per layer shape: dense, and the one factored shape of both methods and their merged LoRA
+    assert [r["efficiency"]["measured_on"] for r in report["rows"]] == ["dense"] + ["svdllm-r0.50"] * 4
+    assert set(json.loads((out / "stages" / "efficiency" / "stage.json").read_text())["result"]) >= {
+        "dense", "svdllm-r0.50"}
+    assert "share one measurement" in md
     before = _finished(out)
     assert len(before) == 10  # 1 + 2 x (compress, eval, train, eval) + the efficiency measurement
 
@@ -81,6 +86,38 @@ def test_study_writes_report_and_a_rerun_reuses_every_stage(study, monkeypatch, 
     capsys.readouterr()
     assert main(["run", "--recipe", str(path)]) == 0
     assert _finished(out) == before and capsys.readouterr().out.count("reused") == 10
+
+
+def test_a_results_only_copy_reuses_its_results_and_rebuilds_checkpoints_only_when_needed(study, monkeypatch):
+    """What a repository keeps of a study (markers and logs, no checkpoints): a rerun reuses every result; a
+    changed evaluation recompresses and retrains the models it must load, and gets the same perplexities."""
+    import shutil
+
+    tmp, path = study
+    base = ["eval.tasks=[]", "eval.efficiency=false", "study.methods=[air]"]
+    stages.run_study(load_recipe(str(path), base))
+    out = tmp / "out"
+    first = json.loads((out / "report.json").read_text())
+    for heavy in ("compress/air-r0.50/checkpoint", "train/air-r0.50/merged", "train/air-r0.50/adapter",
+                  "train/air-r0.50/checkpoints"):
+        shutil.rmtree(out / "stages" / heavy)
+    before = _finished(out)
+    real_compress, real_train = stages.run_compress, stages.run_train
+    monkeypatch.setattr(stages, "run_compress", lambda *a, **k: pytest.fail("recompressed"))
+    monkeypatch.setattr(stages, "run_train", lambda *a, **k: pytest.fail("retrained"))
+    stages.run_study(load_recipe(str(path), base))
+    assert _finished(out) == before
+    monkeypatch.setattr(stages, "run_compress", real_compress)
+    monkeypatch.setattr(stages, "run_train", real_train)
+    stages.run_study(load_recipe(str(path), [*base, "eval.max_windows=3"]))
+    assert (out / "stages/compress/air-r0.50/checkpoint/air_ft.json").exists()
+    assert (out / "stages/train/air-r0.50/merged/air_ft.json").exists()
+    stages.run_study(load_recipe(str(path), base))  # back to the first evaluation: its results were redone
+    again = json.loads((out / "report.json").read_text())
+    for a, b in zip(first["rows"], again["rows"]):
+        assert a["name"] == b["name"]
+        assert abs(a["perplexity"]["heldout"]["ppl"] - b["perplexity"]["heldout"]["ppl"]) < 1e-3 * a[
+            "perplexity"]["heldout"]["ppl"], a["name"]
 
 
 def test_changing_only_eval_re_evaluates_without_recompressing_or_retraining(study, monkeypatch):

@@ -69,10 +69,12 @@ class CompressConfig:
     asvd_alpha: float = _f(0.5, "ASVD scaling exponent")
     include: list[str] = _f([], "regexes; compress only layers whose name matches one (empty: all)")
     exclude: list[str] = _f([], "regexes; never compress layers whose name matches one (LM head always excluded)")
-    sequential: bool = _f(False, "each block's Grams come from the inputs that the already compressed blocks before "
-                                 "it produce (GPTQ / SVD-LLM V2 style: a block can correct the earlier blocks' "
-                                 "error) instead of the dense model's; influence maps always come from the dense "
-                                 "model")
+    sequential: bool = _f(True, "each block's Grams come from the inputs that the already compressed blocks before "
+                                "it produce (GPTQ / SVD-LLM V2 style: a block can correct the earlier blocks' "
+                                "error; chosen on validation, benchmarks/sequential.py) instead of the dense "
+                                "model's (false: every statistic is the dense model's and cached for every run "
+                                "on the same data); a group's influence maps are taken at the inputs its blocks see "
+                                "(the dense model's for the first group)")
     stats_memory_gb: float = _f(8.0, "memory (GiB) for the influence maps and whitening factors that one backward "
                                      "pass collects; a pass covers as many decoder blocks as fit (less: more "
                                      "passes over the calibration data)")

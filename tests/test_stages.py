@@ -163,7 +163,7 @@ def test_execution_settings_keep_the_compression_and_sequential_redoes_it(study,
                                              "compress.checkpointing=true", "compress.data_parallel=false"]))
     assert _finished(tmp / "out") == before
     monkeypatch.setattr(stages, "run_compress", real)
-    stages.run_study(load_recipe(str(path), [*base, "compress.sequential=true"]))
+    stages.run_study(load_recipe(str(path), [*base, "compress.sequential=false"]))
     after = _finished(tmp / "out")
     assert after["stages/compress/svdllm-r0.50"] != before["stages/compress/svdllm-r0.50"]
 

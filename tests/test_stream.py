@@ -26,7 +26,7 @@ from tests.conftest import make_text, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 compress_mod = sys.modules["air_ft.compress"]  # the module (air_ft.compress is also the function)
-SMALL = dict(num_samples=8, seq_len=32, batch_size=2, progress=False)
+SMALL = dict(num_samples=8, seq_len=32, batch_size=2, progress=False, sequential=False)  # the reference is dense-input
 
 
 def _compressed(model, tok, text, **options):
@@ -272,7 +272,7 @@ def test_streaming_matches_the_reference_on_other_architectures(arch):
     air_ft.compress(ref, None, method="air", retention=0.5, stats=stats, batch_size=2, progress=False)
     streamed = copy.deepcopy(base)
     info = air_ft.compress(streamed, None, method="air", retention=0.5, windows=windows, batch_size=2,
-                           progress=False, cache=False, stats_memory_gb=1e-6)
+                           progress=False, cache=False, stats_memory_gb=1e-6, sequential=False)
     assert info["stream"]["blocks"] == 3 and info["stream"]["influence_passes"] == 3
     assert _same_state(ref, streamed) < 1e-6
 

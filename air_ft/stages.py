@@ -245,6 +245,8 @@ def run_train(recipe: Recipe, callbacks: list | None = None) -> dict:
     last = get_last_checkpoint(str(out / "checkpoints")) if cfg.resume and (out / "checkpoints").is_dir() else None
     if last and state.is_main_process:
         print(f"resuming from {last}")
+    if state.is_main_process:
+        _trim_log(out / "train_log.jsonl", int(Path(last).name.rsplit("-", 1)[-1]) if last else 0)
     run = train_adapters(model, tok, train_src, eval_src, cfg, lcfg, out, weights=weights, world=state.num_processes,
                          teacher=teacher, init_texts=texts(grams_from) if lcfg.init == "residual" and not last
                          else None, compress_cfg=recipe.compress, resume_from=last, callbacks=callbacks,
@@ -597,6 +599,13 @@ def _measure(loaders: dict, recipe: Recipe) -> dict:
 
     return compare({name: load for name, (_, load) in loaders.items()}, rounds=recipe.eval.efficiency_rounds,
                    batch_sizes=tuple(recipe.eval.decode_batch_sizes))
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Keep the loss-log entries up to ``step`` (where training resumes; 0: a fresh run starts a fresh log)."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
 
 
 def _read_log(path: Path) -> list[dict]:

@@ -112,6 +112,9 @@ def test_a_results_only_copy_reuses_its_results_and_rebuilds_checkpoints_only_wh
     stages.run_study(load_recipe(str(path), [*base, "eval.max_windows=3"]))
     assert (out / "stages/compress/air-r0.50/checkpoint/air_ft.json").exists()
     assert (out / "stages/train/air-r0.50/merged/air_ft.json").exists()
+    steps = [json.loads(line)["step"] for line in (out / "stages/train/air-r0.50/train_log.jsonl").read_text()
+             .splitlines()]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))  # the retraining started a fresh loss log
     stages.run_study(load_recipe(str(path), base))  # back to the first evaluation: its results were redone
     again = json.loads((out / "report.json").read_text())
     for a, b in zip(first["rows"], again["rows"]):

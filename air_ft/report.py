@@ -193,8 +193,7 @@ def _efficiency_lines(report: dict) -> list[str]:
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(r["efficiency"].get("measured_on", r["name"]), []).append(r)
-    shared = any(len(g) > 1 for g in groups.values())
-    if shared:
+    if any(len(g) > 1 for g in groups.values()):
         lines[2] += (" Speed and size depend on the layer shapes, not on the values: models of one shape (the "
                      "methods at one retention, and their LoRA-merged versions) share one measurement.")
     slower = []

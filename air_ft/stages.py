@@ -494,12 +494,14 @@ def run_study(recipe: Recipe) -> dict:
         row_shape[name] = shape
         return _stage(out / "stages" / "eval" / name, _key("eval", source_key, eval_key), f"evaluate {name}", work)
 
-    def ensure(stage_path: Path, key: str, label: str, work, artifact: Path, collective: bool = False) -> None:
+    def ensure(stage_path: Path, key: str, label: str, work, artifact: Path, collective: bool = False,
+               training: bool = False) -> None:
         """A finished stage whose files are gone (a results-only copy of a study, as committed to a repository:
         markers and logs without checkpoints) is redone, on the main process, when a later stage needs its
-        files. ``collective``: every process calls this and waits for the main one."""
+        files. ``collective``: every process calls this and waits for the main one; ``training``: the stage
+        trains, which one process alone cannot do under a launcher with several."""
         if not (artifact / MARKER).exists() and state.is_main_process:
-            if state.num_processes > 1 and "train" in stage_path.parts:
+            if state.num_processes > 1 and training:
                 raise RecipeError(f"{artifact} is missing: rebuild it with one process (air-ft run without "
                                   f"accelerate launch), or delete {stage_path} to retrain it with all of them")
             print(f"[air-ft] {label}: {artifact} is not here; redoing the stage", flush=True)
@@ -508,7 +510,8 @@ def run_study(recipe: Recipe) -> dict:
             t0 = time.perf_counter()
             with dist.local():
                 result = work(stage_path)
-            stage.finish({**result, "seconds": time.perf_counter() - t0}, time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            stage.finish({**result, "seconds": seconds}, seconds)
         if collective:
             state.wait_for_everyone()
 
@@ -565,7 +568,7 @@ def run_study(recipe: Recipe) -> dict:
                             ckey=ckey, cwork=compress_work, ckpt=ckpt):
                 if not (merged / MARKER).exists():
                     ensure(cpath, ckey, f"compress {name}", cwork, ckpt)
-                ensure(tpath, tkey, f"LoRA-recover {name}", work, merged)
+                ensure(tpath, tkey, f"LoRA-recover {name}", work, merged, training=True)
                 return load_any(merged, recipe)
 
             # a merge into the factors (or truncated back to rank k) keeps every shape of the compressed model

@@ -59,6 +59,12 @@ def test_streaming_and_backend_options_are_checked(override, message):
         load_recipe(None, [override])
 
 
+def test_an_empty_method_list_is_the_dense_row_alone():
+    assert load_recipe(None, ["study.methods=[]"]).study.methods == []
+    with pytest.raises(RecipeError, match="an empty list only with study.dense: true"):
+        load_recipe(None, ["study.methods=[]", "study.dense=false"])
+
+
 def test_defaults_are_valid():
     cfg = CompressConfig()
     assert cfg.method == "air" and cfg.delta > 0 and cfg.sweeps == 1

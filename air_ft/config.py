@@ -335,6 +335,10 @@ class StudyConfig:
     lora: bool | list[str] = _f(False, "also LoRA-recover the compressed models with the train/lora sections (the "
                                        "same training tokens for every method) and report both rows: true for "
                                        "every method, or a list of methods")
+    equal_tokens: bool = _f(True, "every +LoRA row spends the same total training tokens (train.max_steps x "
+                                  "batch_size x grad_accum x seq_len): a method that trains while compressing "
+                                  "(ACIP's mask phase and post-tune) gets that many fewer LoRA steps; false: every "
+                                  "method gets train.max_steps on top of its own")
 
     def __post_init__(self) -> None:
         if isinstance(self.methods, str):

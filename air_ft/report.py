@@ -128,7 +128,10 @@ def _setup_lines(report: dict) -> list[str]:
                         if s.get("task_limit") else "the whole split"))
     if s.get("calibration_tokens"):
         lines.append(f"- Token budgets: calibration {s['calibration_tokens']:,} tokens per method; "
-                     f"LoRA {s.get('lora_train_tokens', 0):,} training tokens per recovered row")
+                     f"LoRA {s.get('lora_train_tokens', 0):,} training tokens per recovered row"
+                     + (" in all (a method that trained while compressing, such as ACIP-style, gets that many fewer "
+                        "LoRA steps; the train tokens column has each row's total)"
+                        if s.get("equal_tokens") and s.get("lora_train_tokens") else ""))
     lines.append("- Versions: " + ", ".join(f"{k} {env[k]}" for k in ("air_ft", "torch", "transformers", "peft",
                                                                         "trl", "lm-eval") if env.get(k))
                  + (f"; commit {env['git_commit'][:10]}" if env.get("git_commit") else ""))

@@ -444,6 +444,14 @@ def check_study(recipe: Recipe) -> None:
         raise RecipeError("data.calibration is empty: the study's methods (and LoRA) need calibration text")
     for r in recipe.study.retentions:  # the compress section validates each grid point
         dataclasses.replace(recipe.compress, retention=float(r))
+    a = recipe.acip
+    least = (1 + a.post_tune_steps) * a.batch_size * a.seq_len  # one mask step, then the post-tune
+    if ("acip" in recipe.study.methods and recipe.study.recovers("acip") and recipe.study.equal_tokens
+            and least >= recipe.train.max_steps * step_tokens(recipe.train)):
+        raise RecipeError(f"ACIP's post-tune alone ({a.post_tune_steps} steps x {a.batch_size} x {a.seq_len} "
+                          f"tokens) uses the whole LoRA budget of every recovered row (train.max_steps "
+                          f"{recipe.train.max_steps} x {step_tokens(recipe.train):,} tokens): raise train.max_steps, "
+                          "lower acip.post_tune_steps or set study.equal_tokens=false")
     if "acip" in recipe.study.methods and min(recipe.study.retentions) < recipe.acip.stop_retention:
         raise RecipeError(f"study.retentions go down to {min(recipe.study.retentions)} but acip.stop_retention is "
                           f"{recipe.acip.stop_retention}: ACIP can only materialize sizes its mask phase reached; "
@@ -551,12 +559,13 @@ def run_study(recipe: Recipe) -> dict:
             rows.append(row)
             if not recipe.study.recovers(method):
                 continue
-            tkey = _key("train", ckey, to_dict(recipe.train), to_dict(recipe.lora), model_spec)
+            budget = lora_budget(recipe, tokens["training"], name, state.num_processes)
+            tkey = _key("train", ckey, to_dict(budget), to_dict(recipe.lora), model_spec)
             tpath = out / "stages" / "train" / name
 
-            def train_work(path: Path, sub=sub, ckpt=ckpt) -> dict:
+            def train_work(path: Path, sub=sub, ckpt=ckpt, budget=budget) -> dict:
                 rec = dataclasses.replace(sub, output_dir=str(path),
-                                          train=dataclasses.replace(sub.train, compressed_path=str(ckpt)))
+                                          train=dataclasses.replace(budget, compressed_path=str(ckpt)))
                 return run_train(rec)
 
             if Stage(tpath, tkey).cached() is None:  # training reads the compressed checkpoint
@@ -597,6 +606,28 @@ def run_study(recipe: Recipe) -> dict:
     return report
 
 
+def step_tokens(train, num_processes: int = 1) -> int:
+    """Training tokens of one optimizer step of the ``train`` section."""
+    return train.batch_size * train.grad_accum * train.seq_len * num_processes
+
+
+def lora_budget(recipe: Recipe, spent: int, name: str, num_processes: int = 1):
+    """The ``train`` section a +LoRA row of the study trains with. With ``study.equal_tokens`` every recovered row
+    spends ``train.max_steps`` steps' worth of tokens in all: ``spent`` (what the method trained on while
+    compressing: ACIP's mask phase and post-tune) comes off its LoRA steps."""
+    train = recipe.train
+    if not spent or not recipe.study.equal_tokens:
+        return train
+    per_step = step_tokens(train, num_processes)
+    steps = (train.max_steps * per_step - spent) // per_step
+    if steps < 1:
+        raise RecipeError(f"{name}: compressing already trained on {spent:,} tokens, the whole LoRA budget of "
+                          f"{train.max_steps * per_step:,} (train.max_steps {train.max_steps} x {per_step:,}): raise "
+                          "train.max_steps, shorten the mask phase (acip.max_steps, acip.post_tune_steps) or set "
+                          "study.equal_tokens=false")
+    return dataclasses.replace(train, max_steps=int(steps))
+
+
 def _measure(loaders: dict, recipe: Recipe) -> dict:
     from air_ft.efficiency import compare
 
@@ -624,6 +655,7 @@ def _setup(recipe: Recipe) -> dict:
             "calibration_tokens": c.num_samples * c.seq_len, "calibration": f"{c.num_samples} x {c.seq_len} tokens, "
             f"seed {c.seed}", "lora_train_tokens": (t.max_steps * t.batch_size * t.grad_accum * t.seq_len
                                                     if recipe.study.lora else 0),
+            "equal_tokens": recipe.study.equal_tokens,
             "lora": (f"{recipe.lora.placement}, r {recipe.lora.rank}, {t.max_steps} steps x {t.batch_size} x "
                      f"{t.seq_len} tokens, lr {t.learning_rate}, distill {t.distill}" if recipe.study.lora else None),
             "perplexity": f"{e.seq_len}-token windows" + (f", {e.max_windows} evenly spaced per text"

@@ -189,3 +189,46 @@ def test_acip_is_one_more_method_of_the_study(tmp_path, tokenizer, text):
     md = (tmp_path / "out" / "report.md").read_text()
     assert "| ACIP-style |" in md and "train tokens" in md
     assert json.loads((tmp_path / "out" / "report.json").read_text())["recipe"]["acip"]["lora_rank"] == 2
+
+
+def test_acip_lora_row_spends_the_same_total_tokens_as_the_others(tmp_path, tokenizer, text):
+    """study.equal_tokens: ACIP's mask phase and post-tune come off its LoRA steps, so its +LoRA row trains on as
+    many tokens in all as SVD-LLM(W)'s; a budget the post-tune alone exhausts is refused before any work."""
+    import yaml
+
+    from air_ft.config import load_recipe
+    from air_ft.stages import lora_budget, run_study
+
+    model = tiny_llama(vocab_size=len(tokenizer))
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    (tmp_path / "corpus.txt").write_text(text)
+    recipe = {"output_dir": str(tmp_path / "out"), "model": {"name_or_path": str(tmp_path / "base")},
+              "data": {"calibration": [{"source": str(tmp_path / "corpus.txt"), "end": 0.8}],
+                       "evaluation": {"heldout": {"source": str(tmp_path / "corpus.txt"), "start": 0.8}}},
+              "compress": {"num_samples": 8, "seq_len": 32, "progress": False},
+              "eval": {"seq_len": 32, "max_windows": 4, "efficiency": False},
+              "acip": {"max_steps": 40, "stop_retention": 0.45, "lambda_init": 1e-3, "lambda_growth": 1.3,
+                       "lambda_every": 1, "mask_lr": 2e-3, "lora_lr": 1e-3, "lora_rank": 2, "post_tune_steps": 2,
+                       "seq_len": 32, "batch_size": 2},
+              "lora": {"rank": 2},
+              "train": {"max_steps": 30, "batch_size": 2, "seq_len": 32, "eval_steps": 0, "save_steps": 0,
+                        "distill": 0.0},
+              "study": {"methods": ["svdllm", "acip"], "retentions": [0.5], "dense": False, "lora": True}}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(RecipeError, match="post-tune alone"):
+        run_study(load_recipe(str(tmp_path / "study.yaml"), ["acip.post_tune_steps=29"]))
+    assert not (tmp_path / "out" / "stages").exists()
+    report = run_study(load_recipe(str(tmp_path / "study.yaml")))
+    rows = {r["name"]: r for r in report["rows"]}
+    spent = rows["acip-r0.50"]["tokens"]["training"]
+    assert 0 < spent < 30 * 64 and spent % 64 == 0
+    assert rows["acip-r0.50+lora"]["train"]["tokens"] == 30 * 64 - spent
+    assert rows["acip-r0.50+lora"]["tokens"]["training"] == rows["svdllm-r0.50+lora"]["tokens"]["training"] == 30 * 64
+    assert "fewer LoRA steps" in (tmp_path / "out" / "report.md").read_text()
+    # off: every method trains train.max_steps on top of its own; a mask phase that ate the budget is refused
+    rec = load_recipe(str(tmp_path / "study.yaml"), ["study.equal_tokens=false"])
+    assert lora_budget(rec, spent, "acip-r0.50").max_steps == 30
+    rec = load_recipe(str(tmp_path / "study.yaml"))
+    with pytest.raises(RecipeError, match="whole LoRA budget"):
+        lora_budget(rec, 30 * 64, "acip-r0.50")

@@ -24,6 +24,10 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
     ("sequential.py", ["--retentions", "0"], "--retentions must lie strictly between 0 and 1"),
     ("acip_schedule.py", ["--schedule", "mask_lr"], "use key=value"),
     ("acip_schedule.py", ["--schedule", "mask_lr=1e-3", "--retentions", "0.3"], "--retentions in [stop-retention"),
+    ("acip_budget.py", ["--multipliers", "0"], "--multipliers must be integers >= 1"),
+    ("acip_budget.py", ["--schedule", "lambda_every=2"], "use key=value"),
+    ("acip_budget.py", ["--retention", "0.5"], "--retention must lie in [stop-retention"),
+    ("acip_budget.py", ["--post-tune-steps", "48"], "leaves no mask phase"),
 ])
 def test_bad_benchmark_options_are_refused_before_any_work(script, args, message):
     proc = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=120)
@@ -64,3 +68,28 @@ def test_scale_benchmark_runs_on_a_tiny_shape(tmp_path):
     assert comp["stream"]["blocks"] == 2 and comp["tokens"] == 4 * 32 and 0.5 < comp["retention_actual"] <= 0.6
     assert set(res["ratios_to_dense"]) == {"factored", "fused"}
     assert res["fused"]["params"] == res["factored"]["params"] and res["factored"]["params"]["retention"] < 0.61
+
+
+def test_acip_budget_curve_gives_every_point_equal_budgets(monkeypatch):
+    """benchmarks/acip_budget.py: at multiplier k both methods get k times the LoRA steps, ACIP's lambda grows k
+    times slower and its post-tune is k times longer, and every recipe passes the study's checks."""
+    import argparse
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    import acip_budget
+
+    from air_ft.config import load_recipe
+    from air_ft.stages import check_study
+
+    args = argparse.Namespace(retention=0.6, stop_retention=0.55, base_steps=64, post_tune_steps=4, seq_len=512,
+                              batch_size=2, tasks=["piqa"], device="cpu")
+    schedule = acip_budget.parse_schedule(acip_budget.SCHEDULE)
+    for k in (1, 4, 16):
+        recipe = load_recipe(str(BENCH.parent / "recipes" / "smollm2-135m" / "study.yaml"),
+                             acip_budget.overrides(args, k, schedule))
+        check_study(recipe)
+        assert recipe.train.max_steps == 64 * k and recipe.acip.post_tune_steps == 4 * k
+        assert recipe.acip.lambda_growth ** k == pytest.approx(1.08)
+        assert recipe.acip.max_steps + recipe.acip.post_tune_steps == 48 * k  # a quarter is left for LoRA
+        assert recipe.study.methods == ["air", "acip"] and recipe.study.equal_tokens and recipe.eval.tasks == ["piqa"]
+        assert recipe.output_dir.endswith(f"acip_budget_smollm2/x{k}")

@@ -1,0 +1,139 @@
+"""ACIP-style against AIR + LoRA as the training budget grows: does ACIP's deficit at small budgets close?
+
+    python benchmarks/acip_budget.py --threads 1 --multipliers 1 4          # CPU: about 2 h and 6 h
+    python benchmarks/acip_budget.py --multipliers 1 4 16 --device cuda     # the whole curve on a GPU
+
+For every multiplier k this runs the study pipeline (``air_ft.stages.run_study`` on the study recipe's model, data
+and settings) with methods AIR and ACIP-style at one retention, both LoRA-recovered with equal total training tokens
+(``study.equal_tokens``): ``train.max_steps`` is ``--base-steps`` x k (64 x 2 x 512 = 65k tokens at k = 1, the
+study's CPU budget), and ACIP's reduced schedule is stretched by k: lambda grows by ``lambda_growth ** (1 / k)``
+a step, the mask phase may take up to 3/4 of the budget, the post-tune ``--post-tune-steps`` x k steps, and ACIP's
+LoRA fine-tune the rest. AIR's calibration tokens (64 x 512) are reported beside. Perplexity on the held-out texts
+(the six reasoning tasks with ``--tasks``, which costs about 13 min per model on one core). The schedule is the one
+chosen on the validation split (benchmarks/acip_schedule.py); the evaluation text played no part in it.
+
+Stage directories go under benchmarks/results/acip_budget_smollm2/x<k>/, so a rerun (or a larger --multipliers)
+reuses every finished model; writes benchmarks/results/acip_budget_smollm2.json and .png after every multiplier.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from common import RESULTS, ROOT, environment, save_figure, set_threads, subplots, write_json
+
+from air_ft.config import RecipeError, load_recipe
+from air_ft.stages import run_study
+
+SCHEDULE = "mask_lr=1.5e-3 lambda_init=3e-3 lambda_growth=1.08 lora_rank=8 lora_lr=2e-3"
+KEYS = {"mask_lr", "lora_lr", "lambda_init", "lambda_growth", "lora_rank", "lora_alpha", "scale"}
+
+
+def parse_schedule(text: str) -> dict:
+    out = {}
+    for item in text.split():
+        key, sep, val = item.partition("=")
+        if not sep or key not in KEYS:
+            raise ValueError(f"schedule item {item!r}: use key=value with key one of {sorted(KEYS)}")
+        out[key] = int(val) if key == "lora_rank" else float(val)
+    return out
+
+
+def overrides(args, k: int, schedule: dict) -> list[str]:
+    """The study recipe's overrides for multiplier ``k``."""
+    steps = args.base_steps * k
+    acip = {**schedule, "lambda_growth": schedule.get("lambda_growth", 1.08) ** (1.0 / k), "lambda_every": 1,
+            "max_steps": (3 * steps) // 4 - args.post_tune_steps * k, "post_tune_steps": args.post_tune_steps * k,
+            "stop_retention": args.stop_retention, "seq_len": args.seq_len, "batch_size": args.batch_size}
+    out = [f"output_dir={RESULTS / 'acip_budget_smollm2' / f'x{k}'}", "study.methods=[air,acip]",
+           f"study.retentions=[{args.retention}]", "study.dense=false", "study.lora=true", "study.equal_tokens=true",
+           f"train.max_steps={steps}", f"train.seq_len={args.seq_len}", f"train.batch_size={args.batch_size}",
+           "train.grad_accum=1", "eval.efficiency=false", f"model.device={args.device}"]
+    out += [f"acip.{key}={val}" for key, val in acip.items()]
+    out.append("eval.tasks=[" + ",".join(args.tasks) + "]")
+    return out
+
+
+def summarize(report: dict, k: int) -> dict:
+    rows = {}
+    for r in report["rows"]:
+        label = {"air": "AIR", "acip": "ACIP-style"}[r["method"]] + (" + LoRA" if r["lora"] else "")
+        rows[label] = {"training_tokens": r["tokens"]["training"], "calibration_tokens": r["tokens"]["calibration"],
+                       "retention_actual": r["compress"]["retention_actual"],
+                       "perplexity": {n: v["ppl"] for n, v in r.get("perplexity", {}).items()},
+                       "tasks": {t: {m: v.get(m) for m in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")}
+                                 for t, v in r.get("tasks", {}).items()}}
+    acip = next(r for r in report["rows"] if r["method"] == "acip" and not r["lora"])["compress"]
+    return {"multiplier": k, "budget_tokens": report["setup"]["lora_train_tokens"], "rows": rows,
+            "acip_mask_steps": acip["mask_steps"], "acip_retention_reached": acip["retention_reached"]}
+
+
+def plot(points: list[dict], path) -> None:
+    texts = sorted({n for p in points for row in p["rows"].values() for n in row["perplexity"]})
+    fig, axes = subplots(1, len(texts), 5.0, 3.6)
+    for ax, text in zip(axes[0], texts):
+        for label, style in (("AIR", "C0--"), ("AIR + LoRA", "C0-o"), ("ACIP-style", "C3--"),
+                             ("ACIP-style + LoRA", "C3-o")):
+            xs = [p["budget_tokens"] for p in points if label in p["rows"]]
+            ys = [p["rows"][label]["perplexity"][text] for p in points if label in p["rows"]]
+            ax.plot(xs, ys, style, label=label)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("training tokens per model (ACIP: mask phase + post-tune + LoRA)")
+        ax.set_ylabel(f"{text} perplexity")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", default=str(ROOT / "recipes" / "smollm2-135m" / "study.yaml"))
+    ap.add_argument("--multipliers", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--retention", type=float, default=0.6)
+    ap.add_argument("--schedule", default=SCHEDULE, help="key=value pairs of the acip section (k = 1)")
+    ap.add_argument("--stop-retention", type=float, default=0.55)
+    ap.add_argument("--base-steps", type=int, default=64, help="LoRA steps of AIR + LoRA at k = 1")
+    ap.add_argument("--post-tune-steps", type=int, default=4, help="ACIP post-tune steps at k = 1")
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--tasks", nargs="*", default=[], help="zero-shot tasks too (default: perplexity only)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--output", default="acip_budget_smollm2.json")
+    args = ap.parse_args()
+    try:
+        schedule = parse_schedule(args.schedule)
+    except ValueError as err:
+        ap.error(str(err))
+    if any(k < 1 for k in args.multipliers):
+        ap.error("--multipliers must be integers >= 1")
+    if not 0 < args.stop_retention <= args.retention < 1:
+        ap.error("--retention must lie in [stop-retention, 1) and --stop-retention above 0")
+    if min(args.base_steps, args.batch_size, args.seq_len - 1) < 1 or args.post_tune_steps < 0:
+        ap.error("--base-steps and --batch-size must be >= 1, --seq-len >= 2, --post-tune-steps >= 0")
+    if 4 * args.post_tune_steps + 4 > 3 * args.base_steps:
+        ap.error("--post-tune-steps leaves no mask phase inside 3/4 of --base-steps")
+    recipes = []
+    try:  # every multiplier's recipe is checked before the first model loads
+        for k in sorted(set(args.multipliers)):
+            recipes.append((k, load_recipe(args.recipe, overrides(args, k, schedule))))
+    except RecipeError as err:
+        ap.error(str(err))
+    set_threads(args.threads)
+    points = []
+    for k, recipe in recipes:
+        t0 = time.perf_counter()
+        points.append({**summarize(run_study(recipe), k), "seconds": time.perf_counter() - t0})
+        p = points[-1]
+        print(f"x{k}: {p['budget_tokens']:,} tokens; ACIP reached {p['acip_retention_reached']:.3f} in "
+              f"{p['acip_mask_steps']} mask steps; " + "; ".join(
+                  f"{label} " + "/".join(f"{v:.1f}" for v in row["perplexity"].values())
+                  for label, row in p["rows"].items()), flush=True)
+        write_json(args.output, {"settings": vars(args), "environment": environment(), "points": points})
+        plot(points, RESULTS / args.output.replace(".json", ".png"))
+
+
+if __name__ == "__main__":
+    main()

@@ -58,8 +58,18 @@ class MaskedLowRankLinear(LowRankLinear):
         self.scale = scale
         self.mask = nn.Parameter(torch.full((rank,), scale, dtype=torch.float32, device=device))
 
+    #: below this fraction of live entries the forward multiplies by the live rows and columns only
+    COMPACT_BELOW = 0.9
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.factor_u(self.factor_v(x) * gate(self.mask, self.scale).to(x.dtype))
+        g = gate(self.mask, self.scale).to(x.dtype)
+        live = torch.nonzero(self.mask.detach() > 0).squeeze(1)
+        if live.numel() >= self.COMPACT_BELOW * self.rank:
+            return self.factor_u(self.factor_v(x) * g)
+        # the same map: a dead entry's gate is 0 forwards and passes no gradient backwards; a late mask phase
+        # (and every post-tune step) then costs what its live rank costs, not the full rank's
+        h = nn.functional.linear(x, self.factor_v.weight[live]) * g[live]
+        return nn.functional.linear(h, self.factor_u.weight[:, live], self.factor_u.bias)
 
     def live(self) -> torch.Tensor:
         return self.mask.detach() > 0

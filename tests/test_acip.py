@@ -42,6 +42,35 @@ def test_full_masks_reproduce_the_dense_model(tokenizer):
         torch.testing.assert_close(model(ids).logits, dense(ids).logits, atol=1e-4, rtol=1e-4)
 
 
+def test_a_mostly_pruned_layer_multiplies_by_its_live_entries_only_with_the_same_values_and_gradients(
+        monkeypatch):
+    torch.manual_seed(0)
+    layer = MaskedLowRankLinear(12, 16, 12, bias=True)
+    with torch.no_grad():
+        layer.mask.copy_(torch.where(torch.rand(12) < 0.5, -0.01, 0.02))  # about half the entries dead
+        layer.factor_u.bias.normal_()
+    x = torch.randn(3, 5, 12)
+
+    def run():
+        layer.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        y = layer(xi)
+        (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+        return y.detach(), xi.grad, layer.mask.grad.clone(), layer.factor_u.weight.grad.clone()
+
+    calls = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda inp, w, b=None: calls.append(w.shape) or linear(inp, w, b))
+    compact = run()
+    k = int((layer.mask > 0).sum())
+    assert 0 < k < 9 and calls == [(k, 12), (16, k)]  # only the live rank was multiplied
+    monkeypatch.setattr(MaskedLowRankLinear, "COMPACT_BELOW", 0.0)  # the full-rank reference
+    full = run()
+    for a, b in zip(compact, full):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert torch.equal(compact[2][layer.mask <= 0], torch.zeros(int((layer.mask <= 0).sum())))
+
+
 def test_score_map_orders_entries_by_pruning_time():
     scores = torch.tensor([0.02, 0.02, 0.02])
     last = scores.clone()

@@ -60,7 +60,8 @@ def test_a_mostly_pruned_layer_multiplies_by_its_live_entries_only_with_the_same
 
     calls = []
     linear = torch.nn.functional.linear
-    monkeypatch.setattr(torch.nn.functional, "linear", lambda inp, w, b=None: calls.append(w.shape) or linear(inp, w, b))
+    monkeypatch.setattr(torch.nn.functional, "linear",
+                        lambda inp, w, b=None: calls.append(w.shape) or linear(inp, w, b))
     compact = run()
     k = int((layer.mask > 0).sum())
     assert 0 < k < 9 and calls == [(k, 12), (16, k)]  # only the live rank was multiplied

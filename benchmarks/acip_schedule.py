@@ -10,7 +10,8 @@ thousands of steps to reach 0.4; on a 2-core CPU a run gets about 64 steps of 2 
 calibration split (britannica 0-70 %, plays 0-45 %) until ``--stop-retention``, then ``--post-tune-steps`` of LoRA
 alone, and is materialized at every ``--retentions`` it reached. Scored on the validation split (britannica
 70-80 %, plays 45-50 %; the geometric mean of the two perplexities), never on the evaluation text, so the winner can
-be used for the held-out study. Writes benchmarks/results/acip_schedule_smollm2.json after every schedule.
+be used for the held-out study. Writes benchmarks/results/acip_schedule_smollm2.json after every schedule; the
+schedules an earlier run with the same other settings measured are kept there and not rerun.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import argparse
 import math
 import time
 
-from common import MODEL, environment, load_split, set_threads, write_json
+from common import MODEL, RESULTS, environment, load_split, set_threads, write_json
 
 import air_ft
 
@@ -59,11 +60,13 @@ def main() -> None:
         ap.error("--stop-retention must lie in (0, 1) and every --retentions in [stop-retention, 1)")
     if min(args.max_steps, args.seq_len - 1, args.batch_size, args.val_windows) < 1 or args.post_tune_steps < 0:
         ap.error("--max-steps, --batch-size and --val-windows must be >= 1, --seq-len >= 2, --post-tune-steps >= 0")
+    fixed = {k: v for k, v in vars(args).items() if k != "schedule"}
+    runs = _previous_runs(RESULTS / args.output, fixed)
+    schedules = [s for s in schedules if s not in [r["schedule"] for r in runs]]
     set_threads(args.threads)
     model, tok = air_ft.load_model(args.model)
     cal = load_split("calibration")
     val = dict(zip(("britannica", "plays"), load_split("validation")))
-    runs = []
     for sched in schedules:
         t0 = time.perf_counter()
         fit = air_ft.acip_fit(model, tok, cal, max_steps=args.max_steps, stop_retention=args.stop_retention,
@@ -84,7 +87,18 @@ def main() -> None:
         print(f"{sched}: {row['mask_steps']} mask steps, reached {row['retention_reached']:.3f}, "
               f"{row['train_tokens']:,} tokens, {seconds:.0f} s; validation "
               + ", ".join(f"{r}: {v['geo_mean']:.1f}" for r, v in row["validation"].items()), flush=True)
-        write_json(args.output, {"settings": vars(args), "environment": environment(), "runs": runs})
+        write_json(args.output, {"settings": fixed, "environment": environment(), "runs": runs})
+
+
+def _previous_runs(path, fixed: dict) -> list[dict]:
+    """The schedules an earlier run with the same settings (all but --schedule) measured."""
+    import json
+
+    if not path.exists():
+        return []
+    old = json.loads(path.read_text())
+    settings = {k: v for k, v in old.get("settings", {}).items() if k != "schedule"}
+    return old.get("runs", []) if settings == fixed else []
 
 
 if __name__ == "__main__":

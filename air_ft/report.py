@@ -77,7 +77,7 @@ def markdown(report: dict) -> str:
         nums.append(None)
         if trained:
             t = (r.get("tokens") or {}).get("training", 0)
-            line.append(f"{t / 1e3:.0f} k" if t else "0")
+            line.append(f"{t:,}")
             nums.append(None)
         for b in batches:
             s = (eff.get("decode_s_per_token") or {}).get(str(b))

@@ -255,7 +255,8 @@ def test_acip_lora_row_spends_the_same_total_tokens_as_the_others(tmp_path, toke
     assert 0 < spent < 30 * 64 and spent % 64 == 0
     assert rows["acip-r0.50+lora"]["train"]["tokens"] == 30 * 64 - spent
     assert rows["acip-r0.50+lora"]["tokens"]["training"] == rows["svdllm-r0.50+lora"]["tokens"]["training"] == 30 * 64
-    assert "fewer LoRA steps" in (tmp_path / "out" / "report.md").read_text()
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "fewer LoRA steps" in md and md.count("| 1,920 |") == 2  # each +LoRA row's total training tokens
     # off: every method trains train.max_steps on top of its own; a mask phase that ate the budget is refused
     rec = load_recipe(str(tmp_path / "study.yaml"), ["study.equal_tokens=false"])
     assert lora_budget(rec, spent, "acip-r0.50").max_steps == 30

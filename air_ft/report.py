@@ -177,6 +177,15 @@ def _task_lines(report: dict, tasks: list[str]) -> list[str]:
     return lines + [""]
 
 
+def _measurement_groups(rows: list[dict]) -> dict[str, list[dict]]:
+    """Rows with the same layer shapes share one measurement (``measured_on``): the rows of each, by measured row."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if r.get("efficiency"):
+            groups.setdefault(r["efficiency"].get("measured_on", r["name"]), []).append(r)
+    return groups
+
+
 def _efficiency_lines(report: dict) -> list[str]:
     rows = [r for r in report["rows"] if r.get("efficiency")]
     dense = next((r for r in rows if r["method"] == "dense"), None)
@@ -192,10 +201,7 @@ def _efficiency_lines(report: dict) -> list[str]:
              "| model | retention | FLOPs/token | checkpoint | peak forward memory | prefill tokens/s | "
              + " | ".join(f"decode b{b}" for b in d["decode_s_per_token"]) + " |",
              "|" + "---|" * (6 + len(d["decode_s_per_token"]))]
-    # rows with the same layer shapes share one measurement (measured_on): one line per measured model
-    groups: dict[str, list[dict]] = {}
-    for r in rows:
-        groups.setdefault(r["efficiency"].get("measured_on", r["name"]), []).append(r)
+    groups = _measurement_groups(rows)
     if any(len(g) > 1 for g in groups.values()):
         lines[2] += (" Speed and size depend on the layer shapes, not on the values: models of one shape (the "
                      "methods at one retention, and their LoRA-merged versions) share one measurement.")
@@ -279,18 +285,20 @@ def plot(report: dict, out_dir: Path) -> list[str]:
         ax.set_ylabel("training loss")
         ax.legend(fontsize=7)
         written.append(_save(fig, out_dir / "train_loss.png"))
-    eff = [r for r in rows if r.get("efficiency") and r["method"] != "dense"]
+    # one bar per measurement: the rows of one shape share it
+    eff = [(", ".join(dict.fromkeys(_label(g) for g in group)), group[0])
+           for group in _measurement_groups(rows).values() if group[0]["method"] != "dense"]
     if dense and dense.get("efficiency") and eff:
         d = dense["efficiency"]
         metrics = {f"decode b{b}": (lambda e, b=b: d["decode_s_per_token"][b] / e["decode_s_per_token"][b])
                    for b in d["decode_s_per_token"]}
         metrics["prefill"] = lambda e: e["prefill_tokens_per_s"] / d["prefill_tokens_per_s"]
         metrics["checkpoint"] = lambda e: d["checkpoint_bytes"] / e["checkpoint_bytes"]
-        fig, ax = plt.subplots(figsize=(1.2 * len(metrics) * max(1, len(eff)) / 2 + 3, 3.6))
+        fig, ax = plt.subplots(figsize=(min(14.0, 0.6 * len(metrics) * len(eff) + 4), 3.6))
         width = 0.8 / len(eff)
-        for i, r in enumerate(eff):
+        for i, (label, r) in enumerate(eff):
             ax.bar([j + i * width for j in range(len(metrics))], [f(r["efficiency"]) for f in metrics.values()],
-                   width, label=f"{_label(r)} {r['retention']:.2f}")
+                   width, label=f"{r['retention']:.2f}: {label}")
         ax.axhline(1.0, color="k", ls="--", lw=1)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(metrics))], list(metrics), fontsize=8)
         ax.set_ylabel("speed-up / size reduction vs dense (x)")

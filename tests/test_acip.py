@@ -184,13 +184,9 @@ def test_a_killed_mask_phase_resumes_with_its_score_map(tokenizer, text, tmp_pat
     assert resumed.history[-1]["ratio"] == pytest.approx(straight.history[-1]["ratio"])
 
 
-def test_acip_is_one_more_method_of_the_study(tmp_path, tokenizer, text):
-    import json
-
+def _write_acip_study(tmp_path, tokenizer, text, study: dict, **sections) -> None:
+    """A tiny saved model, a corpus and ``tmp_path/study.yaml``: SVD-LLM(W) and a quick ACIP-style schedule."""
     import yaml
-
-    from air_ft.config import load_recipe
-    from air_ft.stages import run_study
 
     model = tiny_llama(vocab_size=len(tokenizer))
     model.save_pretrained(tmp_path / "base")
@@ -204,8 +200,17 @@ def test_acip_is_one_more_method_of_the_study(tmp_path, tokenizer, text):
               "acip": {"max_steps": 40, "stop_retention": 0.45, "lambda_init": 1e-3, "lambda_growth": 1.3,
                        "lambda_every": 1, "mask_lr": 2e-3, "lora_lr": 1e-3, "lora_rank": 2, "post_tune_steps": 2,
                        "seq_len": 32, "batch_size": 2},
-              "study": {"methods": ["svdllm", "acip"], "retentions": [0.7, 0.5], "dense": False}}
+              "study": {"methods": ["svdllm", "acip"], "dense": False, **study}, **sections}
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(recipe))
+
+
+def test_acip_is_one_more_method_of_the_study(tmp_path, tokenizer, text):
+    import json
+
+    from air_ft.config import load_recipe
+    from air_ft.stages import run_study
+
+    _write_acip_study(tmp_path, tokenizer, text, study={"retentions": [0.7, 0.5]})
     with pytest.raises(RecipeError, match="acip.stop_retention"):
         run_study(load_recipe(str(tmp_path / "study.yaml"), ["study.retentions=[0.3]"]))
     report = run_study(load_recipe(str(tmp_path / "study.yaml")))
@@ -224,28 +229,13 @@ def test_acip_is_one_more_method_of_the_study(tmp_path, tokenizer, text):
 def test_acip_lora_row_spends_the_same_total_tokens_as_the_others(tmp_path, tokenizer, text):
     """study.equal_tokens: ACIP's mask phase and post-tune come off its LoRA steps, so its +LoRA row trains on as
     many tokens in all as SVD-LLM(W)'s; a budget the post-tune alone exhausts is refused before any work."""
-    import yaml
 
     from air_ft.config import load_recipe
     from air_ft.stages import lora_budget, run_study
 
-    model = tiny_llama(vocab_size=len(tokenizer))
-    model.save_pretrained(tmp_path / "base")
-    tokenizer.save_pretrained(tmp_path / "base")
-    (tmp_path / "corpus.txt").write_text(text)
-    recipe = {"output_dir": str(tmp_path / "out"), "model": {"name_or_path": str(tmp_path / "base")},
-              "data": {"calibration": [{"source": str(tmp_path / "corpus.txt"), "end": 0.8}],
-                       "evaluation": {"heldout": {"source": str(tmp_path / "corpus.txt"), "start": 0.8}}},
-              "compress": {"num_samples": 8, "seq_len": 32, "progress": False},
-              "eval": {"seq_len": 32, "max_windows": 4, "efficiency": False},
-              "acip": {"max_steps": 40, "stop_retention": 0.45, "lambda_init": 1e-3, "lambda_growth": 1.3,
-                       "lambda_every": 1, "mask_lr": 2e-3, "lora_lr": 1e-3, "lora_rank": 2, "post_tune_steps": 2,
-                       "seq_len": 32, "batch_size": 2},
-              "lora": {"rank": 2},
-              "train": {"max_steps": 30, "batch_size": 2, "seq_len": 32, "eval_steps": 0, "save_steps": 0,
-                        "distill": 0.0},
-              "study": {"methods": ["svdllm", "acip"], "retentions": [0.5], "dense": False, "lora": True}}
-    (tmp_path / "study.yaml").write_text(yaml.safe_dump(recipe))
+    _write_acip_study(tmp_path, tokenizer, text, study={"retentions": [0.5], "lora": True}, lora={"rank": 2},
+                      train={"max_steps": 30, "batch_size": 2, "seq_len": 32, "eval_steps": 0, "save_steps": 0,
+                             "distill": 0.0})
     with pytest.raises(RecipeError, match="post-tune alone"):
         run_study(load_recipe(str(tmp_path / "study.yaml"), ["acip.post_tune_steps=29"]))
     assert not (tmp_path / "out" / "stages").exists()

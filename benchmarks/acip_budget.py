@@ -26,7 +26,8 @@ from common import RESULTS, ROOT, environment, save_figure, set_threads, subplot
 from air_ft.config import RecipeError, load_recipe
 from air_ft.stages import run_study
 
-SCHEDULE = "mask_lr=1.5e-3 lambda_init=3e-3 lambda_growth=1.08 lora_rank=8 lora_lr=2e-3"
+# the best reduced schedule on validation (benchmarks/README.md, acip_schedule_smollm2_stop055.json)
+SCHEDULE = "mask_lr=3e-3 lambda_init=3e-3 lambda_growth=1.1 lora_rank=8 lora_lr=2e-3"
 KEYS = {"mask_lr", "lora_lr", "lambda_init", "lambda_growth", "lora_rank", "lora_alpha", "scale"}
 
 
@@ -43,7 +44,7 @@ def parse_schedule(text: str) -> dict:
 def overrides(args, k: int, schedule: dict) -> list[str]:
     """The study recipe's overrides for multiplier ``k``."""
     steps = args.base_steps * k
-    acip = {**schedule, "lambda_growth": schedule.get("lambda_growth", 1.08) ** (1.0 / k), "lambda_every": 1,
+    acip = {**schedule, "lambda_growth": schedule.get("lambda_growth", 1.1) ** (1.0 / k), "lambda_every": 1,
             "max_steps": (3 * steps) // 4 - args.post_tune_steps * k, "post_tune_steps": args.post_tune_steps * k,
             "stop_retention": args.stop_retention, "seq_len": args.seq_len, "batch_size": args.batch_size}
     out = [f"output_dir={RESULTS / 'acip_budget_smollm2' / f'x{k}'}", "study.methods=[air,acip]",

@@ -89,7 +89,7 @@ def test_acip_budget_curve_gives_every_point_equal_budgets(monkeypatch):
                              acip_budget.overrides(args, k, schedule))
         check_study(recipe)
         assert recipe.train.max_steps == 64 * k and recipe.acip.post_tune_steps == 4 * k
-        assert recipe.acip.lambda_growth ** k == pytest.approx(1.08)
+        assert recipe.acip.lambda_growth ** k == pytest.approx(schedule["lambda_growth"]) == 1.1
         assert recipe.acip.max_steps + recipe.acip.post_tune_steps == 48 * k  # a quarter is left for LoRA
         assert recipe.study.methods == ["air", "acip"] and recipe.study.equal_tokens and recipe.eval.tasks == ["piqa"]
         assert recipe.output_dir.endswith(f"acip_budget_smollm2/x{k}")

@@ -205,7 +205,7 @@ def _efficiency_lines(report: dict) -> list[str]:
     if any(len(g) > 1 for g in groups.values()):
         lines[2] += (" Speed and size depend on the layer shapes, not on the values: models of one shape (the "
                      "methods at one retention, and their LoRA-merged versions) share one measurement.")
-    slower = []
+    slower, more_memory = [], []
     for group in groups.values():
         r, e = group[0], group[0]["efficiency"]
         label = ", ".join(dict.fromkeys(_label(g) for g in group))
@@ -215,6 +215,9 @@ def _efficiency_lines(report: dict) -> list[str]:
             ratios.append(f"{ratio:.2f}x")
             if r is not dense and ratio > 1.0:
                 slower.append(f"{label} at {r['retention']:.2f}, decode batch {b}: {ratio:.2f}x dense")
+        if r is not dense and d["peak_forward_bytes"] and e["peak_forward_bytes"] > d["peak_forward_bytes"]:
+            more_memory.append(f"{label} at {r['retention']:.2f}: "
+                               f"{_ratio(e['peak_forward_bytes'], d['peak_forward_bytes'])} dense")
         lines.append(f"| {label} | {r['retention']:.2f} | {e['flops_per_token'] / d['flops_per_token']:.2f}x | "
                      f"{e['checkpoint_bytes'] / d['checkpoint_bytes']:.2f}x | "
                      f"{_ratio(e['peak_forward_bytes'], d['peak_forward_bytes'])} | "
@@ -224,6 +227,10 @@ def _efficiency_lines(report: dict) -> list[str]:
         lines += ["", "Slower than dense (the factored layer runs two matmuls where dense runs one; at small "
                       "shapes and batch sizes that overhead can outweigh the FLOPs saved):"]
         lines += [f"- {s}" for s in slower]
+    if more_memory:
+        lines += ["", "Above dense in peak forward memory (activations: each factored layer adds its rank-k "
+                      "intermediate, while its weights are smaller):"]
+        lines += [f"- {m}" for m in more_memory]
     return lines + [""]
 
 

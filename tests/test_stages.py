@@ -204,7 +204,8 @@ def _fixture_report() -> dict:
                 "tasks": {"piqa": {"acc": acc - 0.02, "acc_stderr": err, "acc_norm": acc, "acc_norm_stderr": err},
                           "winogrande": {"acc": acc, "acc_stderr": err}},
                 "efficiency": {"params": {"model": 100e6 * retention}, "flops_per_token": 2e8 * retention,
-                               "checkpoint_bytes": 4e8 * retention, "peak_forward_bytes": 1e8,
+                               "checkpoint_bytes": 4e8 * retention,
+                               "peak_forward_bytes": 1e8 if retention == 1 else 1.05e8,
                                "peak_forward_measure": "test", "prefill_tokens_per_s": 100 / retention,
                                "decode_s_per_token": {"1": decode, "16": decode * 2}, "device": "cpu",
                                "dtype": "float32", "threads": 1}}
@@ -230,6 +231,7 @@ def test_report_renders_from_a_results_file(tmp_path, capsys):
     # 0.62 vs 0.55 with stderr 0.02 each: 7 points > 2 SE (5.7)
     assert "piqa at 0.60: AIR 62.0 vs SVD-LLM(W) 55.0 (+7.0 points, 2 SE = 5.7)" in md
     assert "SVD-LLM(W) at 0.60, decode batch 1: 1.20x dense" in md  # slower than dense is said
+    assert "Above dense in peak forward memory" in md and "- AIR at 0.60: 1.05x dense" in md  # so is more memory
     for png in ("perplexity.png", "accuracy.png", "efficiency.png"):
         assert (tmp_path / "plots" / png).exists()
     assert main(["report", str(tmp_path / "missing")]) == 2

@@ -390,6 +390,8 @@ def build_dataclass(cls: type, values: dict | None, where: str = "") -> Any:
         sub = {"ModelConfig": ModelConfig, "DataConfig": DataConfig, "CompressConfig": CompressConfig,
                "EvalConfig": EvalConfig, "LoraConfig": LoraConfig, "TrainConfig": TrainConfig,
                "StudyConfig": StudyConfig, "AcipConfig": AcipConfig}.get(str(ftype))
+        if str(ftype) == "bool" and not isinstance(val, bool):  # YAML reads yes/no/true/false as booleans
+            raise RecipeError(f"{f'{where}.{name}'.strip('.')} must be true or false, got {val!r}")
         kwargs[name] = build_dataclass(sub, val, f"{where}.{name}".strip(".")) if sub else val
     try:
         return cls(**kwargs)

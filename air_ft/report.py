@@ -177,13 +177,14 @@ def _task_lines(report: dict, tasks: list[str]) -> list[str]:
     return lines + [""]
 
 
-def _measurement_groups(rows: list[dict]) -> dict[str, list[dict]]:
-    """Rows with the same layer shapes share one measurement (``measured_on``): the rows of each, by measured row."""
+def _measurement_groups(rows: list[dict]) -> list[tuple[str, list[dict]]]:
+    """Rows with the same layer shapes share one measurement (``measured_on``): ``(label, rows)`` per measurement,
+    the label naming the methods that share it."""
     groups: dict[str, list[dict]] = {}
     for r in rows:
         if r.get("efficiency"):
             groups.setdefault(r["efficiency"].get("measured_on", r["name"]), []).append(r)
-    return groups
+    return [(", ".join(dict.fromkeys(_label(g) for g in group)), group) for group in groups.values()]
 
 
 def _efficiency_lines(report: dict) -> list[str]:
@@ -202,13 +203,12 @@ def _efficiency_lines(report: dict) -> list[str]:
              + " | ".join(f"decode b{b}" for b in d["decode_s_per_token"]) + " |",
              "|" + "---|" * (6 + len(d["decode_s_per_token"]))]
     groups = _measurement_groups(rows)
-    if any(len(g) > 1 for g in groups.values()):
+    if any(len(g) > 1 for _, g in groups):
         lines[2] += (" Speed and size depend on the layer shapes, not on the values: models of one shape (the "
                      "methods at one retention, and their LoRA-merged versions) share one measurement.")
     slower, more_memory = [], []
-    for group in groups.values():
+    for label, group in groups:
         r, e = group[0], group[0]["efficiency"]
-        label = ", ".join(dict.fromkeys(_label(g) for g in group))
         ratios = []
         for b, s in e["decode_s_per_token"].items():
             ratio = s / d["decode_s_per_token"][b]
@@ -293,8 +293,7 @@ def plot(report: dict, out_dir: Path) -> list[str]:
         ax.legend(fontsize=7)
         written.append(_save(fig, out_dir / "train_loss.png"))
     # one bar per measurement: the rows of one shape share it
-    eff = [(", ".join(dict.fromkeys(_label(g) for g in group)), group[0])
-           for group in _measurement_groups(rows).values() if group[0]["method"] != "dense"]
+    eff = [(label, group[0]) for label, group in _measurement_groups(rows) if group[0]["method"] != "dense"]
     if dense and dense.get("efficiency") and eff:
         d = dense["efficiency"]
         metrics = {f"decode b{b}": (lambda e, b=b: d["decode_s_per_token"][b] / e["decode_s_per_token"][b])

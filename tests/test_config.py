@@ -53,6 +53,8 @@ def test_overrides_are_typed_and_validated():
     ("compress.sequential=maybe", "sequential must be true or false"),
     ("compress.data_parallel=1", "data_parallel must be true or false"),
     ("compress.als_backend=cuda", "als_backend must be one of auto, native, triton, torch"),
+    ("study.equal_tokens=maybe", "study.equal_tokens must be true or false, got 'maybe'"),
+    ("eval.efficiency=1", "eval.efficiency must be true or false, got 1"),
 ])
 def test_streaming_and_backend_options_are_checked(override, message):
     with pytest.raises(RecipeError, match=message):

@@ -9,8 +9,9 @@ and settings) with methods AIR and ACIP-style at one retention, both LoRA-recove
 study's CPU budget), and ACIP's reduced schedule is stretched by k: lambda grows by ``lambda_growth ** (1 / k)``
 a step, the mask phase may take up to 3/4 of the budget, the post-tune ``--post-tune-steps`` x k steps, and ACIP's
 LoRA fine-tune the rest. AIR's calibration tokens (64 x 512) are reported beside. Perplexity on the held-out texts
-(the six reasoning tasks with ``--tasks``, which costs about 13 min per model on one core). The schedule is the one
-chosen on the validation split (benchmarks/acip_schedule.py); the evaluation text played no part in it.
+(the six reasoning tasks with ``--tasks``, which costs about 13 min per model on one core). The schedule is the
+recipe's ``acip`` section (study.yaml's was chosen on the validation split, benchmarks/acip_schedule.py; the evaluation text
+played no part in it), with ``--schedule`` pairs on top.
 
 Stage directories go under benchmarks/results/acip_budget_smollm2/x<k>/, so a rerun (or a larger --multipliers)
 reuses every finished model; writes benchmarks/results/acip_budget_smollm2.json and .png after every multiplier.
@@ -26,9 +27,14 @@ from common import RESULTS, ROOT, environment, save_figure, set_threads, subplot
 from air_ft.config import RecipeError, load_recipe
 from air_ft.stages import run_study
 
-# the best reduced schedule on validation (benchmarks/README.md, acip_schedule_smollm2_stop055.json)
-SCHEDULE = "mask_lr=3e-3 lambda_init=3e-3 lambda_growth=1.1 lora_rank=8 lora_lr=2e-3"
 KEYS = {"mask_lr", "lora_lr", "lambda_init", "lambda_growth", "lora_rank", "lora_alpha", "scale"}
+
+
+def recipe_schedule(recipe: str, text: str) -> dict:
+    """The schedule at k = 1: the recipe's ``acip`` section (study.yaml's: the best reduced schedule on validation,
+    benchmarks/README.md), with the ``key=value`` pairs of ``text`` on top."""
+    acip = load_recipe(recipe).acip
+    return {**{key: getattr(acip, key) for key in KEYS}, **parse_schedule(text)}
 
 
 def parse_schedule(text: str) -> dict:
@@ -44,7 +50,7 @@ def parse_schedule(text: str) -> dict:
 def overrides(args, k: int, schedule: dict) -> list[str]:
     """The study recipe's overrides for multiplier ``k``."""
     steps = args.base_steps * k
-    acip = {**schedule, "lambda_growth": schedule.get("lambda_growth", 1.1) ** (1.0 / k), "lambda_every": 1,
+    acip = {**schedule, "lambda_growth": schedule["lambda_growth"] ** (1.0 / k), "lambda_every": 1,
             "max_steps": (3 * steps) // 4 - args.post_tune_steps * k, "post_tune_steps": args.post_tune_steps * k,
             "stop_retention": args.stop_retention, "seq_len": args.seq_len, "batch_size": args.batch_size}
     out = [f"output_dir={RESULTS / 'acip_budget_smollm2' / f'x{k}'}", "study.methods=[air,acip]",
@@ -93,7 +99,7 @@ def main() -> None:
     ap.add_argument("--recipe", default=str(ROOT / "recipes" / "smollm2-135m" / "study.yaml"))
     ap.add_argument("--multipliers", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--retention", type=float, default=0.6)
-    ap.add_argument("--schedule", default=SCHEDULE, help="key=value pairs of the acip section (k = 1)")
+    ap.add_argument("--schedule", default="", help="key=value pairs over the recipe's acip section (k = 1)")
     ap.add_argument("--stop-retention", type=float, default=0.55)
     ap.add_argument("--base-steps", type=int, default=64, help="LoRA steps of AIR + LoRA at k = 1")
     ap.add_argument("--post-tune-steps", type=int, default=4, help="ACIP post-tune steps at k = 1")
@@ -105,8 +111,8 @@ def main() -> None:
     ap.add_argument("--output", default="acip_budget_smollm2.json")
     args = ap.parse_args()
     try:
-        schedule = parse_schedule(args.schedule)
-    except ValueError as err:
+        schedule = recipe_schedule(args.recipe, args.schedule)
+    except (ValueError, RecipeError) as err:
         ap.error(str(err))
     if any(k < 1 for k in args.multipliers):
         ap.error("--multipliers must be integers >= 1")

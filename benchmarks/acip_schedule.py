@@ -20,7 +20,7 @@ import argparse
 import math
 import time
 
-from common import MODEL, RESULTS, environment, load_split, set_threads, write_json
+from common import MODEL, environment, load_split, previous_results, set_threads, write_json
 
 import air_ft
 
@@ -61,7 +61,7 @@ def main() -> None:
     if min(args.max_steps, args.seq_len - 1, args.batch_size, args.val_windows) < 1 or args.post_tune_steps < 0:
         ap.error("--max-steps, --batch-size and --val-windows must be >= 1, --seq-len >= 2, --post-tune-steps >= 0")
     fixed = {k: v for k, v in vars(args).items() if k != "schedule"}
-    runs = _previous_runs(RESULTS / args.output, fixed)
+    runs = previous_results(args.output, fixed, "runs")
     schedules = [s for s in schedules if s not in [r["schedule"] for r in runs]]
     set_threads(args.threads)
     model, tok = air_ft.load_model(args.model)
@@ -88,17 +88,6 @@ def main() -> None:
               f"{row['train_tokens']:,} tokens, {seconds:.0f} s; validation "
               + ", ".join(f"{r}: {v['geo_mean']:.1f}" for r, v in row["validation"].items()), flush=True)
         write_json(args.output, {"settings": fixed, "environment": environment(), "runs": runs})
-
-
-def _previous_runs(path, fixed: dict) -> list[dict]:
-    """The schedules an earlier run with the same settings (all but --schedule) measured."""
-    import json
-
-    if not path.exists():
-        return []
-    old = json.loads(path.read_text())
-    settings = {k: v for k, v in old.get("settings", {}).items() if k != "schedule"}
-    return old.get("runs", []) if settings == fixed else []
 
 
 if __name__ == "__main__":

@@ -74,6 +74,16 @@ def write_json(name: str, obj: dict) -> Path:
     return path
 
 
+def previous_results(name: str, settings: dict, key: str) -> list[dict]:
+    """``key`` of the results an earlier (possibly killed) run with the same ``settings`` wrote to
+    ``RESULTS / name``: a rerun measures only the rest. Another run's settings: nothing."""
+    path = RESULTS / name
+    if not path.exists():
+        return []
+    old = json.loads(path.read_text())
+    return old.get(key, []) if old.get("settings") == settings else []
+
+
 def subplots(rows: int, cols: int, width: float, height: float):
     """A headless matplotlib grid of ``rows x cols`` panels of ``width x height`` inches: ``(fig, axes[row][col])``."""
     import matplotlib

@@ -18,7 +18,17 @@ import copy
 import math
 import time
 
-from common import MODEL, RESULTS, environment, load_split, save_figure, set_threads, subplots, write_json
+from common import (
+    MODEL,
+    RESULTS,
+    environment,
+    load_split,
+    previous_results,
+    save_figure,
+    set_threads,
+    subplots,
+    write_json,
+)
 
 import air_ft
 
@@ -31,16 +41,6 @@ def perplexities(model, tok, texts: dict[str, str], seq_len: int, windows: int) 
 def geo_mean(values) -> float:
     values = list(values)
     return math.exp(sum(math.log(v) for v in values) / len(values))
-
-
-def _previous_rows(path, settings: dict) -> list[dict]:
-    """The rows an earlier (possibly killed) run with the same settings wrote: a rerun measures only the rest."""
-    import json
-
-    if not path.exists():
-        return []
-    old = json.loads(path.read_text())
-    return old["rows"] if old.get("settings") == settings else []
 
 
 def main() -> None:
@@ -66,7 +66,7 @@ def main() -> None:
     cal, val_list, evl = load_split("calibration"), load_split("validation"), load_split("evaluation")
     val = {"britannica": val_list[0], "plays": val_list[1]}
     settings = {k: v for k, v in vars(args).items() if k not in ("threads", "fresh")}
-    rows = _previous_rows(RESULTS / args.output, settings) if not args.fresh else []
+    rows = previous_results(args.output, settings, "rows") if not args.fresh else []
     dense_row = {"method": "dense", "validation": perplexities(dense, tok, val, args.seq_len, args.val_windows),
                  "evaluation": perplexities(dense, tok, evl, args.seq_len, args.eval_windows)}
     print(f"dense: validation {dense_row['validation']}, evaluation {dense_row['evaluation']}", flush=True)

@@ -83,7 +83,7 @@ def test_acip_budget_curve_gives_every_point_equal_budgets(monkeypatch):
 
     args = argparse.Namespace(retention=0.6, stop_retention=0.55, base_steps=64, post_tune_steps=4, seq_len=512,
                               batch_size=2, tasks=["piqa"], device="cpu")
-    schedule = acip_budget.parse_schedule(acip_budget.SCHEDULE)
+    schedule = acip_budget.recipe_schedule(str(BENCH.parent / "recipes" / "smollm2-135m" / "study.yaml"), "")
     for k in (1, 4, 16):
         recipe = load_recipe(str(BENCH.parent / "recipes" / "smollm2-135m" / "study.yaml"),
                              acip_budget.overrides(args, k, schedule))

@@ -10,8 +10,8 @@ study's CPU budget), and ACIP's reduced schedule is stretched by k: lambda grows
 a step, the mask phase may take up to 3/4 of the budget, the post-tune ``--post-tune-steps`` x k steps, and ACIP's
 LoRA fine-tune the rest. AIR's calibration tokens (64 x 512) are reported beside. Perplexity on the held-out texts
 (the six reasoning tasks with ``--tasks``, which costs about 13 min per model on one core). The schedule is the
-recipe's ``acip`` section (study.yaml's was chosen on the validation split, benchmarks/acip_schedule.py; the evaluation text
-played no part in it), with ``--schedule`` pairs on top.
+recipe's ``acip`` section (study.yaml's was chosen on the validation split, benchmarks/acip_schedule.py; the
+evaluation text played no part in it), with ``--schedule`` pairs on top.
 
 Stage directories go under benchmarks/results/acip_budget_smollm2/x<k>/, so a rerun (or a larger --multipliers)
 reuses every finished model; writes benchmarks/results/acip_budget_smollm2.json and .png after every multiplier.

@@ -272,8 +272,11 @@ class AcipFit:
         return (len(self.history) + s["post_tune_done"]) * s["batch_size"] * s["seq_len"]
 
     def materialize(self, retention: float) -> nn.Module:
-        """A factored model (``LowRankLinear`` layers, LoRA merged exactly, the gate folded into ``U``) whose size
-        ratio, LoRA included, is the smallest one at or above ``retention``; no training."""
+        """A factored model (``LowRankLinear`` layers, LoRA merged exactly, the gate folded in, the factors
+        balanced as :func:`air_ft.compress` makes them) whose size ratio, LoRA included, is the smallest one at or
+        above ``retention``; no training."""
+        from air_ft.lora import concat_factors, truncate_factors
+
         if not 0.0 < retention < 1.0:
             raise RecipeError(f"retention must lie strictly between 0 and 1, got {retention!r}")
         if retention < self.retention_reached - 1e-9:
@@ -291,8 +294,7 @@ class AcipFit:
             keep = kept[name].to(layer.factor_u.weight.device)
             u = layer.factor_u.weight.detach()[:, keep].float() * layer.scale  # g = s on every kept entry
             v = layer.factor_v.weight.detach()[keep].float()
-            u = torch.cat([u, scaling * b.float()], 1)
-            v = torch.cat([v, a.float()], 0)
+            u, v = concat_factors(u, v, b.float(), a.float(), scaling)
             m, n = self.shapes[name]
             bias = layer.factor_u.bias.detach() if layer.factor_u.bias is not None else None
             dtype, device = layer.factor_u.weight.dtype, layer.factor_u.weight.device
@@ -303,6 +305,10 @@ class AcipFit:
                     if bias is not None:
                         new.bias.copy_(bias)
             else:
+                # the project's factor convention, U sqrt(sigma) and sqrt(sigma) V^T (same product): ACIP's own
+                # split, U sqrt(s) and Sigma V^T / sqrt(s), puts almost all of the scale in V, so a LoRA on the
+                # factors (``lora.placement: factors``) would train U with a far larger step than V
+                u, v = truncate_factors(u, v, u.shape[1])
                 new = LowRankLinear.from_factors(u, v, bias, dtype=dtype, device=device)
             set_module(base, name, new)
         base.eval()

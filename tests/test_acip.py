@@ -143,6 +143,22 @@ def test_materialize_hits_the_target_and_equals_the_masked_model(fit, tokenizer)
         result.materialize(result.retention_reached - 0.05)
 
 
+def test_materialized_factors_are_balanced_like_the_compressed_models(fit):
+    """``U`` and ``V`` carry the same share of each singular value (``U^T U = V V^T`` diagonal), as
+    :func:`air_ft.compress` makes them, not ACIP's ``U sqrt(s)`` and ``Sigma V^T / sqrt(s)``: a LoRA on the factors
+    then takes steps of the same size on both sides."""
+    _, result = fit
+    small = result.materialize(0.6)
+    layers = [m for m in small.modules() if isinstance(m, air_ft.LowRankLinear)]
+    assert layers
+    for layer in layers:
+        u, v = layer.factor_u.weight.double(), layer.factor_v.weight.double()
+        gram_u, gram_v = u.T @ u, v @ v.T
+        torch.testing.assert_close(gram_u, gram_v, atol=1e-4 * gram_u.diagonal().max().item(), rtol=1e-4)
+        torch.testing.assert_close(gram_u, torch.diag(gram_u.diagonal()), atol=1e-4 * gram_u.diagonal().max().item(),
+                                   rtol=0)
+
+
 def test_a_fit_saves_and_loads_and_materializes_the_same(fit, tmp_path, tokenizer):
     _, result = fit
     result.save(tmp_path / "fit")

@@ -9,7 +9,7 @@ import math
 import os
 from pathlib import Path
 
-__all__ = ["write_report", "render_report", "headline_metric", "markdown", "METHOD_NAMES"]
+__all__ = ["write_report", "render_report", "headline_metric", "head_to_head", "markdown", "METHOD_NAMES"]
 
 METHOD_NAMES = {"svd": "SVD", "asvd": "ASVD", "fwsvd": "FWSVD", "svdllm": "SVD-LLM(W)", "air": "AIR",
                 "acip": "ACIP-style"}
@@ -24,6 +24,69 @@ def headline_metric(task: dict) -> str:
 def _mean_accuracy(row: dict) -> float | None:
     vals = [t[headline_metric(t)] for t in row.get("tasks", {}).values()]
     return sum(vals) / len(vals) if vals else None
+
+
+def _mean_accuracy_se(row: dict) -> float | None:
+    """Standard error of the mean accuracy over the tasks, the tasks taken as independent samples."""
+    tasks = list(row.get("tasks", {}).values())
+    if not tasks:
+        return None
+    return math.sqrt(sum((t.get(f"{headline_metric(t)}_stderr") or 0.0) ** 2 for t in tasks)) / len(tasks)
+
+
+def head_to_head(report: dict, method: str = "air") -> list[dict]:
+    """``method`` against every other compressed method at the same retention, without and with LoRA: the
+    perplexity change (%) per text, the mean-accuracy difference with its (unpaired) standard error, each task's
+    difference in standard errors, and both rows' training tokens."""
+    rows = [r for r in report["rows"] if r["method"] != "dense"]
+    out = []
+    for a in (r for r in rows if r["method"] == method):
+        for b in rows:
+            if b["method"] == method or b["retention"] != a["retention"] or bool(b.get("lora")) != bool(a.get("lora")):
+                continue
+            ppl = {t: 100 * (a["perplexity"][t]["ppl"] / v["ppl"] - 1) for t, v in b.get("perplexity", {}).items()
+                   if t in a.get("perplexity", {})}
+            entry = {"retention": a["retention"], "lora": bool(a.get("lora")), "row": a["name"], "against": b["name"],
+                     "ppl_change_pct": ppl, "tokens": {a["name"]: a.get("tokens"), b["name"]: b.get("tokens")}}
+            ma, mb = _mean_accuracy(a), _mean_accuracy(b)
+            if ma is not None and mb is not None:
+                entry["mean_acc_diff"] = ma - mb
+                entry["mean_acc_diff_se"] = math.hypot(_mean_accuracy_se(a), _mean_accuracy_se(b))
+                entry["task_diff_in_se"] = {}
+                for t, ra in a["tasks"].items():
+                    rb = b["tasks"].get(t)
+                    if rb:
+                        k = headline_metric(ra)
+                        se = math.hypot(ra.get(f"{k}_stderr") or 0.0, rb.get(f"{k}_stderr") or 0.0)
+                        entry["task_diff_in_se"][t] = (ra[k] - rb[k]) / se if se else None
+            out.append(entry)
+    return out
+
+
+def _head_to_head_lines(report: dict) -> list[str]:
+    pairs = head_to_head(report)
+    if not pairs:
+        return []
+    rows = {r["name"]: r for r in report["rows"]}
+    lines = ["## AIR against each method", "",
+             "At equal retention, without and with LoRA. Perplexity: AIR's change against the other row (negative: "
+             "AIR is better). Mean accuracy: AIR minus the other row, in points, +- one standard error (the tasks' "
+             "standard errors combined, the two rows taken as independent). Train tokens: AIR's / the other row's "
+             "(ACIP-style spends its mask phase and post-tune from the same budget).", "",
+             "| retention | AIR row | against | " + " | ".join(f"ppl {t}" for t in pairs[0]["ppl_change_pct"])
+             + " | mean acc (points) | largest task gap (SE) | train tokens |",
+             "|" + "---|" * (6 + len(pairs[0]["ppl_change_pct"]))]
+    for p in pairs:
+        a, b = rows[p["row"]], rows[p["against"]]
+        acc = (f"{100 * p['mean_acc_diff']:+.1f} +- {100 * p['mean_acc_diff_se']:.1f}"
+               if "mean_acc_diff" in p else "")
+        gaps = [v for v in p.get("task_diff_in_se", {}).values() if v is not None]
+        gap = f"{max(gaps, key=abs):+.2f}" if gaps else ""
+        tok = "/".join(f"{(r.get('tokens') or {}).get('training', 0):,}" for r in (a, b))
+        lines.append(f"| {p['retention']:.2f} | {_label(a)} | {_label(b)} | "
+                     + " | ".join(f"{v:+.1f} %" for v in p["ppl_change_pct"].values())
+                     + f" | {acc} | {gap} | {tok} |")
+    return lines + [""]
 
 
 def _fmt_ppl(v: float) -> str:
@@ -101,7 +164,8 @@ def markdown(report: dict) -> str:
     out += ["", "Perplexity: lower is better; accuracy (%) and decode latency as marked; best per column in bold. "
                 "Retention counts the parameters of the compressed decoder linear layers only; params is the whole "
                 "model.", ""]
-    out += _setup_lines(report) + _significance_lines(report, tasks) + _task_lines(report, tasks)
+    out += _setup_lines(report) + _head_to_head_lines(report) + _significance_lines(report, tasks)
+    out += _task_lines(report, tasks)
     out += _efficiency_lines(report)
     plots = [p for p in ("perplexity.png", "accuracy.png", "train_loss.png", "efficiency.png")
              if p in report.get("plots", [])]
@@ -326,7 +390,7 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> Path:
     """Write ``report.json``, the plots and ``report.md`` into ``out_dir`` (each file replaced atomically)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    report = {**report, "plots": plot(report, out / "plots")}
+    report = {**report, "plots": plot(report, out / "plots"), "head_to_head": head_to_head(report)}
     _atomic(out / "report.json", json.dumps(report, indent=2, default=str))
     _atomic(out / "report.md", markdown(report))
     print(f"wrote {out / 'report.md'}, {out / 'report.json'} and {len(report['plots'])} plots")

@@ -230,6 +230,12 @@ def test_report_renders_from_a_results_file(tmp_path, capsys):
     assert "**9.0**" in table[3]  # AIR decodes fastest at batch 1
     # 0.62 vs 0.55 with stderr 0.02 each: 7 points > 2 SE (5.7)
     assert "piqa at 0.60: AIR 62.0 vs SVD-LLM(W) 55.0 (+7.0 points, 2 SE = 5.7)" in md
+    # AIR against SVD-LLM(W): ppl 30 vs 40 is -25 %; mean acc (0.62 + 0.62) / 2 - 0.55 = +7.0 points; SE of each
+    # mean sqrt(2 x 0.02^2) / 2 = 1.41 points, of the difference 2.0; piqa 7 points over hypot(2, 2) = 2.47 SE
+    assert "| 0.60 | AIR | SVD-LLM(W) | -25.0 % | +7.0 +- 2.0 | +2.47 | 0/0 |" in md
+    pair = json.loads((tmp_path / "report.json").read_text())["head_to_head"]
+    assert len(pair) == 1 and pair[0]["against"] == "svdllm-r0.60"
+    assert pair[0]["mean_acc_diff_se"] == pytest.approx(0.02)
     assert "SVD-LLM(W) at 0.60, decode batch 1: 1.20x dense" in md  # slower than dense is said
     assert "Above dense in peak forward memory" in md and "- AIR at 0.60: 1.05x dense" in md  # so is more memory
     for png in ("perplexity.png", "accuracy.png", "efficiency.png"):

@@ -34,6 +34,12 @@ def _mean_accuracy_se(row: dict) -> float | None:
     return math.sqrt(sum((t.get(f"{headline_metric(t)}_stderr") or 0.0) ** 2 for t in tasks)) / len(tasks)
 
 
+def _task_gap(a: dict, b: dict) -> tuple[float, float]:
+    """One task's headline accuracy of ``a`` minus ``b``, and the standard error of that difference (unpaired)."""
+    k = headline_metric(a)
+    return a[k] - b[k], math.hypot(a.get(f"{k}_stderr") or 0.0, b.get(f"{k}_stderr") or 0.0)
+
+
 def head_to_head(report: dict, method: str = "air") -> list[dict]:
     """``method`` against every other compressed method at the same retention, without and with LoRA: the
     perplexity change (%) per text, the mean-accuracy difference with its (unpaired) standard error, each task's
@@ -52,13 +58,8 @@ def head_to_head(report: dict, method: str = "air") -> list[dict]:
             if ma is not None and mb is not None:
                 entry["mean_acc_diff"] = ma - mb
                 entry["mean_acc_diff_se"] = math.hypot(_mean_accuracy_se(a), _mean_accuracy_se(b))
-                entry["task_diff_in_se"] = {}
-                for t, ra in a["tasks"].items():
-                    rb = b["tasks"].get(t)
-                    if rb:
-                        k = headline_metric(ra)
-                        se = math.hypot(ra.get(f"{k}_stderr") or 0.0, rb.get(f"{k}_stderr") or 0.0)
-                        entry["task_diff_in_se"][t] = (ra[k] - rb[k]) / se if se else None
+                gaps = {t: _task_gap(ra, b["tasks"][t]) for t, ra in a["tasks"].items() if t in b["tasks"]}
+                entry["task_diff_in_se"] = {t: diff / se if se else None for t, (diff, se) in gaps.items()}
             out.append(entry)
     return out
 
@@ -217,8 +218,7 @@ def _significance_lines(report: dict, tasks: list[str]) -> list[str]:
                 if not ra or not rb:
                     continue
                 k = headline_metric(ra)
-                se = math.hypot(ra.get(f"{k}_stderr") or 0.0, rb.get(f"{k}_stderr") or 0.0)
-                diff = rb[k] - ra[k]
+                diff, se = _task_gap(rb, ra)
                 if se > 0 and abs(diff) > 2 * se:
                     lines.append(f"- {t} at {a['retention']:.2f}: {_label(b)} {100 * rb[k]:.1f} vs {_label(a)} "
                                  f"{100 * ra[k]:.1f} ({100 * diff:+.1f} points, 2 SE = {200 * se:.1f})")

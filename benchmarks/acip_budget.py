@@ -3,6 +3,9 @@
     python benchmarks/acip_budget.py --threads 1 --multipliers 1 4          # CPU: about 2 h and 6 h
     python benchmarks/acip_budget.py --multipliers 1 4 16 --device cuda     # the whole curve on a GPU
 
+On two cores, ``--methods air`` and ``--methods acip`` in two processes side by side build the two halves of every
+point (their stage directories are disjoint), and the plain command then reads both back into one JSON and plot.
+
 For every multiplier k this runs the study pipeline (``air_ft.stages.run_study`` on the study recipe's model, data
 and settings) with methods AIR and ACIP-style at one retention, both LoRA-recovered with equal total training tokens
 (``study.equal_tokens``): ``train.max_steps`` is ``--base-steps`` x k (64 x 2 x 512 = 65k tokens at k = 1, the
@@ -53,7 +56,7 @@ def overrides(args, k: int, schedule: dict) -> list[str]:
     acip = {**schedule, "lambda_growth": schedule["lambda_growth"] ** (1.0 / k), "lambda_every": 1,
             "max_steps": (3 * steps) // 4 - args.post_tune_steps * k, "post_tune_steps": args.post_tune_steps * k,
             "stop_retention": args.stop_retention, "seq_len": args.seq_len, "batch_size": args.batch_size}
-    out = [f"output_dir={RESULTS / 'acip_budget_smollm2' / f'x{k}'}", "study.methods=[air,acip]",
+    out = [f"output_dir={RESULTS / 'acip_budget_smollm2' / f'x{k}'}", f"study.methods=[{','.join(args.methods)}]",
            f"study.retentions=[{args.retention}]", "study.dense=false", "study.lora=true", "study.equal_tokens=true",
            f"train.max_steps={steps}", f"train.seq_len={args.seq_len}", f"train.batch_size={args.batch_size}",
            "train.grad_accum=1", "eval.efficiency=false", f"model.device={args.device}"]
@@ -71,9 +74,9 @@ def summarize(report: dict, k: int) -> dict:
                        "perplexity": {n: v["ppl"] for n, v in r.get("perplexity", {}).items()},
                        "tasks": {t: {m: v.get(m) for m in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")}
                                  for t, v in r.get("tasks", {}).items()}}
-    acip = next(r for r in report["rows"] if r["method"] == "acip" and not r["lora"])["compress"]
+    acip = next((r["compress"] for r in report["rows"] if r["method"] == "acip" and not r["lora"]), {})
     return {"multiplier": k, "budget_tokens": report["setup"]["lora_train_tokens"], "rows": rows,
-            "acip_mask_steps": acip["mask_steps"], "acip_retention_reached": acip["retention_reached"]}
+            "acip_mask_steps": acip.get("mask_steps"), "acip_retention_reached": acip.get("retention_reached")}
 
 
 def plot(points: list[dict], path) -> None:
@@ -105,6 +108,8 @@ def main() -> None:
     ap.add_argument("--post-tune-steps", type=int, default=4, help="ACIP post-tune steps at k = 1")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--methods", nargs="+", choices=["air", "acip"], default=["air", "acip"],
+                    help="one half of every point (two processes side by side); the JSON and plot then show it alone")
     ap.add_argument("--tasks", nargs="*", default=[], help="zero-shot tasks too (default: perplexity only)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
@@ -134,8 +139,9 @@ def main() -> None:
         t0 = time.perf_counter()
         points.append({**summarize(run_study(recipe), k), "seconds": time.perf_counter() - t0})
         p = points[-1]
-        print(f"x{k}: {p['budget_tokens']:,} tokens; ACIP reached {p['acip_retention_reached']:.3f} in "
-              f"{p['acip_mask_steps']} mask steps; " + "; ".join(
+        reached = ("" if p["acip_mask_steps"] is None else
+                   f"ACIP reached {p['acip_retention_reached']:.3f} in {p['acip_mask_steps']} mask steps; ")
+        print(f"x{k}: {p['budget_tokens']:,} tokens; {reached}" + "; ".join(
                   f"{label} " + "/".join(f"{v:.1f}" for v in row["perplexity"].values())
                   for label, row in p["rows"].items()), flush=True)
         write_json(args.output, {"settings": vars(args), "environment": environment(), "points": points})

@@ -28,6 +28,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
     ("acip_budget.py", ["--schedule", "lambda_every=2"], "use key=value"),
     ("acip_budget.py", ["--retention", "0.5"], "--retention must lie in [stop-retention"),
     ("acip_budget.py", ["--post-tune-steps", "48"], "leaves no mask phase"),
+    ("acip_budget.py", ["--methods", "svdllm"], "invalid choice"),
 ])
 def test_bad_benchmark_options_are_refused_before_any_work(script, args, message):
     proc = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=120)
@@ -82,7 +83,7 @@ def test_acip_budget_curve_gives_every_point_equal_budgets(monkeypatch):
     from air_ft.stages import check_study
 
     args = argparse.Namespace(retention=0.6, stop_retention=0.55, base_steps=64, post_tune_steps=4, seq_len=512,
-                              batch_size=2, tasks=["piqa"], device="cpu")
+                              batch_size=2, tasks=["piqa"], device="cpu", methods=["air", "acip"])
     schedule = acip_budget.recipe_schedule(str(BENCH.parent / "recipes" / "smollm2-135m" / "study.yaml"), "")
     for k in (1, 4, 16):
         recipe = load_recipe(str(BENCH.parent / "recipes" / "smollm2-135m" / "study.yaml"),
@@ -93,3 +94,6 @@ def test_acip_budget_curve_gives_every_point_equal_budgets(monkeypatch):
         assert recipe.acip.max_steps + recipe.acip.post_tune_steps == 48 * k  # a quarter is left for LoRA
         assert recipe.study.methods == ["air", "acip"] and recipe.study.equal_tokens and recipe.eval.tasks == ["piqa"]
         assert recipe.output_dir.endswith(f"acip_budget_smollm2/x{k}")
+    args.methods = ["acip"]  # one half of the point, for a second process beside the first
+    assert load_recipe(str(BENCH.parent / "recipes" / "smollm2-135m" / "study.yaml"),
+                       acip_budget.overrides(args, 4, schedule)).study.methods == ["acip"]

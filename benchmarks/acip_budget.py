@@ -1,6 +1,6 @@
 """ACIP-style against AIR + LoRA as the training budget grows: does ACIP's deficit at small budgets close?
 
-    python benchmarks/acip_budget.py --threads 1 --multipliers 1 4          # CPU: 1x about 1.8 h, 4x about 2 h a method
+    python benchmarks/acip_budget.py --threads 1 --multipliers 1 4       # CPU: 1x about 1.8 h, 4x about 2 h a method
     python benchmarks/acip_budget.py --multipliers 1 4 16 --device cuda     # the whole curve on a GPU
 
 On two cores, ``--methods air`` and ``--methods acip`` in two processes side by side build the two halves of every

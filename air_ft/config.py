@@ -347,6 +347,8 @@ class StudyConfig:
         if bad or not (self.methods or self.dense):
             raise RecipeError(f"study.methods {self.methods!r}: choose from {METHODS} (an empty list only with "
                               "study.dense: true, which evaluates the dense model alone)")
+        if len(set(self.methods)) < len(self.methods):
+            raise RecipeError(f"study.methods {self.methods!r} names a method twice: list each once")
         if isinstance(self.lora, str):
             self.lora = [self.lora]
         if isinstance(self.lora, list) and not set(self.lora) <= set(self.methods):
@@ -358,6 +360,8 @@ class StudyConfig:
         for r in self.retentions:
             if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 < float(r) < 1.0:
                 raise RecipeError(f"study.retentions must lie strictly between 0 and 1, got {r!r}")
+        if len({float(r) for r in self.retentions}) < len(self.retentions):
+            raise RecipeError(f"study.retentions {self.retentions!r} names a retention twice: list each once")
 
 
 @dataclass

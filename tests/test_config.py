@@ -67,6 +67,16 @@ def test_an_empty_method_list_is_the_dense_row_alone():
         load_recipe(None, ["study.methods=[]", "study.dense=false"])
 
 
+@pytest.mark.parametrize("override, message", [
+    ("study.methods=[air,svdllm,air]", "names a method twice"),
+    ("study.retentions=[0.6,0.8,0.60]", "names a retention twice"),
+])
+def test_a_study_refuses_a_repeated_method_or_retention(override, message):
+    """Two rows of one name would share one stage directory: refused when the recipe loads."""
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(None, [override])
+
+
 def test_defaults_are_valid():
     cfg = CompressConfig()
     assert cfg.method == "air" and cfg.delta > 0 and cfg.sweeps == 1

@@ -18,12 +18,16 @@ evaluation text played no part in it), with ``--schedule`` pairs on top.
 
 Stage directories go under benchmarks/results/acip_budget_smollm2/x<k>/, so a rerun (or a larger --multipliers)
 reuses every finished model; writes benchmarks/results/acip_budget_smollm2.json and .png after every multiplier.
+Each row's ``stage_seconds`` are read from its stage markers (the time each stage took when it was built);
+``wall_seconds`` is this run's time for the point, near zero when every stage was reused.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 from common import RESULTS, ROOT, environment, save_figure, set_threads, subplots, write_json
 
@@ -65,7 +69,18 @@ def overrides(args, k: int, schedule: dict) -> list[str]:
     return out
 
 
-def summarize(report: dict, k: int) -> dict:
+def stage_seconds(stages, name: str) -> dict:
+    """Seconds each stage of row ``name`` took when it was built (a rerun that reuses a stage costs ~0)."""
+    base = name.removesuffix("+lora")
+    parts = [("compress", base)] + ([("train", base)] if name != base else []) + [("evaluate", name)]
+    out = {}
+    for label, sub in parts:
+        marker = stages / ("eval" if label == "evaluate" else label) / sub / "stage.json"
+        out[label] = json.loads(marker.read_text())["seconds"] if marker.exists() else None
+    return out
+
+
+def summarize(report: dict, k: int, stages=None) -> dict:
     rows = {}
     for r in report["rows"]:
         label = {"air": "AIR", "acip": "ACIP-style"}[r["method"]] + (" + LoRA" if r["lora"] else "")
@@ -74,6 +89,8 @@ def summarize(report: dict, k: int) -> dict:
                        "perplexity": {n: v["ppl"] for n, v in r.get("perplexity", {}).items()},
                        "tasks": {t: {m: v.get(m) for m in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")}
                                  for t, v in r.get("tasks", {}).items()}}
+        if stages is not None:
+            rows[label]["stage_seconds"] = stage_seconds(stages, r["name"])
     acip = next((r["compress"] for r in report["rows"] if r["method"] == "acip" and not r["lora"]), {})
     return {"multiplier": k, "budget_tokens": report["setup"]["lora_train_tokens"], "rows": rows,
             "acip_mask_steps": acip.get("mask_steps"), "acip_retention_reached": acip.get("retention_reached")}
@@ -90,10 +107,11 @@ def plot(points: list[dict], path) -> None:
             ax.plot(xs, ys, style, label=label)
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("training tokens per model (ACIP: mask phase + post-tune + LoRA)")
+        ax.set_xlabel("training tokens per model")
         ax.set_ylabel(f"{text} perplexity")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=8)
+    fig.suptitle("Retention 0.6, held-out text; ACIP-style's tokens: mask phase + post-tune + LoRA", fontsize=9)
     save_figure(fig, path)
 
 
@@ -137,7 +155,8 @@ def main() -> None:
     points = []
     for k, recipe in recipes:
         t0 = time.perf_counter()
-        points.append({**summarize(run_study(recipe), k), "seconds": time.perf_counter() - t0})
+        points.append({**summarize(run_study(recipe), k, Path(recipe.output_dir) / "stages"),
+                       "wall_seconds": time.perf_counter() - t0})  # this run only: reused stages cost ~0
         p = points[-1]
         reached = ("" if p["acip_mask_steps"] is None else
                    f"ACIP reached {p['acip_retention_reached']:.3f} in {p['acip_mask_steps']} mask steps; ")

@@ -97,3 +97,28 @@ def test_acip_budget_curve_gives_every_point_equal_budgets(monkeypatch):
     args.methods = ["acip"]  # one half of the point, for a second process beside the first
     assert load_recipe(str(BENCH.parent / "recipes" / "smollm2-135m" / "study.yaml"),
                        acip_budget.overrides(args, 4, schedule)).study.methods == ["acip"]
+
+
+def test_acip_budget_rows_carry_the_seconds_of_their_own_stages(monkeypatch, tmp_path):
+    """A recovered row sums nothing: it reports its compress, train and evaluate stages' own seconds, read from the
+    stage markers, and a stage without a marker reads as None (never another row's time)."""
+    import json
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    import acip_budget
+
+    times = {("compress", "air-r0.60"): 11.0, ("train", "air-r0.60"): 22.0, ("eval", "air-r0.60"): 3.0,
+             ("eval", "air-r0.60+lora"): 4.0, ("compress", "acip-r0.60"): 55.0}
+    for (stage, name), sec in times.items():
+        (tmp_path / stage / name).mkdir(parents=True)
+        (tmp_path / stage / name / "stage.json").write_text(json.dumps({"key": "k", "seconds": sec, "result": {}}))
+    row = {"tokens": {"training": 0, "calibration": 0}, "compress": {"retention_actual": 0.6}}
+    report = {"setup": {"lora_train_tokens": 65536},
+              "rows": [{**row, "name": "air-r0.60", "method": "air", "lora": False},
+                       {**row, "name": "air-r0.60+lora", "method": "air", "lora": True},
+                       {**row, "name": "acip-r0.60", "method": "acip", "lora": False}]}
+    rows = acip_budget.summarize(report, 1, tmp_path)["rows"]
+    assert rows["AIR"]["stage_seconds"] == {"compress": 11.0, "evaluate": 3.0}
+    assert rows["AIR + LoRA"]["stage_seconds"] == {"compress": 11.0, "train": 22.0, "evaluate": 4.0}
+    assert rows["ACIP-style"]["stage_seconds"] == {"compress": 55.0, "evaluate": None}
+    assert "stage_seconds" not in acip_budget.summarize(report, 1)["rows"]["AIR"]

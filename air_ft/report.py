@@ -110,6 +110,19 @@ def _columns(report: dict) -> tuple[list[str], list[str], list[int]]:
     return texts, tasks, batches
 
 
+def _model_params(row: dict) -> int | None:
+    """The whole model's parameters: measured with speed, else counted at evaluation, else (a row without
+    training, from a stage evaluated before the count was recorded) the compressed model's count."""
+    eff = (row.get("efficiency") or {}).get("params", {}).get("model")
+    if eff or row.get("params"):
+        return eff or row["params"]
+    return None if row.get("lora") else (row.get("compress") or {}).get("model_params_after")
+
+
+def _fmt_params(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M" if n >= 1e6 else f"{n / 1e3:.1f} K"
+
+
 def markdown(report: dict) -> str:
     """``report.md``: the table first (best value per column in bold), then setup, significance and notes."""
     rows = report["rows"]
@@ -136,8 +149,8 @@ def markdown(report: dict) -> str:
             line.append(f"{100 * m:.1f}" if m is not None else "")
             nums.append((m, False) if m is not None else None)
         eff = r.get("efficiency") or {}
-        params = eff.get("params", {}).get("model")
-        line.append(f"{params / 1e6:.1f} M" if params else "")
+        params = _model_params(r)
+        line.append(_fmt_params(params) if params else "")
         nums.append(None)
         if trained:
             t = (r.get("tokens") or {}).get("training", 0)

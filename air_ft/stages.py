@@ -305,12 +305,14 @@ def evaluate_model(model, tok, recipe: Recipe, eval_texts: dict[str, str] | None
     """Perplexity on every ``data.evaluation`` text, the ``eval.tasks`` through lm-eval, and (``eval.efficiency``
     and ``with_efficiency``) size and speed: everything the report shows for one model."""
     from air_ft.efficiency import efficiency
+    from air_ft.modeling import count_parameters
     from air_ft.reasoning import evaluate_tasks
 
     ev = recipe.eval
     if eval_texts is None:
         eval_texts = {name: texts([spec])[0] for name, spec in recipe.data.evaluation.items()}
-    out: dict = {"perplexity": {}, "tasks": {}, "efficiency": None}
+    # the whole model's size, known without the (optional) speed measurement
+    out: dict = {"perplexity": {}, "tasks": {}, "efficiency": None, "params": count_parameters(model)}
     for name, text in eval_texts.items():
         out["perplexity"][name] = _ppl(model, tok, text, recipe)
         print(f"  perplexity {name}: {out['perplexity'][name]['ppl']:.2f}", flush=True)

@@ -98,6 +98,12 @@ def test_a_results_only_copy_reuses_its_results_and_rebuilds_checkpoints_only_wh
     stages.run_study(load_recipe(str(path), base))
     out = tmp / "out"
     first = json.loads((out / "report.json").read_text())
+    # without the speed measurement the size column is still filled, counted when each model was evaluated
+    dense, compressed, recovered = first["rows"]
+    assert compressed["efficiency"] is None and compressed["params"] == compressed["compress"]["model_params_after"]
+    assert dense["params"] == compressed["compress"]["model_params_before"] and recovered["params"] > 0
+    table = (out / "report.md").read_text().split("\n\n")[1].splitlines()[2:]  # the first table's rows
+    assert len(table) == 3 and all(f"| {r['params'] / 1e3:.1f} K |" in line for r, line in zip(first["rows"], table))
     for heavy in ("compress/air-r0.50/checkpoint", "train/air-r0.50/merged", "train/air-r0.50/adapter",
                   "train/air-r0.50/checkpoints"):
         shutil.rmtree(out / "stages" / heavy)
@@ -242,6 +248,17 @@ def test_report_renders_from_a_results_file(tmp_path, capsys):
         assert (tmp_path / "plots" / png).exists()
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_the_size_column_falls_back_from_the_speed_measurement_to_the_evaluation_count():
+    from air_ft.report import _fmt_params, _model_params
+
+    assert _model_params({"efficiency": {"params": {"model": 7}}, "params": 5}) == 7
+    assert _model_params({"efficiency": None, "params": 5, "compress": {"model_params_after": 3}}) == 5
+    # a stage evaluated before the count was kept: the compressed model's size, never for a row that trained
+    assert _model_params({"lora": False, "compress": {"model_params_after": 3}}) == 3
+    assert _model_params({"lora": True, "compress": {"model_params_after": 3}}) is None
+    assert [_fmt_params(n) for n in (91_947_680, 6_738_415_616, 52_800)] == ["91.9 M", "6.74 B", "52.8 K"]
 
 
 @pytest.mark.parametrize("error, message", [

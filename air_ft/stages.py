@@ -258,7 +258,12 @@ def run_train(recipe: Recipe, callbacks: list | None = None) -> dict:
                "tokens": cfg.max_steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len * state.num_processes,
                "base": base_path, "init": run.init_report}
     if state.is_main_process:
-        meta = {"base": os.path.abspath(base_path), "placement": lcfg.placement, "rank": lcfg.rank,
+        # a local base twice: as a path from the adapter (an output tree moved or copied whole still merges) and
+        # absolute; a hub id as given
+        local = os.path.isdir(base_path)
+        meta = {"base": os.path.abspath(base_path) if local else base_path,
+                "base_relative": os.path.relpath(base_path, adapter_dir) if local else None,
+                "placement": lcfg.placement, "rank": lcfg.rank,
                 "alpha": lcfg.alpha, "dropout": lcfg.dropout, "targets": lcfg.targets, "merge": lcfg.merge}
         (adapter_dir / ADAPTER_MARKER).write_text(json.dumps(meta, indent=2))
         merged_path = run_merge(str(adapter_dir), str(out / "merged"), base_path, dtype=recipe.model.dtype)
@@ -267,6 +272,21 @@ def run_train(recipe: Recipe, callbacks: list | None = None) -> dict:
         print(f"saved adapters to {adapter_dir} and the merged factored checkpoint to {merged_path}")
     state.wait_for_everyone()
     return summary
+
+
+def adapter_base(adapter_dir: str | os.PathLike, meta: dict) -> str:
+    """The factored checkpoint an adapter was trained on: found by its path from the adapter when the two moved
+    together (``base_relative``), else at the absolute path recorded at training; a clear error when neither holds."""
+    from air_ft.checkpoint import MARKER
+
+    adir = Path(adapter_dir)
+    rel = meta.get("base_relative")
+    if rel and (adir / rel / MARKER).exists():
+        return str((adir / rel).resolve())
+    if (Path(meta["base"]) / MARKER).exists() or not (os.path.isabs(meta["base"]) or rel):
+        return meta["base"]  # there, or a hub id for load_compressed to fetch
+    where = f"{adir / rel} or {meta['base']}" if rel else meta["base"]
+    raise FileNotFoundError(f"the factored base of adapter {adir} is not at {where}; pass its path with --base")
 
 
 def run_merge(adapter_dir: str, output_dir: str, base: str | None = None, dtype: str | None = None) -> Path:
@@ -282,7 +302,8 @@ def run_merge(adapter_dir: str, output_dir: str, base: str | None = None, dtype:
     if not marker.exists():
         raise FileNotFoundError(f"{adir} has no {ADAPTER_MARKER}; pass an adapter directory written by `air-ft train`")
     meta = json.loads(marker.read_text())
-    model, tok = air_ft.load_compressed(base or meta["base"], dtype=dtype)
+    base = base or adapter_base(adir, meta)
+    model, tok = air_ft.load_compressed(base, dtype=dtype)
     peft_model = apply_lora(model, meta["placement"], meta["rank"], meta["alpha"], meta["dropout"], meta["targets"],
                             meta["merge"])
     state = read_adapter(adir)
@@ -290,7 +311,7 @@ def run_merge(adapter_dir: str, output_dir: str, base: str | None = None, dtype:
     expected = {n for n, _ in peft_model.named_parameters() if "lora_" in n}
     missing = [k for k in res.missing_keys if "lora_" in k]
     if res.unexpected_keys or missing or not expected:
-        raise RuntimeError(f"adapter {adir} does not fit base {base or meta['base']}: missing {missing[:3]}, "
+        raise RuntimeError(f"adapter {adir} does not fit base {base}: missing {missing[:3]}, "
                            f"unexpected {list(res.unexpected_keys)[:3]}")
     budget = lora_budget(peft_model)
     merged = merge_lora(peft_model)

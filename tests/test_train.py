@@ -314,6 +314,40 @@ def test_merged_checkpoint_reproduces_the_adapter_model(tmp_path, compressed_dir
     assert any("loss" in e for e in log) and (run / "recipe.resolved.yaml").exists()
 
 
+def test_an_output_tree_moved_whole_still_merges_without_naming_its_base(tmp_path, compressed_dir, text_file,
+                                                                         capsys):
+    import shutil
+
+    from air_ft.cli import main
+
+    tree = tmp_path / "tree"
+    shutil.copytree(compressed_dir, tree / "base")
+    recipe = tiny_recipe(tree, tree / "base", text_file, "train.max_steps=2", "train.learning_rate=0.01",
+                         "train.eval_steps=0", "train.save_steps=0")
+    run_train(recipe)
+    meta = json.loads((tree / "run" / "adapter" / "air_ft_adapter.json").read_text())
+    assert meta["base"] == str(tree / "base") and meta["base_relative"] == os.path.join("..", "..", "base")
+    # what a run ships is safetensors and JSON: no pickle beside the adapter or in the merged checkpoint
+    shipped = [p.name for d in ("adapter", "merged") for p in (tree / "run" / d).iterdir()]
+    assert "adapter_model.safetensors" in shipped and "training_args.json" in shipped
+    assert not [n for n in shipped if n.endswith((".bin", ".pt", ".pkl", ".pth"))]
+    moved = tmp_path / "moved"
+    tree.rename(moved)  # the recorded absolute path is gone: only the path from the adapter can find the base
+    assert main(["merge", "--adapter", str(moved / "run" / "adapter"), "--output", str(tmp_path / "remerged")]) == 0
+    a, _ = air_ft.load_compressed(moved / "run" / "merged")
+    b, tok = air_ft.load_compressed(tmp_path / "remerged")
+    x = torch.tensor([tok(make_text(40, 3), add_special_tokens=False).input_ids])
+    with torch.no_grad():
+        torch.testing.assert_close(b(input_ids=x).logits, a(input_ids=x).logits, atol=0, rtol=0)
+    # with the base gone from both places: one line that says where it looked and what to pass
+    shutil.rmtree(moved / "base")
+    capsys.readouterr()
+    assert main(["merge", "--adapter", str(moved / "run" / "adapter"), "--output", str(tmp_path / "m3")]) == 2
+    err = capsys.readouterr().err
+    assert "is not at" in err and "--base" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "m3").exists()
+
+
 def test_instruction_data_puts_the_loss_on_the_completion_only(tmp_path):
     model, tok = make_compressed()
     path = tmp_path / "sft.jsonl"

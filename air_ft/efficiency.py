@@ -8,6 +8,7 @@ by a thread during the forward, above what it was before).
 
 from __future__ import annotations
 
+import ctypes
 import statistics
 import threading
 import time
@@ -99,15 +100,24 @@ def _peak_forward_bytes(model: nn.Module, ids: torch.Tensor) -> tuple[int, str]:
         model(input_ids=ids, use_cache=False)
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before, "cuda allocator peak above the resident weights"
-    import psutil
+    in_use = _heap_in_use()
+    if in_use is not None:  # glibc: what is allocated, whatever the heap's fragmentation
+        how = "heap bytes in use (glibc mallinfo2), sampled every 1 ms, above the level before the forward"
+    else:  # elsewhere the resident set, which also counts freed memory the allocator keeps
+        import psutil
 
-    _release_free_heap()
-    proc = psutil.Process()
-    before, peak, done = proc.memory_info().rss, [0], threading.Event()
+        _release_free_heap()
+        proc = psutil.Process()
+
+        def in_use() -> int:
+            return proc.memory_info().rss
+
+        how = "process resident set, sampled every 1 ms, above the level before the forward"
+    before, peak, done = in_use(), [0], threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
+            peak[0] = max(peak[0], in_use())
             time.sleep(0.001)
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -115,15 +125,39 @@ def _peak_forward_bytes(model: nn.Module, ids: torch.Tensor) -> tuple[int, str]:
     model(input_ids=ids, use_cache=False)
     done.set()
     thread.join()
-    peak[0] = max(peak[0], proc.memory_info().rss)
-    return max(0, peak[0] - before), "process resident set, sampled every 1 ms, above the level before the forward"
+    peak[0] = max(peak[0], in_use())
+    return max(0, peak[0] - before), how
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _heap_in_use():
+    """A function giving the bytes glibc's malloc has handed out and not taken back (heap chunks in use plus
+    mmapped blocks), or None without glibc >= 2.33.
+
+    The resident set is not a measure of a forward's memory on CPU: freed chunks stay resident while the heap is
+    fragmented, and how much of it is depends on the sizes allocated before (glibc moves its mmap threshold up as
+    large blocks are freed). Models with many distinct layer ranks then read several MiB above models with few
+    (ACIP-style against SVD-LLM(W), ``benchmarks/README.md``), for the same tensors."""
+    try:
+        fn = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _Mallinfo2
+
+    def in_use() -> int:
+        info = fn()
+        return info.uordblks + info.hblkhd
+
+    return in_use
 
 
 def _release_free_heap() -> None:
     """Hand freed heap memory back to the OS (glibc ``malloc_trim``), so that the resident set before a forward is
     what is live, not what earlier forwards left cached; elsewhere a no-op."""
-    import ctypes
-
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):

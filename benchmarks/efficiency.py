@@ -9,12 +9,21 @@ Speed depends on the ranks, not on which method chose the factors, so the factor
 measured as compressed and with the V factors of the layers that read one input stacked into one matmul
 (``air_ft.modeling.fuse_shared_inputs``: q/k/v, gate/up; ``--no-fuse`` skips those rows). Writes
 ``benchmarks/results/efficiency_<shape>_<device>.json`` and prints each model's ratios to dense.
+
+``--rank-maps`` measures given per-layer ranks instead (a method such as ACIP-style chooses very uneven ones): each
+file is a compress stage's ``stage.json`` or a checkpoint's ``air_ft.json``, and its row is named by its folder;
+layers it does not name stay dense. The study's shapes, without its checkpoints:
+
+    python benchmarks/efficiency.py --threads 1 --no-fuse --output efficiency_study_shapes_cpu.json \
+        --rank-maps benchmarks/results/study_smollm2/stages/compress/{svdllm,acip}-r0.{80,60,40}/stage.json
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+from pathlib import Path
 
 import torch
 from common import MODEL, environment, set_threads, write_json
@@ -43,6 +52,31 @@ def build(shape: str, dtype: str, device: str):
     return model, None
 
 
+def read_ranks(path: str) -> dict[str, int]:
+    """The ``ranks`` map of a compress stage marker (``result.info.ranks``) or of a checkpoint's ``air_ft.json``."""
+    data = json.loads(Path(path).read_text())
+    ranks = data.get("ranks") or ((data.get("result") or {}).get("info") or {}).get("ranks")
+    if not ranks:
+        raise SystemExit(f"{path} holds no ranks map: pass a compress stage.json or a checkpoint's air_ft.json")
+    return ranks
+
+
+def factor_at(model, ranks: dict[str, int]):
+    """``model`` with each named layer replaced by its truncated SVD at the given rank (None: left dense)."""
+    from air_ft.modeling import LowRankLinear, set_module
+
+    for name, k in ranks.items():
+        if k is None:
+            continue
+        dense = model.get_submodule(name)
+        w = dense.weight.detach().float()
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        root = s[:k].sqrt()
+        set_module(model, name, LowRankLinear.from_factors(u[:, :k] * root, root[:, None] * vh[:k], dense.bias,
+                                                           dense.weight.dtype, dense.weight.device))
+    return model
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=["smollm2", *SHAPES], default="smollm2")
@@ -57,18 +91,26 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="every model measured in turns this many times (medians)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-fuse", action="store_true", help="skip the rows with stacked V factors")
+    ap.add_argument("--rank-maps", nargs="+", default=None,
+                    help="measure these per-layer ranks (compress stage.json or air_ft.json) instead of --retentions")
     ap.add_argument("--output", default=None)
     args = ap.parse_args()
     if any(not 0 < r < 1 for r in args.retentions):
         ap.error("--retentions must lie strictly between 0 and 1")
     if min(args.batch_sizes + [args.prompt_len, args.decode_steps, args.prefill_len, args.repeats, args.rounds]) < 1:
         ap.error("--batch-sizes, --prompt-len, --decode-steps, --prefill-len, --repeats and --rounds must be >= 1")
+    rank_maps = {Path(path).parent.name: read_ranks(path) for path in args.rank_maps or []}  # before any loading
     set_threads(args.threads)
     settings = dict(batch_sizes=tuple(args.batch_sizes), prompt_len=args.prompt_len, decode_steps=args.decode_steps,
                     prefill_len=args.prefill_len, repeats=args.repeats)
     dense, tok = build(args.shape, args.dtype, args.device)
     models = {"dense": dense}
-    for r in args.retentions:
+    for name, ranks in rank_maps.items():
+        models[name] = factor_at(copy.deepcopy(dense), ranks)
+        if not args.no_fuse:
+            models[f"{name} fused"] = copy.deepcopy(models[name])
+            fuse_shared_inputs(models[f"{name} fused"])
+    for r in [] if rank_maps else args.retentions:
         models[f"factored r{r:.2f}"] = copy.deepcopy(dense)
         air_ft.compress(models[f"factored r{r:.2f}"], tok, None, method="svd", retention=r, progress=False)
         if not args.no_fuse:

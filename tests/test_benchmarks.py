@@ -52,6 +52,33 @@ def test_efficiency_benchmark_runs_on_a_tiny_shape(tmp_path):
     assert rows["fused r0.50"]["params"] == rows["factored r0.50"]["params"]
 
 
+def test_efficiency_benchmark_measures_the_ranks_of_a_stage_marker(tmp_path):
+    """--rank-maps: uneven per-layer ranks read from a compress stage marker; the layers it names are factored at
+    exactly those ranks, the others stay dense (the linear count below is worked out by hand for the tiny shape)."""
+    import json
+
+    ranks = {"model.layers.0.self_attn.q_proj": 8, "model.layers.0.self_attn.k_proj": 4,
+             "model.layers.0.mlp.gate_proj": 20, "model.layers.1.mlp.up_proj": None}
+    (tmp_path / "acip-r0.80").mkdir()
+    (tmp_path / "acip-r0.80" / "stage.json").write_text(json.dumps({"result": {"info": {"ranks": ranks}}}))
+    (tmp_path / "empty.json").write_text("{}")
+    out = tmp_path / "eff.json"
+    args = ["--shape", "tiny", "--threads", "1", "--repeats", "1", "--rounds", "1", "--batch-sizes", "1",
+            "--prompt-len", "8", "--prefill-len", "16", "--decode-steps", "2", "--output", str(out), "--rank-maps"]
+    run = [sys.executable, str(BENCH / "efficiency.py"), *args]
+    proc = subprocess.run(run + [str(tmp_path / "acip-r0.80" / "stage.json")], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {"dense", "acip-r0.80", "acip-r0.80 fused"}
+    # 2 blocks of q 64x64, k and v 32x64, o 64x64, gate and up 160x64, down 64x160 = 86,016; three layers factored
+    assert rows["dense"]["params"]["linear"] == 86016
+    assert rows["acip-r0.80"]["params"]["linear"] == 86016 - (4096 + 2048 + 10240) + (8 * 128 + 4 * 96 + 20 * 224)
+    assert rows["acip-r0.80"]["params"]["factored_layers"] == 3
+    proc = subprocess.run(run + [str(tmp_path / "empty.json")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "holds no ranks map" in proc.stderr
+
+
 def test_scale_benchmark_runs_on_a_tiny_shape(tmp_path):
     """benchmarks/scale.py end to end on a tiny Llama on the CPU, so the 7B script cannot rot."""
     import json

@@ -42,6 +42,37 @@ def test_efficiency_measures_speed_and_memory(model, tokenizer):
     assert torch.isfinite(torch.tensor(out["flops_per_token"], dtype=torch.float64))
 
 
+class _Allocates(torch.nn.Module):
+    """A "model" whose forward holds 32 MiB and then 16 MiB more at once, a known peak of 48 MiB."""
+
+    def forward(self, input_ids, use_cache=False):
+        import time
+
+        a = torch.ones(8 << 20)
+        b = torch.ones(4 << 20)
+        time.sleep(0.02)  # long enough for the 1 ms sampler to see both alive
+        return a[:1] + b[:1]
+
+
+def test_peak_forward_memory_is_what_the_forward_holds_whatever_the_heap_held_before():
+    import pytest
+
+    from air_ft.efficiency import _heap_in_use, _peak_forward_bytes
+
+    if _heap_in_use() is None:
+        pytest.skip("needs glibc's mallinfo2; elsewhere the resident set is measured")
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    mib = 1 << 20
+    clean, how = _peak_forward_bytes(_Allocates(), ids)
+    assert 48 * mib <= clean < 49 * mib and "mallinfo2" in how
+    # a heap left fragmented by many freed blocks of many sizes (as a model of uneven ranks leaves it) reads the same
+    sizes = torch.randint(10_000, 400_000, (300,), generator=torch.Generator().manual_seed(0))
+    keep = [torch.empty(int(n)) for n in sizes]
+    del keep[::2]
+    fragmented, _ = _peak_forward_bytes(_Allocates(), ids)
+    assert abs(fragmented - clean) < mib // 4
+
+
 def test_fusing_the_v_factors_of_one_input_changes_no_output_and_no_count():
     import copy
 

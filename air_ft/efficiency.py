@@ -90,8 +90,9 @@ def _median_seconds(fn, device: torch.device, repeats: int, warmup: int = 1) -> 
     return statistics.median(times)
 
 
-def _peak_forward_bytes(model: nn.Module, ids: torch.Tensor) -> tuple[int, str]:
-    """Memory one forward needs above what was held before it, and how it was measured."""
+def _peak_forward_bytes(model: nn.Module, ids: torch.Tensor, measure: str = "heap") -> tuple[int, str]:
+    """Memory one forward needs above what was held before it, and how it was measured. On CPU ``measure`` is
+    ``heap`` (glibc's bytes in use; the resident set where glibc lacks it) or ``rss`` (the resident set)."""
     device = ids.device
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -100,7 +101,9 @@ def _peak_forward_bytes(model: nn.Module, ids: torch.Tensor) -> tuple[int, str]:
         model(input_ids=ids, use_cache=False)
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before, "cuda allocator peak above the resident weights"
-    in_use = _heap_in_use()
+    if measure not in ("heap", "rss"):
+        raise ValueError(f"unknown memory measure {measure!r}: use 'heap' or 'rss'")
+    in_use = _heap_in_use() if measure == "heap" else None
     if in_use is not None:  # glibc: what is allocated, whatever the heap's fragmentation
         how = "heap bytes in use (glibc mallinfo2), sampled every 1 ms, above the level before the forward"
     else:  # elsewhere the resident set, which also counts freed memory the allocator keeps

@@ -29,6 +29,8 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
     ("acip_budget.py", ["--retention", "0.5"], "--retention must lie in [stop-retention"),
     ("acip_budget.py", ["--post-tune-steps", "48"], "leaves no mask phase"),
     ("acip_budget.py", ["--methods", "svdllm"], "invalid choice"),
+    ("peak_memory.py", ["--repeats", "0"], "--tokens and --repeats must be >= 1"),
+    ("peak_memory.py", ["--rank-maps", "no/such.json"], "--rank-maps: no such file no/such.json"),
 ])
 def test_bad_benchmark_options_are_refused_before_any_work(script, args, message):
     proc = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=120)

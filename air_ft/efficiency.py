@@ -239,20 +239,26 @@ def efficiency(model: nn.Module, tok=None, batch_sizes: tuple[int, ...] = (1, 16
                          "prefill_len": prefill_len, "repeats": repeats}}
 
 
-def compare(loaders: dict, rounds: int = 3, **settings) -> dict[str, dict]:
+def compare(loaders: dict, rounds: int = 3, progress: bool = True, **settings) -> dict[str, dict]:
     """:func:`efficiency` of several models measured in turns, in one process: ``rounds`` times over the models
     in order (each loaded by its ``loaders[name]() -> (model, tok)`` and freed before the next), so that a slow
     spell of the machine falls on every model alike. Timings are the median over rounds, with their range
     (``decode_range``: min and max seconds per token per batch size)."""
     import gc
 
+    from tqdm.auto import tqdm
+
     runs: dict[str, list[dict]] = {name: [] for name in loaders}
-    for _ in range(rounds):
+    bar = tqdm(total=rounds * len(loaders), desc="speed and size", disable=not progress)
+    for i in range(rounds):
         for name, load in loaders.items():
+            bar.set_postfix_str(f"round {i + 1}/{rounds}: {name}")
             model, tok = load()
             runs[name].append(efficiency(model, tok, **settings))
             del model
             gc.collect()
+            bar.update()
+    bar.close()
     out = {}
     for name, results in runs.items():
         first = results[0]

@@ -13,7 +13,7 @@ import yaml
 
 from air_ft import stages
 from air_ft.cli import main
-from air_ft.config import load_recipe
+from air_ft.config import RecipeError, load_recipe
 
 from .conftest import save_piqa_like, tiny_llama
 
@@ -115,6 +115,22 @@ def test_a_results_only_copy_reuses_its_results_and_rebuilds_checkpoints_only_wh
     assert _finished(out) == before
     monkeypatch.setattr(stages, "run_compress", real_compress)
     monkeypatch.setattr(stages, "run_train", real_train)
+    # under a launcher with several processes the main one may recompress alone, but never retrain alone
+    import accelerate
+
+    class TwoProcesses:
+        num_processes, is_main_process, device = 2, True, "cpu"
+
+        def wait_for_everyone(self):
+            pass
+
+    one_process = accelerate.PartialState
+    monkeypatch.setattr(accelerate, "PartialState", TwoProcesses)
+    with pytest.raises(RecipeError, match="merged is missing: rebuild it with one process"):
+        stages.run_study(load_recipe(str(path), [*base, "eval.max_windows=3"]))
+    assert (out / "stages/compress/air-r0.50/checkpoint/air_ft.json").exists()
+    assert not (out / "stages/train/air-r0.50/merged").exists() and _finished(out)["stages/train/air-r0.50"]
+    monkeypatch.setattr(accelerate, "PartialState", one_process)
     stages.run_study(load_recipe(str(path), [*base, "eval.max_windows=3"]))
     assert (out / "stages/compress/air-r0.50/checkpoint/air_ft.json").exists()
     assert (out / "stages/train/air-r0.50/merged/air_ft.json").exists()

@@ -90,6 +90,10 @@ def _median_seconds(fn, device: torch.device, repeats: int, warmup: int = 1) -> 
     return statistics.median(times)
 
 
+# part of the efficiency stage's key: a study measured with an earlier memory measure is measured again
+MEMORY_MEASURE = "cuda: allocator peak; cpu: glibc heap bytes in use (mallinfo2), else the resident set"
+
+
 def _peak_forward_bytes(model: nn.Module, ids: torch.Tensor, measure: str = "heap") -> tuple[int, str]:
     """Memory one forward needs above what was held before it, and how it was measured. On CPU ``measure`` is
     ``heap`` (glibc's bytes in use; the resident set where glibc lacks it) or ``rss`` (the resident set)."""

@@ -612,10 +612,12 @@ def run_study(recipe: Recipe) -> dict:
                          **evaluate(f"{name}+lora", tkey, load_merged,
                                     shape if same_shape else _key("shape", shape, to_dict(recipe.lora)))})
     if recipe.eval.efficiency:  # every shape measured in turns in one process: ratios from one run
+        from air_ft.efficiency import MEMORY_MEASURE
+
         measured = {first: (key, load) for first, key, load in shapes.values()}
         eff = _stage(out / "stages" / "efficiency", _key("efficiency", {n: k for n, (k, _) in measured.items()},
                                                          recipe.eval.decode_batch_sizes, recipe.eval.efficiency_rounds,
-                                                         model_spec),
+                                                         model_spec, MEMORY_MEASURE),
                      "measure speed and size", lambda path: _measure(measured, recipe))
         for row in rows:
             first = shapes[row_shape[row["name"]]][0]

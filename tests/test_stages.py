@@ -86,6 +86,13 @@ def test_study_writes_report_and_a_rerun_reuses_every_stage(study, monkeypatch, 
     capsys.readouterr()
     assert main(["run", "--recipe", str(path)]) == 0
     assert _finished(out) == before and capsys.readouterr().out.count("reused") == 10
+    # a study measured with another memory measure is measured again, and nothing else is redone
+    import air_ft.efficiency  # noqa: F401  (the package's name `efficiency` is the function)
+
+    monkeypatch.setattr(sys.modules["air_ft.efficiency"], "MEMORY_MEASURE", "an earlier measure")
+    assert main(["run", "--recipe", str(path)]) == 0
+    after = _finished(out)
+    assert [k for k in after if after[k] != before[k]] == ["stages/efficiency"]
 
 
 def test_a_results_only_copy_reuses_its_results_and_rebuilds_checkpoints_only_when_needed(study, monkeypatch):
@@ -260,6 +267,16 @@ def test_report_renders_from_a_results_file(tmp_path, capsys):
     assert pair[0]["mean_acc_diff_se"] == pytest.approx(0.02)
     assert "SVD-LLM(W) at 0.60, decode batch 1: 1.20x dense" in md  # slower than dense is said
     assert "Above dense in peak forward memory" in md and "- AIR at 0.60: 1.05x dense" in md  # so is more memory
+    assert "rank-k intermediate" in md and "fragment" not in md
+    # measured as the resident set, the excess is not blamed on activations
+    from air_ft.report import markdown
+
+    old = _fixture_report()
+    for r in old["rows"]:
+        r["efficiency"]["peak_forward_measure"] = "process resident set, sampled every 1 ms, above the level before"
+    old_md = markdown(old)
+    assert "- AIR at 0.60: 1.05x dense" in old_md and "fragment the heap" in old_md
+    assert "rank-k intermediate" not in old_md
     for png in ("perplexity.png", "accuracy.png", "efficiency.png"):
         assert (tmp_path / "plots" / png).exists()
     assert main(["report", str(tmp_path / "missing")]) == 2

@@ -9,6 +9,7 @@ by a thread during the forward, above what it was before).
 from __future__ import annotations
 
 import ctypes
+import functools
 import statistics
 import threading
 import time
@@ -149,9 +150,8 @@ def _heap_in_use():
     fragmented, and how much of it is depends on the sizes allocated before (glibc moves its mmap threshold up as
     large blocks are freed). Models with many distinct layer ranks then read several MiB above models with few
     (ACIP-style against SVD-LLM(W), ``benchmarks/README.md``), for the same tensors."""
-    try:
-        fn = ctypes.CDLL("libc.so.6").mallinfo2
-    except (OSError, AttributeError):
+    fn = getattr(_libc(), "mallinfo2", None)
+    if fn is None:
         return None
     fn.restype = _Mallinfo2
 
@@ -165,10 +165,18 @@ def _heap_in_use():
 def _release_free_heap() -> None:
     """Hand freed heap memory back to the OS (glibc ``malloc_trim``), so that the resident set before a forward is
     what is live, not what earlier forwards left cached; elsewhere a no-op."""
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _libc():
+    """glibc, opened once; None elsewhere."""
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
 
 
 def _decode_seconds(model: nn.Module, batch: int, prompt: int, steps: int, repeats: int, vocab: int,

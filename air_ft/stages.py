@@ -283,7 +283,7 @@ def adapter_base(adapter_dir: str | os.PathLike, meta: dict) -> str:
     rel = meta.get("base_relative")
     if rel and (adir / rel / MARKER).exists():
         return str((adir / rel).resolve())
-    if (Path(meta["base"]) / MARKER).exists() or not (os.path.isabs(meta["base"]) or rel):
+    if (Path(meta["base"]) / MARKER).exists() or not os.path.isabs(meta["base"]):
         return meta["base"]  # there, or a hub id for load_compressed to fetch
     where = f"{adir / rel} or {meta['base']}" if rel else meta["base"]
     raise FileNotFoundError(f"the factored base of adapter {adir} is not at {where}; pass its path with --base")

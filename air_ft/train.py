@@ -415,7 +415,6 @@ def save_adapters(trainer, peft_model, adapter_dir: Path) -> None:
         if trainer.accelerator.is_main_process:  # the Trainer pickles its arguments beside the model: JSON instead
             (adapter_dir / "training_args.bin").unlink(missing_ok=True)
             (adapter_dir / "training_args.json").write_text(trainer.args.to_json_string())
-        trainer.accelerator.wait_for_everyone()
         return
     from safetensors.torch import save_file
 

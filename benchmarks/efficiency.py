@@ -63,17 +63,16 @@ def read_ranks(path: str) -> dict[str, int]:
 
 def factor_at(model, ranks: dict[str, int]):
     """``model`` with each named layer replaced by its truncated SVD at the given rank (None: left dense)."""
+    from air_ft import linalg
     from air_ft.modeling import LowRankLinear, set_module
 
     for name, k in ranks.items():
         if k is None:
             continue
         dense = model.get_submodule(name)
-        w = dense.weight.detach().float()
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)
-        root = s[:k].sqrt()
-        set_module(model, name, LowRankLinear.from_factors(u[:, :k] * root, root[:, None] * vh[:k], dense.bias,
-                                                           dense.weight.dtype, dense.weight.device))
+        uf, vf = linalg.back_project(*linalg.truncated_svd(dense.weight.detach().float(), k))
+        w = dense.weight
+        set_module(model, name, LowRankLinear.from_factors(uf, vf, dense.bias, w.dtype, w.device))
     return model
 
 

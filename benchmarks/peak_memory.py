@@ -4,10 +4,10 @@ and unmapped on free, so that freed memory cannot stay resident).
 
     python benchmarks/peak_memory.py        # -> benchmarks/results/peak_memory_measures_cpu.json
 
-Random weights in SmolLM2-135M's shape (memory depends on the shapes only); dense and, for each compress stage
-marker given (default: the study's SVD-LLM(W) and ACIP-style at 0.6), its ranks. Each allocator setting runs in its
-own process (glibc reads ``MALLOC_MMAP_THRESHOLD_`` at start); one warm-up forward, then ``--repeats`` forwards of
-``--tokens`` tokens per measure, medians reported.
+SmolLM2-135M-Instruct, dense and, for each compress stage marker given (default: the study's
+SVD-LLM(W) and ACIP-style at 0.6), truncated SVDs at its ranks (the models of ``efficiency.py --rank-maps``).
+Each allocator setting runs in its own process (glibc reads ``MALLOC_MMAP_THRESHOLD_`` at start); one warm-up
+forward, then ``--repeats`` forwards of ``--tokens`` tokens per measure, medians reported.
 """
 
 from __future__ import annotations
@@ -29,26 +29,19 @@ SETTINGS = {"default allocator": {}, "MALLOC_MMAP_THRESHOLD_=65536": {"MALLOC_MM
 
 def measure(paths: list[str], tokens: int, repeats: int) -> dict:
     """Median peak (MiB) per model and measure, in this process."""
+    import copy
+
     import torch
-    from efficiency import read_ranks
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from efficiency import build, factor_at, read_ranks
 
     from air_ft.efficiency import _peak_forward_bytes
-    from air_ft.modeling import factored_skeleton
 
-    cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                      num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
-    ids = torch.randint(0, cfg.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
+    dense, _ = build("smollm2", "float32", "cpu")
+    ids = torch.randint(0, dense.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
     out = {}
     for name, ranks in [("dense", {})] + [(Path(p).parent.name, read_ranks(p)) for p in paths]:
-        torch.manual_seed(0)
-        model = factored_skeleton(LlamaForCausalLM(cfg), ranks, torch.float32, "cpu")
+        model = factor_at(copy.deepcopy(dense), ranks).eval()
         with torch.no_grad():
-            for mod in model.modules():  # the skeleton's factors are uninitialized: draw them
-                for pname, p in list(mod.named_parameters(recurse=False)):
-                    if pname == "weight" and p.dim() == 2:
-                        p.normal_(0, 0.02)
-            model.eval()
             model(input_ids=ids, use_cache=False)  # warm-up
             out[name] = {m: statistics.median(_peak_forward_bytes(model, ids, m)[0] for _ in range(repeats)) / 2**20
                          for m in ("rss", "heap")}

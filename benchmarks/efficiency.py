@@ -53,11 +53,16 @@ def build(shape: str, dtype: str, device: str):
 
 
 def read_ranks(path: str) -> dict[str, int]:
-    """The ``ranks`` map of a compress stage marker (``result.info.ranks``) or of a checkpoint's ``air_ft.json``."""
-    data = json.loads(Path(path).read_text())
-    ranks = data.get("ranks") or ((data.get("result") or {}).get("info") or {}).get("ranks")
+    """The ``ranks`` map of a compress stage marker (``result.info.ranks``) or of a checkpoint's ``air_ft.json``;
+    ValueError, saying what to pass, for anything else."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} cannot be read as JSON ({err})") from None
+    info = ((data.get("result") or {}).get("info") or {}) if isinstance(data, dict) else {}
+    ranks = data.get("ranks") or info.get("ranks") if isinstance(data, dict) else None
     if not ranks:
-        raise SystemExit(f"{path} holds no ranks map: pass a compress stage.json or a checkpoint's air_ft.json")
+        raise ValueError(f"{path} holds no ranks map: pass a compress stage.json or a checkpoint's air_ft.json")
     return ranks
 
 
@@ -98,7 +103,10 @@ def main() -> None:
         ap.error("--retentions must lie strictly between 0 and 1")
     if min(args.batch_sizes + [args.prompt_len, args.decode_steps, args.prefill_len, args.repeats, args.rounds]) < 1:
         ap.error("--batch-sizes, --prompt-len, --decode-steps, --prefill-len, --repeats and --rounds must be >= 1")
-    rank_maps = {Path(path).parent.name: read_ranks(path) for path in args.rank_maps or []}  # before any loading
+    try:  # before any loading
+        rank_maps = {Path(path).parent.name: read_ranks(path) for path in args.rank_maps or []}
+    except ValueError as err:
+        ap.error(f"--rank-maps: {err}")
     set_threads(args.threads)
     settings = dict(batch_sizes=tuple(args.batch_sizes), prompt_len=args.prompt_len, decode_steps=args.decode_steps,
                     prefill_len=args.prefill_len, repeats=args.repeats)

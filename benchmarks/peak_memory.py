@@ -63,6 +63,12 @@ def main() -> None:
     missing = [p for p in args.rank_maps if not Path(p).is_file()]
     if missing:
         ap.error(f"--rank-maps: no such file {missing[0]}")
+    from efficiency import read_ranks
+
+    try:
+        [read_ranks(p) for p in args.rank_maps]
+    except ValueError as err:
+        ap.error(f"--rank-maps: {err}")
     args.rank_maps = [str(Path(p).resolve()) for p in args.rank_maps]  # the children run in benchmarks/
     set_threads(args.threads)
     if args.child:

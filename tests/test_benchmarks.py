@@ -31,6 +31,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
     ("acip_budget.py", ["--methods", "svdllm"], "invalid choice"),
     ("peak_memory.py", ["--repeats", "0"], "--tokens and --repeats must be >= 1"),
     ("peak_memory.py", ["--rank-maps", "no/such.json"], "--rank-maps: no such file no/such.json"),
+    ("peak_memory.py", ["--rank-maps", str(Path(__file__))], "cannot be read as JSON"),
 ])
 def test_bad_benchmark_options_are_refused_before_any_work(script, args, message):
     proc = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=120)
@@ -78,7 +79,9 @@ def test_efficiency_benchmark_measures_the_ranks_of_a_stage_marker(tmp_path):
     assert rows["acip-r0.80"]["params"]["linear"] == 86016 - (4096 + 2048 + 10240) + (8 * 128 + 4 * 96 + 20 * 224)
     assert rows["acip-r0.80"]["params"]["factored_layers"] == 3
     proc = subprocess.run(run + [str(tmp_path / "empty.json")], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1 and "holds no ranks map" in proc.stderr
+    assert proc.returncode == 2 and "--rank-maps: " in proc.stderr and "holds no ranks map" in proc.stderr
+    proc = subprocess.run(run + [str(tmp_path / "missing.json")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "cannot be read as JSON" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_scale_benchmark_runs_on_a_tiny_shape(tmp_path):

@@ -23,14 +23,15 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from air_ft.config import RecipeError, TrainConfig
+from air_ft.config import TrainConfig
+from air_ft.errors import AssetError, CheckpointError, RecipeError
+from air_ft.files import atomic_dir, atomic_file, write_json
 from air_ft.modeling import LowRankLinear, find_targets, prepare_model, set_module
 
 __all__ = ["MaskedLowRankLinear", "gate", "parametrize", "acip_fit", "AcipFit", "size_ratio", "update_scores",
@@ -189,12 +190,13 @@ class _ScoreMap(TrainerCallback):
 
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         ckpt.mkdir(parents=True, exist_ok=True)
-        save_file({**{f"score.{n}": t for n, t in self.scores.items()},
-                   **{f"last.{n}": t for n, t in self.last_positive.items()},
-                   # PEFT checkpoints hold the adapters only: the masks travel here
-                   **{f"mask.{n}": m.mask.detach().cpu().contiguous() for n, m in self.layers.items()}},
-                  str(ckpt / "acip_scores.safetensors"))
-        (ckpt / "acip_history.json").write_text(json.dumps(self.history))
+        with atomic_file(ckpt / "acip_scores.safetensors") as tmp:
+            save_file({**{f"score.{n}": t for n, t in self.scores.items()},
+                       **{f"last.{n}": t for n, t in self.last_positive.items()},
+                       # PEFT checkpoints hold the adapters only: the masks travel here
+                       **{f"mask.{n}": m.mask.detach().cpu().contiguous() for n, m in self.layers.items()}},
+                      str(tmp))
+        write_json(ckpt / "acip_history.json", self.history)
 
     def restore(self, ckpt: str) -> None:
         from safetensors.torch import load_file
@@ -322,10 +324,7 @@ class AcipFit:
         """The parametrized model (safetensors), the score map and the record (JSON); written atomically."""
         from safetensors.torch import save_file
 
-        from air_ft.checkpoint import _atomic_dir, _commit
-
-        out, tmp = _atomic_dir(out_dir)
-        try:
+        with atomic_dir(out_dir) as tmp:
             state = {k: v.detach().contiguous().cpu() for k, v in self.model.get_base_model().state_dict().items()}
             seen, unique = set(), {}
             for k, v in state.items():  # tied embeddings: one copy
@@ -339,14 +338,9 @@ class AcipFit:
             self.model.get_base_model().config.save_pretrained(tmp)
             if self.tok is not None:
                 self.tok.save_pretrained(tmp)
-            (tmp / FIT_MARKER).write_text(json.dumps({"format": "air_ft-acip-fit", "shapes": self.shapes,
-                                                      "history": self.history, "settings": self.settings},
-                                                     indent=2))
-            _commit(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return out
+            write_json(tmp / FIT_MARKER, {"format": "air_ft-acip-fit", "shapes": self.shapes,
+                                          "history": self.history, "settings": self.settings})
+        return Path(out_dir)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> AcipFit:
@@ -358,7 +352,7 @@ class AcipFit:
 
         path = Path(path)
         if not (path / FIT_MARKER).exists():
-            raise FileNotFoundError(f"{path} holds no ACIP fit ({FIT_MARKER} missing); run acip_fit and save it")
+            raise AssetError(f"{path} holds no ACIP fit ({FIT_MARKER} missing); run acip_fit and save it")
         meta = json.loads((path / FIT_MARKER).read_text())
         s = meta["settings"]
         config = AutoConfig.from_pretrained(path)
@@ -372,7 +366,7 @@ class AcipFit:
         missing, unexpected = peft_model.get_base_model().load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.endswith("lm_head.weight")]
         if missing or unexpected:
-            raise RuntimeError(f"ACIP fit {path} does not match its config: missing {missing[:3]}, unexpected "
+            raise CheckpointError(f"ACIP fit {path} does not match its config: missing {missing[:3]}, unexpected "
                                f"{unexpected[:3]}")
         if getattr(config, "tie_word_embeddings", False):
             peft_model.get_base_model().tie_weights()

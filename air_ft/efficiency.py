@@ -17,6 +17,7 @@ import time
 import torch
 from torch import nn
 
+from air_ft.errors import RecipeError
 from air_ft.modeling import FusedLowRankLinear, LowRankLinear, count_parameters, find_targets, prepare_model
 
 __all__ = ["efficiency", "compare", "parameter_counts", "flops_per_token", "checkpoint_bytes"]
@@ -229,7 +230,7 @@ def efficiency(model: nn.Module, tok=None, batch_sizes: tuple[int, ...] = (1, 16
     """
     prepare_model(model)
     if any(b < 1 for b in batch_sizes) or min(prompt_len, decode_steps, prefill_len, repeats) < 1:
-        raise ValueError("batch sizes, prompt_len, decode_steps, prefill_len and repeats must be >= 1")
+        raise RecipeError("batch sizes, prompt_len, decode_steps, prefill_len and repeats must be >= 1")
     device = next(model.parameters()).device
     vocab = len(tok) if tok is not None else model.config.vocab_size
     vocab = min(vocab, model.config.vocab_size)

@@ -16,7 +16,7 @@ The state layout and the order of the updates are those of the C kernel (``csrc/
 kernels from Python without reading anything back; with ``graphs`` the launches of a sweep are recorded once per
 matrix shape as a CUDA graph and replayed for every later matrix of that shape (a 7B model has three shapes).
 The first use in a process checks the kernels against the torch reference on a small problem; if they disagree
-or do not compile, :func:`available` says so and ``auto`` uses the torch path.
+or do not compile, :func:`air_ft.linalg.triton_available` says so and ``auto`` uses the torch path.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import os
 
 import torch
 
-__all__ = ["available", "sweep", "usable", "warn_fallback"]
+__all__ = ["build", "checked", "error", "record_check", "sweep", "usable", "warn_fallback"]
 
 _state: dict = {"checked": None, "error": None, "graphs": {}}
 MAX_GRAPHS = 4  # recorded sweeps kept (a model has about three matrix shapes)
@@ -176,29 +176,25 @@ def sweep(resid: torch.Tensor, c: torch.Tensor, us: torch.Tensor, vs: torch.Tens
         t.copy_(bufs[name])
 
 
-def available(device: torch.device | str = "cuda") -> bool:
-    """Triton is installed and its kernels reproduce the torch reference sweep here (checked once)."""
-    if _state["checked"] is not None:
-        return _state["checked"]
-    try:
-        _triton()
-        from air_ft.linalg import als_sweep
+def record_check(ok: bool, error: str | None) -> bool:
+    """Record the outcome of the one-time check against the torch reference (``linalg.triton_available``)."""
+    _state["checked"], _state["error"] = bool(ok), error
+    return bool(ok)
 
-        device = torch.device(device)
-        g = torch.Generator().manual_seed(0)
-        w = torch.randn(37, 29, generator=g, dtype=torch.float64)
-        c = 1.0 + torch.rand(37, 29, generator=g, dtype=torch.float64)
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)
-        k = 5
-        ref = als_sweep(w, c, u[:, :k], s[:k], vh[:k], backend="torch")
-        got = als_sweep(w.to(device), c.to(device), u[:, :k].to(device), s[:k].to(device), vh[:k].to(device),
-                        backend="triton")
-        ok = torch.allclose(got.sigma.cpu().double(), ref.sigma.double(), rtol=1e-3, atol=1e-4)
-        _state["error"] = None if ok else "the Triton ALS kernels disagree with the torch reference"
-    except Exception as exc:  # noqa: BLE001 - any failure to build or run means: use the torch path
-        ok, _state["error"] = False, f"{type(exc).__name__}: {exc}"
-    _state["checked"] = bool(ok)
+
+def checked() -> bool | None:
+    """The recorded outcome of that check (``None``: not checked yet in this process)."""
     return _state["checked"]
+
+
+def error() -> str | None:
+    """Why the kernels are unavailable, if the check failed."""
+    return _state["error"]
+
+
+def build() -> None:
+    """Import Triton (raises ImportError where it is missing); the kernels compile on their first launch."""
+    _triton()
 
 
 def warn_fallback() -> None:

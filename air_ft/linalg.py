@@ -12,8 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from air_ft import native
-from air_ft.config import ALS_BACKENDS
+from air_ft import gpu_als, native
+from air_ft.errors import WhiteningError
+
+ALS_BACKENDS = ("auto", "native", "triton", "torch")  # who runs a sweep; :func:`als_sweep`
 
 __all__ = [
     "rank_for_retention",
@@ -26,11 +28,9 @@ __all__ = [
     "normalize_influence",
     "weighted_objective",
     "als_sweep",
+    "triton_available",
+    "ALS_BACKENDS",
 ]
-
-
-class WhiteningError(RuntimeError):
-    """No rung of the damping ladder produced a usable square root of the Gram matrix."""
 
 
 def rank_for_retention(m: int, n: int, retention: float, multiple: int = 1) -> int | None:
@@ -233,8 +233,6 @@ class ALSResult:
 
 def _backend(backend: str, resid: torch.Tensor, track_steps: bool) -> str:
     """Which implementation runs a sweep: ``native`` (the C kernel, CPU), ``triton`` (GPU kernels) or ``torch``."""
-    from air_ft import gpu_als
-
     if backend not in ALS_BACKENDS:
         raise ValueError(f"ALS backend must be one of {', '.join(ALS_BACKENDS)}, got {backend!r}")
     if backend == "torch":
@@ -262,7 +260,7 @@ def _backend(backend: str, resid: torch.Tensor, track_steps: bool) -> str:
         return "native"
     # auto on an accelerator: the Triton kernels when they build and pass their check, else torch
     if resid.device.type == "cuda" and gpu_als.usable(resid) and not track_steps:
-        if gpu_als.available(resid.device):
+        if triton_available(resid.device):
             return "triton"
         gpu_als.warn_fallback()
     return "torch"
@@ -322,8 +320,6 @@ def als_sweep(target: torch.Tensor, c: torch.Tensor, u: torch.Tensor, sigma: tor
         # Eq. 5's denominators sum_i C_ij u_r[i]^2 for every r at once (u_r only changes at its own step)
         den = ((us * us) @ c).clamp_min_(tiny)
         if impl == "triton":
-            from air_ft import gpu_als
-
             gpu_als.sweep(resid, c, us, vs, den)
             trace.append(objective())
             done += 1
@@ -373,3 +369,24 @@ def als_sweep(target: torch.Tensor, c: torch.Tensor, u: torch.Tensor, sigma: tor
     vs = torch.where(live[:, None], vs / torch.where(live, nv, 1.0)[:, None], vh.to(dtype))
     order = torch.argsort(sg, descending=True)
     return ALSResult(u=us[order].T.contiguous(), sigma=sg[order], vh=vs[order], objective=trace, sweeps=done)
+
+
+def triton_available(device: torch.device | str = "cuda") -> bool:
+    """Triton is installed and its kernels reproduce the torch reference sweep here (checked once a process)."""
+    if gpu_als.checked() is not None:
+        return bool(gpu_als.checked())
+    try:
+        gpu_als.build()
+        device = torch.device(device)
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(37, 29, generator=g, dtype=torch.float64)
+        c = 1.0 + torch.rand(37, 29, generator=g, dtype=torch.float64)
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        k = 5
+        ref = als_sweep(w, c, u[:, :k], s[:k], vh[:k], backend="torch")
+        got = als_sweep(w.to(device), c.to(device), u[:, :k].to(device), s[:k].to(device), vh[:k].to(device),
+                        backend="triton")
+        ok = torch.allclose(got.sigma.cpu().double(), ref.sigma.double(), rtol=1e-3, atol=1e-4)
+        return gpu_als.record_check(ok, None if ok else "the Triton ALS kernels disagree with the torch reference")
+    except Exception as exc:  # noqa: BLE001 - any failure to build or run means: use the torch path
+        return gpu_als.record_check(False, f"{type(exc).__name__}: {exc}")

@@ -28,6 +28,7 @@ import torch
 from peft.tuners.lora import Linear as PeftLoraLinear
 from torch import nn
 
+from air_ft.errors import CheckpointError, RecipeError
 from air_ft.modeling import LowRankLinear
 
 __all__ = ["PLACEMENTS", "MERGES", "LowRankLoraLinear", "residual_init", "adapter_targets", "apply_lora",
@@ -94,7 +95,7 @@ class LowRankLoraLinear(PeftLoraLinear):
             if self.merge_mode == "truncate":
                 u2, v2 = truncate_factors(u2, v2, k)
             if safe_merge and not (torch.isfinite(u2).all() and torch.isfinite(v2).all()):
-                raise ValueError(f"NaNs or Infs while merging adapter {name!r}; the adapter is broken")
+                raise CheckpointError(f"NaNs or Infs while merging adapter {name!r}; the adapter is broken")
             _set_factors(base, u2, v2)
             self.merged_adapters.append(name)
 
@@ -126,11 +127,11 @@ def adapter_targets(model: nn.Module, placement: str, dense: list[str] | None = 
             None: every such layer except the LM head (those the engine left dense).
     """
     if placement not in PLACEMENTS:
-        raise ValueError(f"placement {placement!r} is unknown; choose one of {PLACEMENTS}")
+        raise RecipeError(f"placement {placement!r} is unknown; choose one of {PLACEMENTS}")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     factored = {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
     if not factored:
-        raise ValueError("model has no LowRankLinear layers; compress it first (air_ft.compress)")
+        raise RecipeError("model has no LowRankLinear layers; compress it first (air_ft.compress)")
     names = []
     for name in factored:
         names += [f"{name}.factor_u", f"{name}.factor_v"] if placement == "factors" else [name]
@@ -154,7 +155,7 @@ def apply_lora(model: nn.Module, placement: str = "factors", rank: int = 8, alph
     from peft import LoraConfig, get_peft_model
 
     if merge not in MERGES:
-        raise ValueError(f"merge {merge!r} is unknown; choose one of {MERGES}")
+        raise RecipeError(f"merge {merge!r} is unknown; choose one of {MERGES}")
     targets = adapter_targets(model, placement, dense)
     # exact full-name match: the list form of target_modules also matches suffixes
     pattern = "^(" + "|".join(re.escape(t) for t in targets) + ")$"
@@ -191,12 +192,12 @@ def residual_init(peft_model, dense: nn.Module, grams: dict[str, torch.Tensor], 
     weights = {n: m.weight for n, m in dense.named_modules() if isinstance(m, nn.Linear)}
     layers = {n: m for n, m in peft_model.named_modules() if isinstance(m, LowRankLoraLinear)}
     if not layers:
-        raise ValueError("residual initialization needs the 'layer' placement (one adapter per factored layer)")
+        raise RecipeError("residual initialization needs the 'layer' placement (one adapter per factored layer)")
     report, roots = {}, {}  # whitening factors by Gram: q/k/v (and gate/up) share one input
     for full, mod in layers.items():
         name = full.removeprefix("base_model.model.")  # PEFT's wrapper prefix
         if name not in weights or name not in grams:
-            raise KeyError(f"no dense weight or calibration Gram for {full}: pass the model it was compressed from")
+            raise RecipeError(f"no dense weight or calibration Gram for {full}: pass the model it was compressed from")
         gram = grams[name]
         if id(gram) not in roots:
             roots[id(gram)] = linalg.whitening_factor(gram, eps)[0]

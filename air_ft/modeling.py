@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from air_ft.assets import resolve_asset
-from air_ft.config import RecipeError
+from air_ft.errors import AssetError, RecipeError
 
 __all__ = ["LowRankLinear", "load_model", "find_targets", "factored_skeleton", "resolve_dtype", "prepare_model",
            "fuse_shared_inputs", "SharedInputV", "FusedLowRankLinear"]
@@ -24,7 +24,7 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+        raise RecipeError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     return DTYPES[dtype]
 
 
@@ -219,11 +219,11 @@ def load_model(name_or_path: str, gguf_file: str | None = None, dtype: str | tor
     if path.endswith(".gguf") and os.path.isfile(path):
         path, gguf_file = os.path.dirname(path) or ".", os.path.basename(path)
     if gguf_file is not None and not os.path.isfile(os.path.join(path, gguf_file)) and os.path.isdir(path):
-        raise FileNotFoundError(f"GGUF file {gguf_file!r} not found in {path}; available: "
+        raise AssetError(f"GGUF file {gguf_file!r} not found in {path}; available: "
                                 f"{sorted(f for f in os.listdir(path) if f.endswith('.gguf'))}")
     looks_local = os.path.sep in name_or_path or name_or_path.startswith(".") or name_or_path.startswith("pypi://")
     if looks_local and not os.path.exists(path):
-        raise FileNotFoundError(f"model path {path!r} does not exist; pass a local directory, a .gguf file or a "
+        raise AssetError(f"model path {path!r} does not exist; pass a local directory, a .gguf file or a "
                                 "hub id such as 'HuggingFaceTB/SmolLM2-135M'")
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
@@ -250,7 +250,7 @@ def find_targets(model: nn.Module, include: str | Iterable[str] | None = None,
         try:
             re.compile(pat)
         except re.error as err:
-            raise ValueError(f"invalid regular expression {pat!r}: {err}") from err
+            raise RecipeError(f"invalid regular expression {pat!r}: {err}") from err
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     found = {}
     for name, mod in model.named_modules():

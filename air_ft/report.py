@@ -9,10 +9,13 @@ import math
 import os
 from pathlib import Path
 
+from air_ft.errors import AssetError
+from air_ft.files import write_text
+from air_ft.methods import METHODS
+
 __all__ = ["write_report", "render_report", "headline_metric", "head_to_head", "markdown", "METHOD_NAMES"]
 
-METHOD_NAMES = {"svd": "SVD", "asvd": "ASVD", "fwsvd": "FWSVD", "svdllm": "SVD-LLM(W)", "air": "AIR",
-                "acip": "ACIP-style"}
+METHOD_NAMES = {name: entry.label for name, entry in METHODS.items()}
 
 
 def headline_metric(task: dict) -> str:
@@ -408,8 +411,8 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = {**report, "plots": plot(report, out / "plots"), "head_to_head": head_to_head(report)}
-    _atomic(out / "report.json", json.dumps(report, indent=2, default=str))
-    _atomic(out / "report.md", markdown(report))
+    write_text(out / "report.json", json.dumps(report, indent=2, default=str))
+    write_text(out / "report.md", markdown(report))
     print(f"wrote {out / 'report.md'}, {out / 'report.json'} and {len(report['plots'])} plots")
     return out / "report.md"
 
@@ -418,12 +421,9 @@ def render_report(out_dir: str | os.PathLike) -> Path:
     """``air-ft report DIR``: re-render ``report.md`` and the plots from ``DIR/report.json``."""
     path = Path(out_dir) / "report.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; run `air-ft run --recipe ...` with output_dir={out_dir} "
+        raise AssetError(f"{path} does not exist; run `air-ft run --recipe ...` with output_dir={out_dir} "
                                 "first")
     return write_report(json.loads(path.read_text()), out_dir)
 
 
-def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+

@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 from air_ft import dist
-from air_ft.config import Recipe, RecipeError, to_dict
+from air_ft.config import Recipe, to_dict
+from air_ft.errors import AssetError, CheckpointError, RecipeError
 
 __all__ = ["texts", "run_compress", "run_train", "run_merge", "run_eval", "run_study", "evaluate_model",
            "save_resolved", "run_metadata", "STAGE_MARKER"]
@@ -286,7 +287,7 @@ def adapter_base(adapter_dir: str | os.PathLike, meta: dict) -> str:
     if (Path(meta["base"]) / MARKER).exists() or not os.path.isabs(meta["base"]):
         return meta["base"]  # there, or a hub id for load_compressed to fetch
     where = f"{adir / rel} or {meta['base']}" if rel else meta["base"]
-    raise FileNotFoundError(f"the factored base of adapter {adir} is not at {where}; pass its path with --base")
+    raise AssetError(f"the factored base of adapter {adir} is not at {where}; pass its path with --base")
 
 
 def run_merge(adapter_dir: str, output_dir: str, base: str | None = None, dtype: str | None = None) -> Path:
@@ -300,7 +301,7 @@ def run_merge(adapter_dir: str, output_dir: str, base: str | None = None, dtype:
     adir = Path(adapter_dir)
     marker = adir / ADAPTER_MARKER
     if not marker.exists():
-        raise FileNotFoundError(f"{adir} has no {ADAPTER_MARKER}; pass an adapter directory written by `air-ft train`")
+        raise AssetError(f"{adir} has no {ADAPTER_MARKER}; pass an adapter directory written by `air-ft train`")
     meta = json.loads(marker.read_text())
     base = base or adapter_base(adir, meta)
     model, tok = air_ft.load_compressed(base, dtype=dtype)
@@ -311,7 +312,7 @@ def run_merge(adapter_dir: str, output_dir: str, base: str | None = None, dtype:
     expected = {n for n, _ in peft_model.named_parameters() if "lora_" in n}
     missing = [k for k in res.missing_keys if "lora_" in k]
     if res.unexpected_keys or missing or not expected:
-        raise RuntimeError(f"adapter {adir} does not fit base {base}: missing {missing[:3]}, "
+        raise CheckpointError(f"adapter {adir} does not fit base {base}: missing {missing[:3]}, "
                            f"unexpected {list(res.unexpected_keys)[:3]}")
     budget = lora_budget(peft_model)
     merged = merge_lora(peft_model)
@@ -365,7 +366,7 @@ def run_eval(recipe: Recipe, checkpoint: str | None = None) -> dict:
     ``eval.json`` next to it (or into ``output_dir`` for the recipe's model)."""
     if checkpoint is not None and not Path(checkpoint).exists() and (os.path.sep in checkpoint
                                                                      or checkpoint.startswith(".")):
-        raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist; pass a directory written by "
+        raise AssetError(f"checkpoint {checkpoint!r} does not exist; pass a directory written by "
                                 "air-ft compress/train/merge or a dense Hugging Face checkpoint")
     _check_eval(recipe)
     model, tok = load_any(checkpoint, recipe) if checkpoint else _load_dense(recipe)

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from air_ft.config import RecipeError
+from air_ft.errors import RecipeError
+from air_ft.files import atomic_file, write_text
 
 __all__ = ["Blocks", "find_blocks", "BlockInputs", "capture_inputs", "run_block", "BlockStore", "passthrough",
            "inject"]
@@ -255,12 +255,9 @@ class BlockStore:
             return
         self.root.mkdir(parents=True, exist_ok=True)
         path, meta_path = self._paths(kind, i)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, path)
-        tmp_meta = meta_path.with_name(meta_path.name + ".tmp")
-        tmp_meta.write_text(json.dumps(meta))
-        os.replace(tmp_meta, meta_path)  # the JSON last: it marks the block complete
+        with atomic_file(path) as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+        write_text(meta_path, json.dumps(meta))  # the JSON last: it marks the block complete
 
     def load(self, kind: str, i: int, device="cpu") -> tuple[dict[str, torch.Tensor], dict]:
         from safetensors.torch import load_file

@@ -34,7 +34,8 @@ import torch
 from torch import nn
 from transformers import TrainerCallback, set_seed
 
-from air_ft.config import LoraConfig, RecipeError, TrainConfig
+from air_ft.config import LoraConfig, TrainConfig
+from air_ft.errors import AssetError, CheckpointError, DataError, RecipeError
 from air_ft.lora import apply_lora, lora_budget, merge_lora, residual_init
 from air_ft.modeling import prepare_model
 
@@ -56,7 +57,7 @@ def check_text_weights(weights: list[float] | None, n: int) -> list[float]:
     if weights is None:
         return [1.0] * n
     if len(weights) != n or any(not w > 0 for w in weights):
-        raise ValueError(f"need one positive weight per training text; got {weights} for {n} texts")
+        raise RecipeError(f"need one positive weight per training text; got {weights} for {n} texts")
     return list(weights)
 
 
@@ -81,7 +82,7 @@ def text_blocks(tok, texts: list[str], seq_len: int, num_blocks: int | None = No
             per_source.append(token_windows(ids, seq_len))
             kept.append(float(w))
     if not per_source:
-        raise ValueError(f"no training text has {seq_len} tokens; give more text or a shorter train.seq_len")
+        raise DataError(f"no training text has {seq_len} tokens; give more text or a shorter train.seq_len")
     weights = kept
     gen = torch.Generator().manual_seed(seed)
     if num_blocks is None:
@@ -434,10 +435,10 @@ def read_adapter(adapter_dir: Path) -> dict[str, torch.Tensor]:
 
     path = adapter_dir / "adapter_model.safetensors"
     if not path.exists():
-        raise FileNotFoundError(f"{adapter_dir} has no adapter_model.safetensors; is it an `air-ft train` adapter?")
+        raise AssetError(f"{adapter_dir} has no adapter_model.safetensors; is it an `air-ft train` adapter?")
     state = load_file(str(path))
     empty = [k for k, v in state.items() if v.numel() == 0]
     if not state or empty:
-        raise RuntimeError(f"adapter file {path} holds empty tensors ({empty[:3]}): under DeepSpeed ZeRO-3 set "
+        raise CheckpointError(f"adapter file {path} holds empty tensors ({empty[:3]}): under DeepSpeed ZeRO-3 set "
                            "zero3_save_16bit_model: true (accelerate_configs/deepspeed_zero3.yaml)")
     return state

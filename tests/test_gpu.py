@@ -86,9 +86,9 @@ def test_triton_als_on_the_gpu_matches_the_reference_and_descends():
     """The compiled kernels (not the interpreter), with and without the recorded CUDA graph, against torch."""
     pytest.importorskip("triton")
     from air_ft import gpu_als
-    from air_ft.linalg import als_sweep
+    from air_ft.linalg import als_sweep, triton_available
 
-    assert gpu_als.available("cuda"), gpu_als._state["error"]
+    assert triton_available("cuda"), gpu_als.error()
     g = torch.Generator(device="cuda").manual_seed(0)
     for m, n, k in [(300, 257, 40), (513, 128, 9), (300, 257, 40)]:  # the repeat replays the recorded graph
         w = torch.randn(m, n, device="cuda", generator=g)

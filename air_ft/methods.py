@@ -1,0 +1,118 @@
+"""The compression methods, one entry each: what a method needs from calibration and how it factors a weight.
+
+Everything that depends on the method reads :data:`METHODS`: the recipe's validation, the statistics that
+calibration collects, the factor call in :mod:`air_ft.compress`, which stages of a study train, and the report's
+labels. Adding a method is one :class:`Method` entry here (and, for a one-shot method, its factor function).
+
+A factor function maps a float64 weight ``W`` (``m x n``), a rank ``k``, the layer's statistics and the compress
+config to factors ``U`` (``m x k``) and ``V`` (``k x n``) with ``W ~ U V``, plus a dict of per-layer records
+(``rung``, ``objective_start`` / ``objective_end``, ``sweeps``). The math itself lives in :mod:`air_ft.linalg`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from air_ft import linalg
+
+__all__ = ["Method", "METHODS", "method"]
+
+FactorFn = Callable[[torch.Tensor, int, dict, Any], tuple[torch.Tensor, torch.Tensor, dict]]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One compression method.
+
+    Attributes:
+        name: the recipe's ``compress.method`` value and the prefix of a study's row names.
+        label: how reports name it.
+        factor: the one-shot factor function; ``None`` for a method that trains (:attr:`trains`).
+        needs_gram: it reads each input's Gram matrix (whitening) or its mean absolute activation (ASVD).
+        whitened: its factors live in whitened coordinates: the Gram's square root ``S`` is computed per input.
+        influence: ``cfg -> signal`` the influence map it reads for that config (``None``: no backward pass).
+        trains: it optimizes on training text while compressing (ACIP-style): the study runs it on the main
+            process only, and its training tokens count against a recovered row's LoRA budget.
+        calibrates: it reads calibration text at all (plain SVD does not).
+    """
+
+    name: str
+    label: str
+    factor: FactorFn | None = None
+    needs_gram: bool = False
+    whitened: bool = False
+    influence: Callable[[Any], str | None] = lambda cfg: None
+    trains: bool = False
+    calibrates: bool = True
+
+
+def _svd(w, k, layer, cfg):
+    u, s, vh = linalg.truncated_svd(w, k)
+    return (*linalg.back_project(u, s, vh), {})
+
+
+def _asvd(w, k, layer, cfg):
+    # s_j = mean_t |x_tj| ^ alpha; SVD of W diag(s); V is unscaled afterwards
+    scale = (layer["abs_sum"] / layer["tokens"]).clamp_min(1e-8).pow(cfg.asvd_alpha)
+    u, s, vh = linalg.truncated_svd(w * scale, k)
+    uf, vf = linalg.back_project(u, s, vh)
+    return uf, vf / scale, {}
+
+
+def _fwsvd(w, k, layer, cfg):
+    # row-wise Fisher f_i = sqrt(sum_j sum_d g_ij^2); SVD of diag(f) W; U is unscaled afterwards
+    f = layer["fisher"].to(w.dtype).sum(1).sqrt()
+    f = f / f.mean() if f.mean() > 0 else torch.ones_like(f)
+    f = f.clamp_min(1e-6)
+    u, s, vh = linalg.truncated_svd(f[:, None] * w, k)
+    uf, vf = linalg.back_project(u, s, vh)
+    return uf / f[:, None], vf, {}
+
+
+def _svdllm(w, k, layer, cfg):
+    s, rung = layer["whitening"]
+    u, sig, vh = linalg.truncated_svd(w @ s, k)
+    return (*linalg.back_project(u, sig, vh, s), {"rung": rung})
+
+
+def _air(w, k, layer, cfg):
+    s, rung = layer["whitening"]
+    wp = w @ s
+    u, sig, vh = linalg.truncated_svd(wp, k)
+    extra: dict = {"rung": rung}
+    if cfg.delta > 0:
+        imap = linalg.normalize_influence(layer[cfg.influence], cfg.normalization, cfg.max_ratio)
+        c = 1.0 + cfg.delta * imap.to(wp.device)
+        dtype = torch.float64 if cfg.als_dtype == "float64" else torch.float32
+        res = linalg.als_sweep(wp, c, u, sig, vh, sweeps=cfg.sweeps, tol=cfg.tol, dtype=dtype,
+                               backend=cfg.als_backend)
+        u, sig, vh = res.u.to(wp.dtype), res.sigma.to(wp.dtype), res.vh.to(wp.dtype)
+        extra.update(objective_start=res.objective[0], objective_end=res.objective[-1], sweeps=res.sweeps)
+    return (*linalg.back_project(u, sig, vh, s), extra)
+
+
+def _air_influence(cfg) -> str | None:
+    return cfg.influence if cfg.delta > 0 else None  # delta = 0 is SVD-LLM(W): no backward needed
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("svd", "SVD", _svd, calibrates=False),
+    Method("asvd", "ASVD", _asvd, needs_gram=True),
+    Method("fwsvd", "FWSVD", _fwsvd, influence=lambda cfg: "fisher"),
+    Method("svdllm", "SVD-LLM(W)", _svdllm, needs_gram=True, whitened=True),
+    Method("air", "AIR", _air, needs_gram=True, whitened=True, influence=_air_influence),
+    Method("acip", "ACIP-style", None, trains=True),
+)}
+
+
+def method(name: str) -> Method:
+    """The entry called ``name``; a :class:`~air_ft.errors.RecipeError` naming the choices otherwise."""
+    from air_ft.errors import RecipeError
+
+    if name not in METHODS:
+        raise RecipeError(f"method {name!r} is unknown; choose one of {tuple(METHODS)}")
+    return METHODS[name]

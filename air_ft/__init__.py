@@ -3,11 +3,12 @@
 Public API::
 
     model, tok = air_ft.load_model(name_or_path, gguf_file=None, dtype=torch.float32)
-    info = air_ft.compress(model, tok, texts, method="air", retention=0.6, num_samples=64, seq_len=512, seed=0)
+    result = air_ft.compress(model, tok, texts, method="air", retention=0.6, num_samples=64, seq_len=512, seed=0)
     air_ft.save_compressed(model, tok, out_dir)
     model, tok = air_ft.load_compressed(out_dir)
     ppl = air_ft.perplexity(model, tok, text, seq_len=2048)
-    model = air_ft.finetune(model, tok, texts, max_steps=100, lora_rank=8, learning_rate=2e-4, seq_len=512)
+    model, summary = air_ft.finetune(model, tok, texts, max_steps=100, lora_rank=8, learning_rate=2e-4,
+                                     seq_len=512, return_summary=True)
     scores = air_ft.evaluate_tasks(model, tok, tasks=["piqa", "arc_easy"], limit=200, batch_size=16, seed=0)
     eff = air_ft.efficiency(model, tok)
     fit = air_ft.acip_fit(model, tok, texts, stop_retention=0.4)   # ACIP-style baseline; model left unchanged

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from air_ft.checkpoint import record_factoring
 from air_ft.config import TrainConfig
 from air_ft.errors import AssetError, CheckpointError, RecipeError
 from air_ft.files import atomic_dir, atomic_file, write_json
@@ -314,10 +315,7 @@ class AcipFit:
                 new = LowRankLinear.from_factors(u, v, bias, dtype=dtype, device=device)
             set_module(base, name, new)
         base.eval()
-        ranks = {n: (mod.rank if isinstance(mod, LowRankLinear) else None)
-                 for n, mod in ((n, base.get_submodule(n)) for n in parts)}
-        base.config.air_ft = {"method": "acip", "retention": retention,
-                              "ranks": {k: v for k, v in ranks.items() if v is not None}}
+        record_factoring(base, "acip", retention)
         return base
 
     def save(self, out_dir: str | os.PathLike) -> Path:

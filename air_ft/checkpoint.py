@@ -20,7 +20,7 @@ from air_ft.errors import AssetError, CheckpointError, RecipeError
 from air_ft.files import atomic_dir, write_json
 from air_ft.modeling import LowRankLinear, factored_skeleton, prepare_model, set_module
 
-__all__ = ["save_compressed", "load_compressed", "export_dense", "MARKER"]
+__all__ = ["save_compressed", "load_compressed", "export_dense", "record_factoring", "MARKER"]
 
 MARKER = "air_ft.json"
 FORMAT_VERSION = 1
@@ -29,6 +29,17 @@ FORMAT_VERSION = 1
 def ranks_of(model: nn.Module) -> dict[str, int]:
     """Module name -> rank of every :class:`LowRankLinear` in ``model``."""
     return {name: mod.rank for name, mod in model.named_modules() if isinstance(mod, LowRankLinear)}
+
+
+def record_factoring(model: nn.Module, method: str | None = None, retention: float | None = None) -> dict:
+    """Write ``model.config.air_ft`` (method, retention, ranks of every factored layer), the one place it is
+    written: ``config.json`` then carries it, and a loader (air_ft's, or the vLLM plugin) rebuilds the shapes
+    from it. ``None`` keeps what an earlier call recorded."""
+    old = getattr(model.config, "air_ft", None) or {}
+    model.config.air_ft = {"method": method if method is not None else old.get("method"),
+                           "retention": retention if retention is not None else old.get("retention"),
+                           "ranks": ranks_of(model)}
+    return model.config.air_ft
 
 
 def save_compressed(model: nn.Module, tok, out_dir: str | os.PathLike, metadata: dict | None = None) -> Path:
@@ -45,7 +56,7 @@ def save_compressed(model: nn.Module, tok, out_dir: str | os.PathLike, metadata:
     if not ranks:
         raise RecipeError("model has no factored layers; run air_ft.compress first or use save_pretrained")
     with atomic_dir(out_dir) as tmp:
-        model.config.air_ft = {**getattr(model.config, "air_ft", {}), "ranks": ranks}
+        record_factoring(model)
         model.save_pretrained(tmp, safe_serialization=True)
         if tok is not None:
             tok.save_pretrained(tmp)

@@ -1,4 +1,4 @@
-"""``air-ft`` command line: it parses arguments and hands them to a stage (:mod:`air_ft.stages`); nothing else.
+"""``air-ft`` command line: it parses arguments and hands them to a command (:mod:`air_ft.pipeline`); nothing else.
 
     air-ft run --recipe recipes/smollm2-135m/study.yaml [key=value ...]     # the whole study -> report
     air-ft compress | train --recipe R [key=value ...]
@@ -59,26 +59,26 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _dispatch(args: argparse.Namespace) -> None:
-    from air_ft import stages
     from air_ft.config import load_recipe
+    from air_ft.pipeline import commands, execute
 
     if args.command in RECIPE_COMMANDS:
         recipe = load_recipe(args.recipe, args.overrides)
         if args.command == "run":
-            stages.run_study(recipe)
+            execute.run_study(recipe)
         elif args.command == "compress":
-            stages.run_compress(recipe)
+            commands.compress(recipe)
         elif args.command == "train":
-            stages.run_train(recipe)
+            commands.train(recipe)
         else:
-            stages.run_eval(recipe, args.checkpoint)
+            commands.evaluate(recipe, args.checkpoint)
     elif args.command == "export-dense":
         import air_ft
 
         model, tok = air_ft.load_compressed(args.checkpoint)
         print(f"wrote {air_ft.export_dense(model, tok, args.output)}")
     elif args.command == "merge":
-        print(f"wrote {stages.run_merge(args.adapter, args.output, args.base)}")
+        print(f"wrote {commands.merge(args.adapter, args.output, args.base)}")
     elif args.command == "report":
         from air_ft.report import render_report
 

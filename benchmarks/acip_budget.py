@@ -6,7 +6,7 @@
 On two cores, ``--methods air`` and ``--methods acip`` in two processes side by side build the two halves of every
 point (their stage directories are disjoint), and the plain command then reads both back into one JSON and plot.
 
-For every multiplier k this runs the study pipeline (``air_ft.stages.run_study`` on the study recipe's model, data
+For every multiplier k this runs the study pipeline (``air_ft.pipeline.run_study`` on the study recipe's model, data
 and settings) with methods AIR and ACIP-style at one retention, both LoRA-recovered with equal total training tokens
 (``study.equal_tokens``): ``train.max_steps`` is ``--base-steps`` x k (64 x 2 x 512 = 65k tokens at k = 1, the
 study's CPU budget), and ACIP's reduced schedule is stretched by k: lambda grows by ``lambda_growth ** (1 / k)``
@@ -32,7 +32,7 @@ from pathlib import Path
 from common import RESULTS, ROOT, environment, save_figure, set_threads, subplots, write_json
 
 from air_ft.config import RecipeError, load_recipe
-from air_ft.stages import run_study
+from air_ft.pipeline import run_study
 
 KEYS = {"mask_lr", "lora_lr", "lambda_init", "lambda_growth", "lora_rank", "lora_alpha", "scale"}
 

@@ -224,7 +224,7 @@ def test_acip_is_one_more_method_of_the_study(tmp_path, tokenizer, text):
     import json
 
     from air_ft.config import load_recipe
-    from air_ft.stages import run_study
+    from air_ft.pipeline import run_study
 
     _write_acip_study(tmp_path, tokenizer, text, study={"retentions": [0.7, 0.5]})
     with pytest.raises(RecipeError, match="acip.stop_retention"):
@@ -247,7 +247,8 @@ def test_acip_lora_row_spends_the_same_total_tokens_as_the_others(tmp_path, toke
     many tokens in all as SVD-LLM(W)'s; a budget the post-tune alone exhausts is refused before any work."""
 
     from air_ft.config import load_recipe
-    from air_ft.stages import lora_budget, run_study
+    from air_ft.pipeline import run_study
+    from air_ft.pipeline.plan import lora_budget
 
     _write_acip_study(tmp_path, tokenizer, text, study={"retentions": [0.5], "lora": True}, lora={"rank": 2},
                       train={"max_steps": 30, "batch_size": 2, "seq_len": 32, "eval_steps": 0, "save_steps": 0,

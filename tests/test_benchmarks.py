@@ -112,7 +112,7 @@ def test_acip_budget_curve_gives_every_point_equal_budgets(monkeypatch):
     import acip_budget
 
     from air_ft.config import load_recipe
-    from air_ft.stages import check_study
+    from air_ft.pipeline import check_study
 
     args = argparse.Namespace(retention=0.6, stop_retention=0.55, base_steps=64, post_tune_steps=4, seq_len=512,
                               batch_size=2, tasks=["piqa"], device="cpu", methods=["air", "acip"])

@@ -21,7 +21,7 @@ import torch
 
 import air_ft
 from air_ft.lora import apply_lora
-from air_ft.stages import run_train
+from air_ft.pipeline.commands import train as run_train
 from air_ft.train import read_adapter
 
 from .test_train import compressed_dir, make_text, text_file, tiny_recipe  # noqa: F401 (fixtures)

@@ -11,7 +11,8 @@ import pytest
 import torch
 import yaml
 
-from air_ft import stages
+from air_ft.pipeline import commands
+from air_ft.pipeline.execute import run_study
 from air_ft.cli import main
 from air_ft.config import RecipeError, load_recipe
 
@@ -80,9 +81,9 @@ def test_study_writes_report_and_a_rerun_reuses_every_stage(study, monkeypatch, 
     def fail(*a, **k):
         raise AssertionError("a finished stage was redone")
 
-    monkeypatch.setattr(stages, "run_compress", fail)
-    monkeypatch.setattr(stages, "run_train", fail)
-    monkeypatch.setattr(stages, "evaluate_model", fail)
+    monkeypatch.setattr(commands, "compress", fail)
+    monkeypatch.setattr(commands, "train", fail)
+    monkeypatch.setattr(commands, "evaluate_model", fail)
     capsys.readouterr()
     assert main(["run", "--recipe", str(path)]) == 0
     assert _finished(out) == before and capsys.readouterr().out.count("reused") == 10
@@ -102,7 +103,7 @@ def test_a_results_only_copy_reuses_its_results_and_rebuilds_checkpoints_only_wh
 
     tmp, path = study
     base = ["eval.tasks=[]", "eval.efficiency=false", "study.methods=[air]"]
-    stages.run_study(load_recipe(str(path), base))
+    run_study(load_recipe(str(path), base))
     out = tmp / "out"
     first = json.loads((out / "report.json").read_text())
     # without the speed measurement the size column is still filled, counted when each model was evaluated
@@ -115,13 +116,13 @@ def test_a_results_only_copy_reuses_its_results_and_rebuilds_checkpoints_only_wh
                   "train/air-r0.50/checkpoints"):
         shutil.rmtree(out / "stages" / heavy)
     before = _finished(out)
-    real_compress, real_train = stages.run_compress, stages.run_train
-    monkeypatch.setattr(stages, "run_compress", lambda *a, **k: pytest.fail("recompressed"))
-    monkeypatch.setattr(stages, "run_train", lambda *a, **k: pytest.fail("retrained"))
-    stages.run_study(load_recipe(str(path), base))
+    real_compress, real_train = commands.compress, commands.train
+    monkeypatch.setattr(commands, "compress", lambda *a, **k: pytest.fail("recompressed"))
+    monkeypatch.setattr(commands, "train", lambda *a, **k: pytest.fail("retrained"))
+    run_study(load_recipe(str(path), base))
     assert _finished(out) == before
-    monkeypatch.setattr(stages, "run_compress", real_compress)
-    monkeypatch.setattr(stages, "run_train", real_train)
+    monkeypatch.setattr(commands, "compress", real_compress)
+    monkeypatch.setattr(commands, "train", real_train)
     # under a launcher with several processes the main one may recompress alone, but never retrain alone
     import accelerate
 
@@ -134,17 +135,17 @@ def test_a_results_only_copy_reuses_its_results_and_rebuilds_checkpoints_only_wh
     one_process = accelerate.PartialState
     monkeypatch.setattr(accelerate, "PartialState", TwoProcesses)
     with pytest.raises(RecipeError, match="merged is missing: rebuild it with one process"):
-        stages.run_study(load_recipe(str(path), [*base, "eval.max_windows=3"]))
+        run_study(load_recipe(str(path), [*base, "eval.max_windows=3"]))
     assert (out / "stages/compress/air-r0.50/checkpoint/air_ft.json").exists()
     assert not (out / "stages/train/air-r0.50/merged").exists() and _finished(out)["stages/train/air-r0.50"]
     monkeypatch.setattr(accelerate, "PartialState", one_process)
-    stages.run_study(load_recipe(str(path), [*base, "eval.max_windows=3"]))
+    run_study(load_recipe(str(path), [*base, "eval.max_windows=3"]))
     assert (out / "stages/compress/air-r0.50/checkpoint/air_ft.json").exists()
     assert (out / "stages/train/air-r0.50/merged/air_ft.json").exists()
     steps = [json.loads(line)["step"] for line in (out / "stages/train/air-r0.50/train_log.jsonl").read_text()
              .splitlines()]
     assert steps == sorted(steps) and len(steps) == len(set(steps))  # the retraining started a fresh loss log
-    stages.run_study(load_recipe(str(path), base))  # back to the first evaluation: its results were redone
+    run_study(load_recipe(str(path), base))  # back to the first evaluation: its results were redone
     again = json.loads((out / "report.json").read_text())
     for a, b in zip(first["rows"], again["rows"]):
         assert a["name"] == b["name"]
@@ -156,16 +157,16 @@ def test_changing_only_eval_re_evaluates_without_recompressing_or_retraining(stu
     tmp, path = study
     recipe = load_recipe(str(path), ["study.lora=false", "study.methods=[svdllm]", "eval.tasks=[]",
                                      "eval.efficiency=false"])
-    stages.run_study(recipe)
+    run_study(recipe)
     before = _finished(tmp / "out")
-    monkeypatch.setattr(stages, "run_compress", lambda *a, **k: pytest.fail("recompressed"))
-    stages.run_study(load_recipe(str(path), ["study.lora=false", "study.methods=[svdllm]", "eval.tasks=[]",
+    monkeypatch.setattr(commands, "compress", lambda *a, **k: pytest.fail("recompressed"))
+    run_study(load_recipe(str(path), ["study.lora=false", "study.methods=[svdllm]", "eval.tasks=[]",
                                              "eval.efficiency=false", "eval.max_windows=2"]))
     after = _finished(tmp / "out")
     assert after["stages/compress/svdllm-r0.50"] == before["stages/compress/svdllm-r0.50"]
     assert after["stages/eval/svdllm-r0.50"] != before["stages/eval/svdllm-r0.50"]  # re-evaluated
     assert after["stages/eval/dense"] != before["stages/eval/dense"]
-    stages.run_study(load_recipe(str(path), ["study.lora=false", "study.methods=[svdllm]", "eval.tasks=[]",
+    run_study(load_recipe(str(path), ["study.lora=false", "study.methods=[svdllm]", "eval.tasks=[]",
                                              "eval.efficiency=true", "eval.efficiency_rounds=1",
                                              "eval.max_windows=2"]))
     measured = _finished(tmp / "out")
@@ -176,9 +177,9 @@ def test_changing_only_eval_re_evaluates_without_recompressing_or_retraining(stu
 def test_a_changed_compress_section_redoes_compression(study):
     tmp, path = study
     base = ["study.lora=false", "study.methods=[air]", "eval.tasks=[]", "eval.efficiency=false"]
-    stages.run_study(load_recipe(str(path), base))
+    run_study(load_recipe(str(path), base))
     before = _finished(tmp / "out")
-    stages.run_study(load_recipe(str(path), [*base, "compress.delta=0.5"]))
+    run_study(load_recipe(str(path), [*base, "compress.delta=0.5"]))
     after = _finished(tmp / "out")
     assert after["stages/compress/air-r0.50"] != before["stages/compress/air-r0.50"]
     assert after["stages/eval/dense"] == before["stages/eval/dense"]
@@ -187,15 +188,15 @@ def test_a_changed_compress_section_redoes_compression(study):
 def test_execution_settings_keep_the_compression_and_sequential_redoes_it(study, monkeypatch):
     tmp, path = study
     base = ["study.lora=false", "study.methods=[svdllm]", "eval.tasks=[]", "eval.efficiency=false"]
-    stages.run_study(load_recipe(str(path), base))
+    run_study(load_recipe(str(path), base))
     before = _finished(tmp / "out")
-    real = stages.run_compress
-    monkeypatch.setattr(stages, "run_compress", lambda *a, **k: pytest.fail("recompressed"))
-    stages.run_study(load_recipe(str(path), [*base, "compress.stats_memory_gb=0.5", "compress.cache=false",
+    real = commands.compress
+    monkeypatch.setattr(commands, "compress", lambda *a, **k: pytest.fail("recompressed"))
+    run_study(load_recipe(str(path), [*base, "compress.stats_memory_gb=0.5", "compress.cache=false",
                                              "compress.checkpointing=true", "compress.data_parallel=false"]))
     assert _finished(tmp / "out") == before
-    monkeypatch.setattr(stages, "run_compress", real)
-    stages.run_study(load_recipe(str(path), [*base, "compress.sequential=false"]))
+    monkeypatch.setattr(commands, "compress", real)
+    run_study(load_recipe(str(path), [*base, "compress.sequential=false"]))
     after = _finished(tmp / "out")
     assert after["stages/compress/svdllm-r0.50"] != before["stages/compress/svdllm-r0.50"]
 
@@ -203,7 +204,7 @@ def test_execution_settings_keep_the_compression_and_sequential_redoes_it(study,
 def test_a_killed_study_continues_from_its_finished_stages(study, monkeypatch):
     tmp, path = study
     recipe = load_recipe(str(path), ["study.lora=false", "eval.tasks=[]", "eval.efficiency=false"])
-    real, calls = stages.evaluate_model, []
+    real, calls = commands.evaluate_model, []
 
     def dies_on_third(*a, **k):
         calls.append(1)
@@ -211,16 +212,16 @@ def test_a_killed_study_continues_from_its_finished_stages(study, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(stages, "evaluate_model", dies_on_third)
+    monkeypatch.setattr(commands, "evaluate_model", dies_on_third)
     with pytest.raises(KeyboardInterrupt):
-        stages.run_study(recipe)
+        run_study(recipe)
     done = _finished(tmp / "out")
     assert set(done) == {"stages/eval/dense", "stages/compress/svdllm-r0.50", "stages/eval/svdllm-r0.50",
                          "stages/compress/air-r0.50"}
     assert not (tmp / "out" / "report.json").exists()
-    monkeypatch.setattr(stages, "evaluate_model", real)
-    monkeypatch.setattr(stages, "run_compress", lambda *a, **k: pytest.fail("recompressed"))
-    stages.run_study(recipe)
+    monkeypatch.setattr(commands, "evaluate_model", real)
+    monkeypatch.setattr(commands, "compress", lambda *a, **k: pytest.fail("recompressed"))
+    run_study(recipe)
     after = _finished(tmp / "out")
     assert {k: after[k] for k in done} == done and "stages/eval/air-r0.50" in after
     assert (tmp / "out" / "report.json").exists()
@@ -337,7 +338,7 @@ def test_every_error_type_reaches_the_cli_as_one_line(study, monkeypatch, capsys
         monkeypatch.setattr(native, "load", raiser(native.NativeUnavailable("no C compiler found")))
         args.append("compress.als_backend=native")
     else:
-        monkeypatch.setattr(stages, "evaluate_model", raiser(torch.OutOfMemoryError("CUDA out of memory")))
+        monkeypatch.setattr(commands, "evaluate_model", raiser(torch.OutOfMemoryError("CUDA out of memory")))
     assert main(args) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("air-ft:")]
     assert len(err) == 1 and message in err[0], err

@@ -17,7 +17,7 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallb
 import air_ft
 from air_ft.config import RecipeError, load_recipe
 from air_ft.lora import apply_lora
-from air_ft.stages import run_train
+from air_ft.pipeline.commands import train as run_train
 from air_ft.train import build_trainer, finetune, text_blocks
 
 from .conftest import tiny_llama

@@ -1,0 +1,241 @@
+"""Run a study's plan (:func:`air_ft.pipeline.plan.plan`): each stage once, reusing every finished one.
+
+:func:`run_study` is ``air-ft run``. The executor walks the plan in order; a stage whose directory holds its key
+is reused, any other is done (and a killed training stage resumes from its Trainer checkpoints). A finished
+stage whose files are gone (a results-only copy of a study, as committed to a repository: markers and logs
+without checkpoints) is redone on the main process only when a later stage needs its files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+from air_ft import dist
+from air_ft.config import Recipe, to_dict
+from air_ft.errors import RecipeError
+from air_ft.pipeline import commands
+from air_ft.pipeline.cache import StageDir, stage_key
+from air_ft.pipeline.plan import Stage, check_study, lora_budget, plan
+from air_ft.pipeline.provenance import run_metadata, save_resolved, study_provenance
+
+__all__ = ["run_study", "Executor", "setup"]
+
+
+def run_study(recipe: Recipe) -> dict:
+    """``air-ft run``: dense (optional), every method x retention of ``study``, each optionally LoRA-recovered,
+    evaluated alike; then ``report.json``, ``report.md`` and plots in ``output_dir``. Returns the report."""
+    check_study(recipe)
+    return Executor(recipe, plan(recipe)).run()
+
+
+class Executor:
+    """Runs the stages of one plan in order and keeps their results (``stage.id -> result``)."""
+
+    def __init__(self, recipe: Recipe, stages: list[Stage]):
+        from accelerate import PartialState
+
+        dist.init_from_env()
+        self.recipe, self.stages = recipe, stages
+        self.by_id = {s.id: s for s in stages}
+        self.results: dict[str, dict] = {}
+        self.state = PartialState()
+        self._dense = None
+        self._texts: dict[str, str] | None = None
+
+    def run(self) -> dict:
+        if self.state.is_main_process:
+            save_resolved(self.recipe, Path(self.recipe.output_dir))
+        for stage in self.stages:
+            self.results[stage.id] = getattr(self, f"_{stage.kind}")(stage)
+        return self.results["report/report"]
+
+    # ------------------------------------------------------------------------------------------ shared inputs
+
+    def dense(self):
+        if self._dense is None:
+            self._dense = commands.load_dense(self.recipe)
+        return self._dense
+
+    def eval_texts(self) -> dict[str, str]:
+        if self._texts is None:
+            self._texts = {name: commands.texts([spec])[0] for name, spec in self.recipe.data.evaluation.items()}
+        return self._texts
+
+    # --------------------------------------------------------------------------------------------- the cache
+
+    def _run(self, stage: Stage, label: str, work) -> dict:
+        """``work(path)`` unless the stage directory holds a finished stage with its key; print what happened.
+
+        Under a launcher with several processes the main process does the work and the others wait and read its
+        result, except for ``all_ranks`` stages, which every process runs together.
+        """
+        cache = StageDir(stage.path, stage.key)
+        done = cache.cached()
+        if done is not None:
+            if self.state.is_main_process:
+                print(f"[air-ft] {label}: reused {stage.path}", flush=True)
+            return done
+        if self.state.is_main_process:
+            print(f"[air-ft] {label} ...", flush=True)
+            cache.begin()
+        if stage.all_ranks:
+            self.state.wait_for_everyone()
+        result = None
+        if stage.all_ranks or self.state.is_main_process:
+            t0 = time.perf_counter()
+            result = work(stage.path)
+            seconds = time.perf_counter() - t0
+            if self.state.is_main_process:
+                print(f"[air-ft] {label}: done in {seconds:.0f} s", flush=True)
+                result = cache.finish({**result, "seconds": seconds}, seconds)
+        self.state.wait_for_everyone()
+        return result if self.state.is_main_process else cache.cached()
+
+    def _ensure(self, stage: Stage, collective: bool = False) -> Path:
+        """The stage's artifact (a checkpoint directory), redone on the main process when its files are gone.
+        ``collective``: every process calls this and waits for the main one."""
+        from air_ft.checkpoint import MARKER
+
+        artifact = stage.path / ("checkpoint" if stage.kind == "compress" else "merged")
+        if not (artifact / MARKER).exists() and self.state.is_main_process:
+            if stage.kind == "train":
+                self._ensure(self.by_id[stage.inputs[0]])  # training reads the compressed checkpoint
+                if self.state.num_processes > 1:
+                    raise RecipeError(f"{artifact} is missing: rebuild it with one process (air-ft run without "
+                                      f"accelerate launch), or delete {stage.path} to retrain it with all of them")
+            label = f"{'compress' if stage.kind == 'compress' else 'LoRA-recover'} {stage.name}"
+            print(f"[air-ft] {label}: {artifact} is not here; redoing the stage", flush=True)
+            cache = StageDir(stage.path, stage.key)
+            cache.begin()
+            t0 = time.perf_counter()
+            with dist.local():
+                result = self._work(stage)(stage.path)
+            seconds = time.perf_counter() - t0
+            cache.finish({**result, "seconds": seconds}, seconds)
+        if collective:
+            self.state.wait_for_everyone()
+        return artifact
+
+    def _load(self, source: str | None):
+        """The model a stage reads: the dense one, or a stage's checkpoint."""
+        if source is None:
+            return self.dense()
+        return commands.load_any(self._ensure(self.by_id[source]), self.recipe)
+
+    # ------------------------------------------------------------------------------------------------ stages
+
+    def _work(self, stage: Stage):
+        """The function that does a compress or train stage's work in its directory."""
+        if stage.kind == "compress":
+            def compress(path: Path) -> dict:
+                # perplexity belongs to the evaluate stage: the compress stage evaluates nothing
+                rec = dataclasses.replace(stage.recipe, output_dir=str(path / "checkpoint"),
+                                          data=dataclasses.replace(stage.recipe.data, evaluation={}))
+                return dataclasses.asdict(commands.compress(rec, dense=self.dense()))
+            return compress
+        source = self.by_id[stage.inputs[0]]
+        spent = self.results[source.id]["info"].get("train_tokens", 0)  # ACIP's mask phase and post-tune
+        budget = lora_budget(stage.recipe, spent, stage.name, self.state.num_processes)
+
+        def train(path: Path) -> dict:
+            rec = dataclasses.replace(stage.recipe, output_dir=str(path), train=dataclasses.replace(
+                budget, compressed_path=str(source.path / "checkpoint")))
+            return commands.train(rec)
+        return train
+
+    def _compress(self, stage: Stage) -> dict:
+        return self._run(stage, f"compress {stage.name}", self._work(stage))
+
+    def _train(self, stage: Stage) -> dict:
+        if StageDir(stage.path, stage.key).cached() is None:  # training reads the compressed checkpoint
+            self._ensure(self.by_id[stage.inputs[0]], collective=True)
+        return self._run(stage, f"LoRA-recover {stage.name}", self._work(stage))
+
+    def _eval(self, stage: Stage) -> dict:
+        source = stage.inputs[0] if stage.inputs else None
+
+        def work(path: Path) -> dict:
+            model, tok = self._load(source)
+            return commands.evaluate_model(model, tok, self.recipe, self.eval_texts(), with_efficiency=False)
+
+        return self._run(stage, f"evaluate {stage.name}", work)
+
+    def shape(self, stage: Stage) -> str:
+        """A key of the layer shapes of an evaluation stage's model: speed and size depend on them alone."""
+        if not stage.inputs:
+            return "dense"
+        source = self.by_id[stage.inputs[0]]
+        if source.kind == "compress":
+            return stage_key("shape", self.results[source.id]["info"].get("ranks") or source.key)
+        lora = self.recipe.lora  # a merge into the factors (or truncated back to rank k) keeps every shape
+        compressed = next(s for s in self.stages if s.kind == "eval" and s.inputs == source.inputs)
+        same = lora.placement == "factors" or lora.merge == "truncate"
+        return self.shape(compressed) if same else stage_key("shape", self.shape(compressed), to_dict(lora))
+
+    def _efficiency(self, stage: Stage) -> dict:
+        """Every distinct shape measured in turns in one process, on its first model: ratios from one run."""
+        from air_ft.efficiency import compare
+
+        firsts: dict[str, Stage] = {}
+        for sid in stage.inputs:
+            firsts.setdefault(self.shape(self.by_id[sid]), self.by_id[sid])
+        loaders = {s.name: (lambda s=s: self._load(s.inputs[0] if s.inputs else None)) for s in firsts.values()}
+        ev = self.recipe.eval
+        return self._run(stage, "measure speed and size", lambda path: compare(
+            loaders, rounds=ev.efficiency_rounds, batch_sizes=tuple(ev.decode_batch_sizes)))
+
+    def _report(self, stage: Stage) -> dict:
+        from air_ft.report import write_report
+
+        rows = [self.row(self.by_id[sid]) for sid in stage.inputs if sid.startswith("eval/")]
+        report = {"title": f"air_ft study: {self.recipe.model.name_or_path} {self.recipe.model.gguf_file or ''}"
+                           .strip(),
+                  "setup": setup(self.recipe), "rows": rows, "recipe": to_dict(self.recipe),
+                  "environment": run_metadata(self.recipe),
+                  "provenance": study_provenance(self.recipe, self.eval_texts(), rows)}
+        if self.state.is_main_process:
+            write_report(report, stage.path)
+        return report
+
+    def row(self, stage: Stage) -> dict:
+        """The report row of an evaluation stage: how its model was made, and everything measured on it."""
+        row = stage.row
+        out: dict = {"name": row.name, "method": row.method, "retention": row.retention, "lora": row.lora}
+        if stage.inputs:
+            source = self.by_id[stage.inputs[0]]
+            compress = self.results[source.inputs[0] if source.kind == "train" else source.id]
+            info = compress["info"]
+            tokens = {"calibration": info.get("calibration_tokens", 0), "training": info.get("train_tokens", 0)}
+            out["compress"] = info
+            if source.kind == "train":
+                trained = self.results[source.id]
+                out.update(train=trained, tokens={**tokens, "training": tokens["training"] + trained["tokens"]},
+                           train_log=commands.read_log(source.path / "train_log.jsonl"))
+            else:
+                out["tokens"] = tokens
+        out.update(self.results[stage.id])
+        measured = self.results.get("efficiency/efficiency")
+        if measured is not None:
+            first = next(s for s in self.stages if s.kind == "eval" and self.shape(s) == self.shape(stage))
+            if measured.get(first.name) is not None:
+                out["efficiency"] = {**measured[first.name], "measured_on": first.name}
+        return out
+
+
+def setup(recipe: Recipe) -> dict:
+    """The report's description of how every row was made and measured."""
+    c, t, e = recipe.compress, recipe.train, recipe.eval
+    return {"model": recipe.model.name_or_path + (f" ({recipe.model.gguf_file})" if recipe.model.gguf_file else ""),
+            "dtype": recipe.model.dtype, "device": recipe.model.device,
+            "calibration_tokens": c.num_samples * c.seq_len, "calibration": f"{c.num_samples} x {c.seq_len} tokens, "
+            f"seed {c.seed}", "lora_train_tokens": t.max_steps * t.step_tokens() if recipe.study.lora else 0,
+            "equal_tokens": recipe.study.equal_tokens,
+            "lora": (f"{recipe.lora.placement}, r {recipe.lora.rank}, {t.max_steps} steps x {t.batch_size} x "
+                     f"{t.seq_len} tokens, lr {t.learning_rate}, distill {t.distill}" if recipe.study.lora else None),
+            "perplexity": f"{e.seq_len}-token windows" + (f", {e.max_windows} evenly spaced per text"
+                                                          if e.max_windows else ", whole text"),
+            "tasks": list(e.tasks), "task_limit": e.limit, "seed": e.seed,
+            "retention_counts": "parameters of the compressed decoder linear layers only; whole-model counts in "
+                                "the params column"}

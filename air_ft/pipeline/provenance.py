@@ -1,0 +1,63 @@
+"""What is written next to every output so that a result can be traced: the resolved recipe, package versions,
+seed, git commit and command line, and for a study the content hashes of the texts and task documents."""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from air_ft.config import Recipe, to_dict
+from air_ft.files import write_json, write_text
+
+__all__ = ["run_metadata", "git_commit", "save_resolved", "study_provenance"]
+
+PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "lm-eval")
+
+
+def git_commit() -> str:
+    """The git commit of the package's checkout ('' outside one)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def run_metadata(recipe: Recipe) -> dict:
+    """Versions, seed, git commit and command line."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import air_ft
+
+    versions = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = None
+    return {"air_ft": air_ft.__version__, **versions, "python": platform.python_version(),
+            "seed": recipe.compress.seed, "git_commit": git_commit(), "argv": sys.argv}
+
+
+def save_resolved(recipe: Recipe, out_dir: Path) -> None:
+    """``recipe.resolved.yaml`` and ``run_metadata.json`` in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text(out_dir / "recipe.resolved.yaml", yaml.safe_dump(to_dict(recipe), sort_keys=False))
+    write_json(out_dir / "run_metadata.json", run_metadata(recipe))
+
+
+def study_provenance(recipe: Recipe, eval_texts: dict[str, str], rows: list[dict]) -> dict:
+    """Where every evaluation text and task came from, with content hashes, and the calibration sources."""
+    texts = {name: {**recipe.data.evaluation[name], "sha256": hashlib.sha256(text.encode()).hexdigest()[:16],
+                    "characters": len(text)} for name, text in eval_texts.items()}
+    tasks = {}
+    for row in rows:
+        for task, res in row.get("tasks", {}).items():
+            tasks.setdefault(task, {k: res.get(k) for k in ("source", "split", "papers_split", "content_sha256",
+                                                             "documents_sha256", "n", "of", "seed", "lm_eval")})
+    return {"texts": texts, "calibration": recipe.data.calibration, "tasks": tasks}

@@ -19,7 +19,7 @@ from air_ft.methods import METHODS as METHOD_TABLE
 
 __all__ = ["CompressConfig", "ModelConfig", "DataConfig", "EvalConfig", "TrainConfig", "LoraConfig", "StudyConfig",
            "AcipConfig", "Recipe",
-           "load_recipe", "apply_overrides", "build_dataclass", "result_fields", "RecipeError"]
+           "load_recipe", "read_recipe", "apply_overrides", "build_dataclass", "result_fields", "RecipeError"]
 
 METHODS = tuple(METHOD_TABLE)  # every entry of air_ft.methods.METHODS
 INFLUENCES = ("wxg", "fisher", "fisher_whitened")
@@ -438,16 +438,40 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def load_recipe(path: str | None, overrides: list[str] | None = None) -> Recipe:
-    """Read a YAML recipe (or start from defaults when ``path`` is None) and apply overrides."""
-    raw: dict = {}
-    if path is not None:
-        if not os.path.isfile(path):
-            raise RecipeError(f"recipe {path!r} does not exist; see recipes/ for the shipped ones")
-        with open(path) as fh:
+def _merge(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``: mappings merge key by key, anything else (lists included) is replaced."""
+    out = dict(base)
+    for key, val in over.items():
+        out[key] = _merge(out[key], val) if isinstance(val, dict) and isinstance(out.get(key), dict) else val
+    return out
+
+
+def read_recipe(path: str | os.PathLike, _seen: tuple = ()) -> dict:
+    """The raw mapping of a YAML recipe, with the recipe named by its ``base:`` key (a path relative to the
+    recipe's folder) underneath: shared model and data blocks live in one file, each recipe says what differs."""
+    path = os.path.abspath(path)
+    if not os.path.isfile(path):
+        raise RecipeError(f"recipe {path!r} does not exist; see recipes/ for the shipped ones")
+    if path in _seen:
+        raise RecipeError(f"recipe {path!r} is its own base (through {' -> '.join(_seen)}); break the cycle")
+    with open(path) as fh:
+        try:
             raw = yaml.safe_load(fh) or {}
-        if not isinstance(raw, dict):
-            raise RecipeError(f"recipe {path!r} must be a mapping of sections, got {type(raw).__name__}")
+        except yaml.YAMLError as err:
+            raise RecipeError(f"recipe {path!r} is not valid YAML: {' '.join(str(err).split())}") from err
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe {path!r} must be a mapping of sections, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise RecipeError(f"base in {path!r} must be the path of another recipe, got {base!r}")
+    return _merge(read_recipe(os.path.join(os.path.dirname(path), base), (*_seen, path)), raw)
+
+
+def load_recipe(path: str | None, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe and its base (or start from defaults when ``path`` is None) and apply overrides."""
+    raw = read_recipe(path) if path is not None else {}
     raw = apply_overrides(raw, overrides or [])
     return build_dataclass(Recipe, raw)
 

@@ -81,3 +81,34 @@ def test_failure_mid_run_leaves_no_checkpoint_and_one_line(workspace, capsys):
 def test_console_entry_point_runs_as_module():
     res = subprocess.run([sys.executable, "-m", "air_ft", "--help"], capture_output=True, text=True)
     assert res.returncode == 0 and "compress" in res.stdout and "train" in res.stdout
+
+
+def test_a_bug_keeps_its_traceback_and_bad_input_is_one_line(workspace, monkeypatch, capsys):
+    """A mistyped dict key in our code is not the user's fault: it propagates (exit 1 with a traceback from the
+    console script); an AirFtError of any kind is one line with exit 2."""
+    from air_ft import errors
+    from air_ft.pipeline import commands
+
+    tmp, recipe = workspace
+
+    def buggy(recipe, *a, **k):
+        return {}["base"]
+
+    monkeypatch.setattr(commands, "compress", buggy)
+    with pytest.raises(KeyError, match="base"):
+        main(["compress", "--recipe", str(recipe)])
+    for kind in (errors.RecipeError, errors.DataError, errors.AssetError, errors.CheckpointError,
+                 errors.CalibrationError, errors.WhiteningError, errors.NativeUnavailable, errors.TaskError):
+        def bad_input(recipe, *a, kind=kind, **k):
+            raise kind(f"{kind.__name__}: change this\nsecond line")
+
+        monkeypatch.setattr(commands, "compress", bad_input)
+        assert main(["compress", "--recipe", str(recipe)]) == 2
+        err = capsys.readouterr().err
+        assert err == f"air-ft: error: {kind.__name__}: change this\n", err
+    # and through the console script: exit 1 and the traceback for a bug
+    script = ("import sys; from air_ft.pipeline import commands; from air_ft.cli import main\n"
+              "commands.compress = lambda recipe: {}['base']\n"
+              f"sys.exit(main(['compress', '--recipe', {str(recipe)!r}]))")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert res.returncode == 1 and "Traceback" in res.stderr and "KeyError: 'base'" in res.stderr

@@ -173,3 +173,21 @@ def test_svdllm_does_not_depend_on_the_square_root_but_air_does(model, tokenizer
     wa, wb, wc = (m.get_submodule(name).weight_product.detach() for m in (a, b, c))
     assert torch.allclose(wa, wb, atol=1e-4 * float(wa.abs().max()))
     assert not torch.allclose(wa, wc, atol=1e-3 * float(wa.abs().max()))
+
+
+def test_compress_returns_a_typed_result_that_still_reads_as_the_old_dict(model, tokenizer, text):
+    from air_ft.compress import CompressResult
+
+    result = air_ft.compress(model, tokenizer, [text], method="svdllm", retention=0.5, num_samples=4, seq_len=32,
+                             progress=False, cache=False)
+    assert isinstance(result, CompressResult) and result.method == "svdllm"
+    factored = {n: m.rank for n, m in model.named_modules() if isinstance(m, air_ft.LowRankLinear)}
+    assert {n: k for n, k in result.ranks.items() if k is not None} == factored
+    assert result.linear_params_after == sum(k * (m.in_features + m.out_features) for n, m in model.named_modules()
+                                             if isinstance(m, air_ft.LowRankLinear) for k in [m.rank])
+    assert result.retention_actual == result.linear_params_after / result.linear_params_before
+    assert model.config.air_ft == {"method": "svdllm", "retention": 0.5, "ranks": factored}
+    as_json = result.to_json(objective=False)
+    assert "objective" not in as_json and as_json["ranks"] == result.ranks and as_json["stream"]["blocks"] == 2
+    with pytest.warns(DeprecationWarning, match="result.ranks"):
+        assert result["ranks"] == result.ranks

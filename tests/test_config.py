@@ -26,6 +26,66 @@ def test_every_shipped_recipe_loads(path):
     assert recipe.output_dir
 
 
+def _header_commands(path: Path) -> list[list[str]]:
+    """The ``air-ft ...`` / ``accelerate launch ... -m air_ft ...`` commands in a recipe's header comment, as argv
+    for air_ft's own parser (a line ending in a backslash continues on the next; a trailing ``# ...`` dropped)."""
+    import shlex
+
+    header, joined = [], ""
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        text = line[1:].strip()
+        joined = f"{joined} {text}".strip()
+        if joined.endswith("\\"):
+            joined = joined[:-1]
+            continue
+        header.append(joined)
+        joined = ""
+    commands = []
+    for line in header:
+        if not line.startswith(("air-ft ", "accelerate launch ")):
+            continue  # prose
+        words = shlex.split(line.split(" # ")[0])
+        if words[:1] == ["air-ft"]:
+            commands.append(words[1:])
+        elif words[:2] == ["accelerate", "launch"] and "-m" in words:
+            commands.append(words[words.index("-m") + 2:])
+    return commands
+
+
+@pytest.mark.parametrize("path", [p for p in RECIPES if not p.name.startswith("_")],
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_the_commands_in_every_recipe_header_parse_and_load(path):
+    """The command a recipe's header shows is what a user copies: it must name the recipe, parse, and load."""
+    from air_ft.cli import _parser
+
+    commands = _header_commands(path)
+    assert commands, f"{path.name} shows no air-ft command in its header"
+    for argv in commands:
+        args = _parser().parse_args(argv)
+        if args.command in ("run", "compress", "train", "eval"):
+            assert Path(ROOT / args.recipe).resolve() == path.resolve(), (argv, path)
+            load_recipe(str(ROOT / args.recipe), args.overrides)
+
+
+def test_a_recipe_inherits_its_base_and_overrides_what_it_sets(tmp_path):
+    (tmp_path / "_base.yaml").write_text("model: {name_or_path: m, dtype: bfloat16}\n"
+                                         "data: {calibration: [{source: a.txt}], evaluation: {t: {source: b.txt}}}\n")
+    (tmp_path / "r.yaml").write_text("base: _base.yaml\nmodel: {dtype: float32}\n"
+                                     "data: {calibration: [{source: c.txt}]}\n")
+    recipe = load_recipe(str(tmp_path / "r.yaml"))
+    assert (recipe.model.name_or_path, recipe.model.dtype) == ("m", "float32")  # merged key by key
+    assert recipe.data.calibration == [{"source": "c.txt"}]  # a list replaces the base's
+    assert recipe.data.evaluation == {"t": {"source": "b.txt"}}
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(RecipeError, match="its own base"):
+        load_recipe(str(tmp_path / "loop.yaml"))
+    (tmp_path / "broken.yaml").write_text("model: [unclosed\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(str(tmp_path / "broken.yaml"))
+
+
 def test_unknown_keys_list_valid_ones(tmp_path):
     bad = tmp_path / "r.yaml"
     bad.write_text("compress:\n  retension: 0.5\n")

@@ -11,10 +11,10 @@ import pytest
 import torch
 import yaml
 
-from air_ft.pipeline import commands
-from air_ft.pipeline.execute import run_study
 from air_ft.cli import main
 from air_ft.config import RecipeError, load_recipe
+from air_ft.pipeline import commands
+from air_ft.pipeline.execute import run_study
 
 from .conftest import save_piqa_like, tiny_llama
 

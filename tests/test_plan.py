@@ -1,0 +1,131 @@
+"""The study as data: the plan of a recipe, inspected without loading a model, and the cache keys it carries."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from air_ft.config import Recipe, load_recipe, result_fields
+from air_ft.errors import RecipeError
+from air_ft.methods import METHODS
+from air_ft.pipeline.plan import KINDS, check_study, lora_budget, plan
+
+GRID = ["study.methods=[svdllm, air, acip]", "study.retentions=[0.8, 0.6]", "study.lora=[air, acip]",
+        "output_dir=/tmp/x", "acip.post_tune_steps=2", "train.max_steps=100"]
+
+
+def _plan(*overrides: str):
+    return plan(load_recipe(None, [*GRID, *overrides]))
+
+
+def _keys(stages) -> dict[str, str]:
+    return {s.id: s.key for s in stages}
+
+
+def test_the_plan_lists_every_row_in_order_with_its_inputs():
+    stages = _plan()
+    assert [s.id for s in stages] == [
+        "eval/dense",
+        "compress/svdllm-r0.80", "eval/svdllm-r0.80",
+        "compress/air-r0.80", "eval/air-r0.80", "train/air-r0.80", "eval/air-r0.80+lora",
+        "compress/acip-r0.80", "eval/acip-r0.80", "train/acip-r0.80", "eval/acip-r0.80+lora",
+        "compress/svdllm-r0.60", "eval/svdllm-r0.60",
+        "compress/air-r0.60", "eval/air-r0.60", "train/air-r0.60", "eval/air-r0.60+lora",
+        "compress/acip-r0.60", "eval/acip-r0.60", "train/acip-r0.60", "eval/acip-r0.60+lora",
+        "efficiency/efficiency", "report/report"]
+    by_id = {s.id: s for s in stages}
+    seen: set[str] = set()
+    for s in stages:  # every stage runs after the stages it reads
+        assert s.kind in KINDS and set(s.inputs) <= seen, s.id
+        seen.add(s.id)
+    assert by_id["eval/air-r0.60+lora"].inputs == ("train/air-r0.60",)
+    assert by_id["train/air-r0.60"].inputs == ("compress/air-r0.60",)
+    assert by_id["eval/dense"].inputs == ()
+    assert str(by_id["train/air-r0.60"].path) == "/tmp/x/stages/train/air-r0.60"
+    assert by_id["compress/acip-r0.60"].recipe.compress.method == "acip"
+    assert by_id["compress/acip-r0.60"].recipe.compress.retention == 0.6
+    row = by_id["eval/acip-r0.80+lora"].row
+    assert (row.name, row.method, row.retention, row.lora) == ("acip-r0.80+lora", "acip", 0.8, True)
+    # one-shot compression and training run on every process; a method that trains compresses on the main one
+    assert by_id["compress/air-r0.60"].all_ranks and not by_id["compress/acip-r0.60"].all_ranks
+    assert by_id["train/air-r0.60"].all_ranks and not by_id["eval/air-r0.60"].all_ranks
+    assert len({s.key for s in stages}) == len(stages)
+
+
+def test_a_changed_field_rekeys_its_stage_and_everything_downstream_and_nothing_else():
+    base = _keys(_plan())
+
+    def changed(*overrides: str) -> set[str]:
+        new = _keys(_plan(*overrides))
+        return {i for i in base if new[i] != base[i]}
+
+    # a compression setting: every compressed model, what trains on it and what evaluates it
+    assert changed("compress.delta=0.5") == {i for i in base if not i.startswith("eval/dense")}
+    # an evaluation setting: evaluations, the speed measurement and the report; no compression, no training
+    assert changed("eval.max_windows=3") == {i for i in base if i.split("/")[0] in ("eval", "efficiency", "report")}
+    # a training setting: the trainings, their evaluations, the measurement keyed by them and the report
+    assert changed("train.learning_rate=0.1") == {
+        "train/air-r0.80", "eval/air-r0.80+lora", "train/acip-r0.80", "eval/acip-r0.80+lora",
+        "train/air-r0.60", "eval/air-r0.60+lora", "train/acip-r0.60", "eval/acip-r0.60+lora",
+        "efficiency/efficiency", "report/report"}
+    # ACIP's own settings key its compression (they change what it produces), nobody else's
+    assert {i.split("/")[1].split("+")[0] for i in changed("acip.lambda_growth=1.05")} >= {"acip-r0.80"}
+    assert not any("air-" in i or "svdllm" in i for i in changed("acip.lambda_growth=1.05"))
+    # speed settings key the measurement (and the report) only
+    assert changed("eval.efficiency_rounds=5") == {"efficiency/efficiency", "report/report"}
+    # how the work is done changes no result
+    for how in ("compress.progress=false", "compress.cache=false", "compress.stats_memory_gb=1",
+                "train.progress=false", "train.save_steps=7", "train.resume=false"):
+        assert changed(how) == set(), how
+
+
+def test_every_recipe_field_says_whether_it_keys_a_stage():
+    """A field declared without air_ft.config._f would key nothing by mistake (or everything): each one says."""
+    for section in dataclasses.fields(Recipe):
+        cls = section.type if isinstance(section.type, type) else type(getattr(Recipe(), section.name))
+        if not dataclasses.is_dataclass(cls):
+            assert set(section.metadata) >= {"help", "keys"}, section.name
+            continue
+        for f in dataclasses.fields(cls):
+            assert isinstance(f.metadata.get("keys"), bool) and f.metadata.get("help"), f"{section.name}.{f.name}"
+            assert f.metadata.get("stage") in (None, "efficiency"), f"{section.name}.{f.name}"
+    # the classification reaches the keys: an execution-only field is absent, a result field present
+    fields = result_fields(Recipe().compress)
+    assert "delta" in fields and "progress" not in fields and "cache" not in fields
+    assert set(result_fields(Recipe().eval, "efficiency")) == {"decode_batch_sizes", "efficiency_rounds"}
+
+
+def test_methods_are_entries_that_the_config_and_the_plan_read():
+    assert tuple(METHODS) == ("svd", "asvd", "fwsvd", "svdllm", "air", "acip")
+    assert [m for m in METHODS.values() if m.trains] == [METHODS["acip"]]
+    assert all((m.factor is None) == m.trains for m in METHODS.values())
+    assert not METHODS["svd"].calibrates and METHODS["air"].whitened and METHODS["asvd"].needs_gram
+    # AIR needs a backward only when its influence is on
+    cfg = Recipe().compress
+    assert METHODS["air"].influence(cfg) == cfg.influence
+    assert METHODS["air"].influence(dataclasses.replace(cfg, delta=0.0)) is None
+    with pytest.raises(RecipeError, match="choose one of"):
+        load_recipe(None, ["compress.method=nope"])
+
+
+def test_the_lora_budget_of_a_method_that_trained_while_compressing():
+    recipe = load_recipe(None, [*GRID, "train.batch_size=2", "train.seq_len=8"])  # 16 tokens a step
+    assert lora_budget(recipe, 0, "air").max_steps == 100
+    assert lora_budget(recipe, 16 * 30 + 5, "acip").max_steps == 69  # whole steps left of 1,600 tokens
+    assert lora_budget(dataclasses.replace(recipe, study=dataclasses.replace(recipe.study, equal_tokens=False)),
+                       16 * 30, "acip").max_steps == 100
+    with pytest.raises(RecipeError, match="whole LoRA budget"):
+        lora_budget(recipe, 16 * 100, "acip")
+
+
+def test_a_study_is_refused_before_any_model_loads():
+    with pytest.raises(RecipeError, match="nothing to evaluate"):
+        check_study(load_recipe(None, GRID))
+    ok = [*GRID, "data.evaluation={t: {source: x.txt}}", "data.calibration=[{source: x.txt}]"]
+    with pytest.raises(RecipeError, match="acip.stop_retention"):
+        check_study(load_recipe(None, [*ok, "study.retentions=[0.3]"]))
+    with pytest.raises(RecipeError, match="post-tune alone"):
+        check_study(load_recipe(None, [*ok, "acip.post_tune_steps=5000"]))
+    with pytest.raises(RecipeError, match="data.calibration is empty"):
+        check_study(load_recipe(None, [*GRID, "data.evaluation={t: {source: x.txt}}"]))

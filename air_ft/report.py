@@ -309,8 +309,8 @@ def _efficiency_lines(report: dict) -> list[str]:
         lines += [f"- {s}" for s in slower]
     if more_memory:
         why = ("the resident set also holds freed memory the allocator keeps, more of it when a model's many "
-               "distinct layer ranks fragment the heap, so this need not be live tensors; air_ft now measures "
-               "glibc's heap bytes in use instead, and a rerun of the study measures again"
+               "distinct layer ranks fragment the heap, so this need not be live tensors (the heap-in-use measure "
+               "counts live allocations only)"
                if "resident set" in d["peak_forward_measure"] else
                "activations: each factored layer adds its rank-k intermediate, while its weights are smaller")
         lines += ["", f"Above dense in peak forward memory ({why}):"]

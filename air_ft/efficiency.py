@@ -20,7 +20,7 @@ from torch import nn
 from air_ft.errors import RecipeError
 from air_ft.modeling import FusedLowRankLinear, LowRankLinear, count_parameters, find_targets, prepare_model
 
-__all__ = ["efficiency", "compare", "parameter_counts", "flops_per_token", "checkpoint_bytes"]
+__all__ = ["efficiency", "compare", "parameter_counts", "flops_per_token", "checkpoint_bytes", "peak_forward_bytes"]
 
 
 def _linear_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -96,7 +96,7 @@ def _median_seconds(fn, device: torch.device, repeats: int, warmup: int = 1) -> 
 MEMORY_MEASURE = "cuda: allocator peak; cpu: glibc heap bytes in use (mallinfo2), else the resident set"
 
 
-def _peak_forward_bytes(model: nn.Module, ids: torch.Tensor, measure: str = "heap") -> tuple[int, str]:
+def peak_forward_bytes(model: nn.Module, ids: torch.Tensor, measure: str = "heap") -> tuple[int, str]:
     """Memory one forward needs above what was held before it, and how it was measured. On CPU ``measure`` is
     ``heap`` (glibc's bytes in use; the resident set where glibc lacks it) or ``rss`` (the resident set)."""
     device = ids.device
@@ -237,7 +237,7 @@ def efficiency(model: nn.Module, tok=None, batch_sizes: tuple[int, ...] = (1, 16
     was_training = model.training
     model.eval()
     ids = torch.randint(0, vocab, (1, prefill_len), generator=torch.Generator().manual_seed(0)).to(device)
-    peaks = [_peak_forward_bytes(model, ids) for _ in range(repeats)]
+    peaks = [peak_forward_bytes(model, ids) for _ in range(repeats)]
     peak, how = int(statistics.median(p for p, _ in peaks)), peaks[0][1]
     prefill = _median_seconds(lambda: model(input_ids=ids, use_cache=False), device, repeats)
     decode = {str(b): _decode_seconds(model, b, prompt_len, decode_steps, repeats, vocab, device)

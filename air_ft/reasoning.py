@@ -114,7 +114,7 @@ def _fingerprint(path: Path) -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def _task_manager():
+def task_manager():
     """lm-eval's task registry (indexing every YAML takes seconds: built once per process)."""
     from lm_eval.tasks import TaskManager
 
@@ -123,7 +123,7 @@ def _task_manager():
 
 def check_tasks(names: list[str]) -> None:
     """Refuse task names lm-eval does not know, with close matches (before any model is loaded)."""
-    manager = _task_manager()
+    manager = task_manager()
     unknown = [n for n in names if manager._entry(n) is None]  # noqa: SLF001 - the registry lookup of lm-eval
     if unknown:
         close = {n: [t for t in manager.all_subtasks if n.split("_")[0] in t][:5] for n in unknown}
@@ -131,10 +131,10 @@ def check_tasks(names: list[str]) -> None:
                         f"(the default set is {list(DEFAULT_TASKS)})")
 
 
-def _build_tasks(names: list[str], root: Path | None, label: str = "") -> tuple[dict, dict]:
+def build_tasks(names: list[str], root: Path | None, label: str = "") -> tuple[dict, dict]:
     """lm-eval ``Task`` objects for ``names`` (their documents from ``root`` where it has them) and provenance."""
     check_tasks(names)
-    manager = _task_manager()
+    manager = task_manager()
     tasks, provenance = {}, {}
     for name in names:
         entry = manager._entry(name)  # noqa: SLF001
@@ -210,7 +210,7 @@ def evaluate_tasks(model: nn.Module, tok, tasks: list[str] | tuple[str, ...] = D
                         f"{batch_size!r}")
     prepare_model(model)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    built, provenance = _build_tasks(list(tasks), *task_data_root(data))
+    built, provenance = build_tasks(list(tasks), *task_data_root(data))
     samples, out = {}, {}
     for name, task in built.items():
         n = len(task.eval_docs)

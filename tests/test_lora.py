@@ -204,7 +204,7 @@ def test_residual_init_refuses_what_it_cannot_do(tokenizer, text):
     air_ft.compress(model, tokenizer, None, method="svdllm", retention=0.6, stats=stats, progress=False)
     with pytest.raises(ValueError, match="needs the 'layer' placement"):
         residual_init(apply_lora(copy.deepcopy(model), "factors"), dense, {})
-    with pytest.raises(KeyError, match="no dense weight or calibration Gram"):
+    with pytest.raises(RecipeError, match="no dense weight or calibration Gram"):
         residual_init(apply_lora(model, "layer"), dense, {})
     with pytest.raises(RecipeError, match="need the dense model"):
         air_ft.finetune(model, tokenizer, [text], placement="layer", lora_init="residual", distill=0.0)

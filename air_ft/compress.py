@@ -210,6 +210,10 @@ def compress(model: nn.Module, tok, texts: list[str] | None = None, method: str 
     if stats is not None and need_infl and entry.influence(cfg) not in stats.influence:
         raise RecipeError(f"calibration statistics hold no {entry.influence(cfg)!r} influence; recalibrate")
     params_before = count_parameters(model)
+    # counted now: a layer's dense weight is released as soon as its factors replace it
+    linear_before = sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0) for m in targets.values())
+    linear_after = sum((m.weight.numel() if ranks[n] is None else ranks[n] * sum(m.weight.shape))
+                       + (m.bias.numel() if m.bias is not None else 0) for n, m in targets.items())
     math_device = torch.device(device) if device else next(model.parameters()).device
     info: dict = {"method": cfg.method, "retention": cfg.retention, "ranks": dict(ranks), "rungs": {},
                   "objective": {}, "config": {k: v for k, v in vars(cfg).items()}}
@@ -224,9 +228,6 @@ def compress(model: nn.Module, tok, texts: list[str] | None = None, method: str 
         if windows is None:
             windows = sample_windows(tok, texts, cfg.num_samples, cfg.seq_len, cfg.seed)
         info.update(_stream(model, windows, targets, ranks, cfg, math_device, info, need_gram, need_infl))
-    linear_before = sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0) for m in targets.values())
-    linear_after = sum((m.weight.numel() if ranks[n] is None else ranks[n] * sum(m.weight.shape))
-                       + (m.bias.numel() if m.bias is not None else 0) for n, m in targets.items())
     record_factoring(model, cfg.method, cfg.retention)
     return CompressResult(
         method=cfg.method, retention=cfg.retention, ranks=info["ranks"], retention_actual=linear_after / linear_before,
@@ -256,7 +257,7 @@ def _factor_layers(model: nn.Module, targets: dict[str, nn.Linear], names: list[
         uf, vf, extra = METHODS[cfg.method].factor(w, ranks[name], layer, cfg)
         if not (torch.isfinite(uf).all() and torch.isfinite(vf).all()):
             raise WhiteningError(f"factors of {name!r} are not finite; raise eps (e.g. eps=1e-6) or use "
-                                        "more calibration samples")
+                                 "more calibration samples")
         done[name] = (uf, vf, extra)
     whitening_cache.clear()
     for name in todo:
@@ -272,6 +273,10 @@ def _factor_layers(model: nn.Module, targets: dict[str, nn.Linear], names: list[
         bias = mod.bias.detach() if mod.bias is not None else None
         set_module(model, name, LowRankLinear.from_factors(uf, vf, bias, dtype=mod.weight.dtype,
                                                            device=mod.weight.device))
+        # the dense layer is out of the model: drop the last reference to it, so its weight is freed now rather
+        # than living beside its factors until the whole model is done
+        targets[name] = model.get_submodule(name)
+        del mod, uf, vf
         if "rung" in extra:
             info["rungs"][name] = extra["rung"]
         if "objective_start" in extra:
@@ -574,6 +579,7 @@ def _restore(run: BlockStore, i: int, model: nn.Module, targets: dict[str, nn.Li
         bias = mod.bias.detach() if mod.bias is not None else None
         set_module(model, name, LowRankLinear.from_factors(tensors[key], tensors[f"v::{name}"], bias,
                                                            dtype=mod.weight.dtype, device=mod.weight.device))
+        targets[name] = model.get_submodule(name)  # the dense layer is freed (see _factor_layers)
     info["rungs"].update(meta["rungs"])
     info["objective"].update(meta["objective"])
 

@@ -299,3 +299,28 @@ def test_sequential_reuses_the_first_groups_statistics_and_only_those(tokenizer,
     fresh, _ = _compressed(copy.deepcopy(base), tokenizer, text, method="air", stats_memory_gb=1e-6,
                            sequential=True, cache=False)
     assert _same_state(fresh, seq) < 1e-6 and _same_state(plain, seq) > 1e-4
+
+
+def test_a_layers_dense_weight_is_freed_as_soon_as_its_factors_replace_it(tokenizer, text):
+    """When the last decoder block runs (for its own statistics), the first block's dense weights must already be
+    gone: memory then holds the factors of the finished blocks and the weights of the others, never both."""
+    import weakref
+
+    model = tiny_llama(vocab_size=len(tokenizer), layers=4)
+    first = {n: weakref.ref(m.weight) for n, m in model.model.layers[0].named_modules()
+             if isinstance(m, nn.Linear)}
+    last = {n: weakref.ref(m.weight) for n, m in model.model.layers[-1].named_modules()
+            if isinstance(m, nn.Linear)}
+    seen = []
+
+    def check(module, args):
+        gc.collect()
+        seen.append(({n: r() is None for n, r in first.items()}, {n: r() is None for n, r in last.items()}))
+
+    model.model.layers[-1].register_forward_pre_hook(check)
+    air_ft.compress(model, tokenizer, [text], method="svdllm", retention=0.5, num_samples=4, seq_len=32,
+                    batch_size=2, sequential=True, cache=False, progress=False)
+    assert seen, "the last block never ran"
+    freed_first, freed_last = seen[-1]
+    assert len(freed_first) == 7 and all(freed_first.values()), freed_first
+    assert not any(freed_last.values())  # the block still to be factored keeps its weights

@@ -282,6 +282,13 @@ def stats_key(fingerprint: str, windows: torch.Tensor, targets: list[str], influ
     return h.hexdigest()[:24]
 
 
+def stats_dir() -> Path:
+    """Where calibration statistics are cached (``AIR_FT_CACHE/stats``)."""
+    from air_ft.assets import cache_root
+
+    return cache_root() / "stats"
+
+
 def save_stats(stats: CalibrationStats, path: Path) -> None:
     """Write stats as safetensors + JSON, atomically (a crash leaves no file that :func:`load_stats` accepts)."""
     from safetensors.torch import save_file

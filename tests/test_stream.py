@@ -25,7 +25,6 @@ from air_ft.stream import find_blocks
 from tests.conftest import make_text, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
-compress_mod = sys.modules["air_ft.compress"]  # the module (air_ft.compress is also the function)
 SMALL = dict(num_samples=8, seq_len=32, batch_size=2, progress=False, sequential=False)  # the reference is dense-input
 
 
@@ -112,33 +111,29 @@ def _live_bytes(model: nn.Module) -> int:
     return total
 
 
-def _peak_while_compressing(monkeypatch, model, tok, text, reference: bool) -> int:
+def _peak_while_compressing(model, tok, text, reference: bool) -> int:
     peak = [0]
-    factor = compress_mod._factor_layers
 
-    def probe(m, *args, **kwargs):  # called once per block (streamed) or once for the whole model (reference)
+    def probe(block, names):  # once per block (streamed) or once for the whole model (reference)
         peak[0] = max(peak[0], _live_bytes(model))
-        return factor(m, *args, **kwargs)
 
-    monkeypatch.setattr(compress_mod, "_factor_layers", probe)
-    options = dict(method="air", influence="wxg", stats_memory_gb=1e-6, cache=False)
+    options = dict(method="air", influence="wxg", stats_memory_gb=1e-6, cache=False, on_block=probe)
     if reference:
-        cfg = CompressConfig(**SMALL, **options)
+        cfg = CompressConfig(**SMALL, **{k: v for k, v in options.items() if k != "on_block"})
         stats = get_stats(model, tok, [text], find_targets(model), cfg, influence=True)
         air_ft.compress(model, tok, stats=stats, **SMALL, **options)
         del stats
     else:
         air_ft.compress(model, tok, [text], **SMALL, **options)
-    monkeypatch.setattr(compress_mod, "_factor_layers", factor)
     return peak[0]
 
 
-def test_peak_statistics_memory_does_not_grow_with_the_number_of_blocks(monkeypatch, tokenizer, text):
+def test_peak_statistics_memory_does_not_grow_with_the_number_of_blocks(tokenizer, text):
     gc.collect()
-    streamed = [_peak_while_compressing(monkeypatch, tiny_llama(len(tokenizer), layers=n), tokenizer, text, False)
+    streamed = [_peak_while_compressing(tiny_llama(len(tokenizer), layers=n), tokenizer, text, False)
                 for n in (2, 4)]
     gc.collect()
-    reference = [_peak_while_compressing(monkeypatch, tiny_llama(len(tokenizer), layers=n), tokenizer, text, True)
+    reference = [_peak_while_compressing(tiny_llama(len(tokenizer), layers=n), tokenizer, text, True)
                  for n in (2, 4)]
     # the all-at-once path holds every block's Grams and maps, so the probe does see statistics
     assert reference[1] > 1.6 * reference[0]
@@ -146,20 +141,17 @@ def test_peak_statistics_memory_does_not_grow_with_the_number_of_blocks(monkeypa
     assert streamed[1] < 0.5 * reference[1]
 
 
-def test_stats_are_cached_per_block_and_a_killed_compression_resumes(monkeypatch, tokenizer, text):
+def test_stats_are_cached_per_block_and_a_killed_compression_resumes(tokenizer, text):
     base = tiny_llama(vocab_size=len(tokenizer), layers=3)
     calls = []
-    factor = compress_mod._factor_layers
 
-    def dies_at_block_1(model, targets, names, *args, **kwargs):
-        calls.append(names[0])
-        if ".layers.1." in names[0] and len(calls) == 2:
+    def dies_after_block_0(block, names):
+        calls.append(block)
+        if block == 0:
             raise KeyboardInterrupt  # what a kill looks like to Python
-        return factor(model, targets, names, *args, **kwargs)
 
-    monkeypatch.setattr(compress_mod, "_factor_layers", dies_at_block_1)
     with pytest.raises(KeyboardInterrupt):
-        _compressed(copy.deepcopy(base), tokenizer, text, method="air")
+        _compressed(copy.deepcopy(base), tokenizer, text, method="air", on_block=dies_after_block_0)
     cache = Path(os.environ["AIR_FT_CACHE"])
     (stats_dir,) = (cache / "stats").glob("blocks-*")
     names = sorted(p.name for p in stats_dir.glob("*.json"))
@@ -169,20 +161,20 @@ def test_stats_are_cached_per_block_and_a_killed_compression_resumes(monkeypatch
     assert sorted(p.name for p in run_dir.glob("*.json")) == ["factors-0000.json"]
 
     calls.clear()
-    resumed, info = _compressed(copy.deepcopy(base), tokenizer, text, method="air")
-    assert info["stream"]["resumed_blocks"] == 1 and info["calibration_cached"]
-    assert [c.split(".")[2] for c in calls] == ["1", "2"]  # block 0 was not factored again
+    resumed, info = _compressed(copy.deepcopy(base), tokenizer, text, method="air",
+                                on_block=lambda block, names: calls.append(block))
+    assert info.stream["resumed_blocks"] == 1 and info.calibration_cached
+    assert calls == [1, 2]  # block 0 was not factored again
     assert not run_dir.exists()  # a finished run leaves no partial state behind
-    monkeypatch.setattr(compress_mod, "_factor_layers", factor)
     fresh, _ = _compressed(copy.deepcopy(base), tokenizer, text, method="air", cache=False)
     assert _same_state(fresh, resumed) == 0.0
-    assert set(info["objective"]) == {n for n, m in resumed.named_modules() if isinstance(m, LowRankLinear)}
+    assert set(info.objective) == {n for n, m in resumed.named_modules() if isinstance(m, LowRankLinear)}
     # another retention on the same data: every statistic comes from the cache, no block runs at all
     model, ran = copy.deepcopy(base), []
     for blk in model.model.layers:
         blk.register_forward_pre_hook(lambda *a: ran.append(1))
     _, again = _compressed(model, tokenizer, text, method="air", retention=0.4)
-    assert again["calibration_cached"] and not ran
+    assert again.calibration_cached and not ran
 
 
 def test_layers_outside_the_decoder_blocks_are_refused_with_what_to_do(tokenizer, text):

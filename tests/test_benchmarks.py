@@ -154,3 +154,23 @@ def test_acip_budget_rows_carry_the_seconds_of_their_own_stages(monkeypatch, tmp
     assert rows["AIR + LoRA"]["stage_seconds"] == {"compress": 11.0, "train": 22.0, "evaluate": 4.0}
     assert rows["ACIP-style"]["stage_seconds"] == {"compress": 55.0, "evaluate": None}
     assert "stage_seconds" not in acip_budget.summarize(report, 1)["rows"]["AIR"]
+
+
+def test_every_result_is_cited_and_the_index_is_current():
+    """benchmarks/results keeps what the READMEs cite (or a cited result was built from), listed in INDEX.md."""
+    proc = subprocess.run([sys.executable, str(BENCH / "index.py"), "--check"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_no_benchmark_imports_a_private_name():
+    import ast
+
+    for script in sorted(BENCH.glob("*.py")):
+        for node in ast.walk(ast.parse(script.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("air_ft"):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private, f"{script.name} imports {private} from {node.module}"
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.attr.startswith("_") \
+                    and not node.attr.startswith("__") and node.value.id in ("air_ft", "compress", "stages"):
+                raise AssertionError(f"{script.name} reads {node.value.id}.{node.attr}")

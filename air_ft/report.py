@@ -11,37 +11,17 @@ from pathlib import Path
 
 from air_ft.errors import AssetError
 from air_ft.files import write_text
-from air_ft.methods import METHODS
+from air_ft.plots import plot
+from air_ft.rows import METHOD_NAMES, headline_metric
+from air_ft.rows import columns as _columns
+from air_ft.rows import fmt_ppl as _fmt_ppl
+from air_ft.rows import label as _label
+from air_ft.rows import mean_accuracy as _mean_accuracy
+from air_ft.rows import mean_accuracy_se as _mean_accuracy_se
+from air_ft.rows import measurement_groups as _measurement_groups
+from air_ft.rows import task_gap as _task_gap
 
 __all__ = ["write_report", "render_report", "headline_metric", "head_to_head", "markdown", "METHOD_NAMES"]
-
-METHOD_NAMES = {name: entry.label for name, entry in METHODS.items()}
-
-
-def headline_metric(task: dict) -> str:
-    """The accuracy a table shows for a task: ``acc_norm`` where lm-eval reports it (length-normalized, the
-    convention for piqa, hellaswag, arc and openbookqa), else ``acc`` (winogrande, boolq); both are in the JSON."""
-    return "acc_norm" if task.get("acc_norm") is not None else "acc"
-
-
-def _mean_accuracy(row: dict) -> float | None:
-    vals = [t[headline_metric(t)] for t in row.get("tasks", {}).values()]
-    return sum(vals) / len(vals) if vals else None
-
-
-def _mean_accuracy_se(row: dict) -> float | None:
-    """Standard error of the mean accuracy over the tasks, the tasks taken as independent samples."""
-    tasks = list(row.get("tasks", {}).values())
-    if not tasks:
-        return None
-    return math.sqrt(sum((t.get(f"{headline_metric(t)}_stderr") or 0.0) ** 2 for t in tasks)) / len(tasks)
-
-
-def _task_gap(a: dict, b: dict) -> tuple[float, float]:
-    """One task's headline accuracy of ``a`` minus ``b``, and the standard error of that difference (unpaired)."""
-    k = headline_metric(a)
-    return a[k] - b[k], math.hypot(a.get(f"{k}_stderr") or 0.0, b.get(f"{k}_stderr") or 0.0)
-
 
 def head_to_head(report: dict, method: str = "air") -> list[dict]:
     """``method`` against every other compressed method at the same retention, without and with LoRA: the
@@ -91,26 +71,6 @@ def _head_to_head_lines(report: dict) -> list[str]:
                      + " | ".join(f"{v:+.1f} %" for v in p["ppl_change_pct"].values())
                      + f" | {acc} | {gap} | {tok} |")
     return lines + [""]
-
-
-def _fmt_ppl(v: float) -> str:
-    if not math.isfinite(v):
-        return "inf"
-    return f"{v:.3g}" if v >= 1e4 else f"{v:.2f}"
-
-
-def _label(row: dict) -> str:
-    if row["method"] == "dense":
-        return "dense"
-    return METHOD_NAMES.get(row["method"], row["method"]) + (" + LoRA" if row.get("lora") else "")
-
-
-def _columns(report: dict) -> tuple[list[str], list[str], list[int]]:
-    rows = report["rows"]
-    texts = list(dict.fromkeys(t for r in rows for t in r.get("perplexity", {})))
-    tasks = list(dict.fromkeys(t for r in rows for t in r.get("tasks", {})))
-    batches = sorted({int(b) for r in rows if r.get("efficiency") for b in r["efficiency"]["decode_s_per_token"]})
-    return texts, tasks, batches
 
 
 def _model_params(row: dict) -> int | None:
@@ -257,16 +217,6 @@ def _task_lines(report: dict, tasks: list[str]) -> list[str]:
     return lines + [""]
 
 
-def _measurement_groups(rows: list[dict]) -> list[tuple[str, list[dict]]]:
-    """Rows with the same layer shapes share one measurement (``measured_on``): ``(label, rows)`` per measurement,
-    the label naming the methods that share it."""
-    groups: dict[str, list[dict]] = {}
-    for r in rows:
-        if r.get("efficiency"):
-            groups.setdefault(r["efficiency"].get("measured_on", r["name"]), []).append(r)
-    return [(", ".join(dict.fromkeys(_label(g) for g in group)), group) for group in groups.values()]
-
-
 def _efficiency_lines(report: dict) -> list[str]:
     rows = [r for r in report["rows"] if r.get("efficiency")]
     dense = next((r for r in rows if r["method"] == "dense"), None)
@@ -320,90 +270,6 @@ def _efficiency_lines(report: dict) -> list[str]:
 
 def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "n/a"
-
-
-def plot(report: dict, out_dir: Path) -> list[str]:
-    """PNG plots next to the report; returns the file names written."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = report["rows"]
-    texts, tasks, _ = _columns(report)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    series: dict[str, list[dict]] = {}
-    for r in rows:
-        if r["method"] != "dense":
-            series.setdefault(_label(r), []).append(r)
-    dense = next((r for r in rows if r["method"] == "dense"), None)
-    if texts:
-        fig, axes = plt.subplots(1, len(texts), figsize=(4.5 * len(texts), 3.6), squeeze=False)
-        for ax, t in zip(axes[0], texts):
-            for label, rs in series.items():
-                pts = sorted((r["retention"], r["perplexity"][t]["ppl"]) for r in rs if t in r["perplexity"])
-                ax.plot(*zip(*pts), marker="o", label=label)
-            if dense and t in dense["perplexity"]:
-                ax.axhline(dense["perplexity"][t]["ppl"], color="k", ls="--", lw=1, label="dense")
-            ax.set_yscale("log")
-            ax.set_xlabel("retention (decoder linear parameters kept)")
-            ax.set_ylabel(f"perplexity, {t} (log)")
-            ax.invert_xaxis()
-        axes[0][0].legend(fontsize=8)
-        written.append(_save(fig, out_dir / "perplexity.png"))
-    if tasks:
-        fig, ax = plt.subplots(figsize=(5, 3.6))
-        for label, rs in series.items():
-            pts = sorted((r["retention"], 100 * _mean_accuracy(r)) for r in rs if r.get("tasks"))
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=label)
-        if dense and dense.get("tasks"):
-            ax.axhline(100 * _mean_accuracy(dense), color="k", ls="--", lw=1, label="dense")
-        ax.set_xlabel("retention")
-        ax.set_ylabel(f"mean accuracy over {len(tasks)} tasks (%)")
-        ax.invert_xaxis()
-        ax.legend(fontsize=8)
-        written.append(_save(fig, out_dir / "accuracy.png"))
-    logs = [(f"{_label(r)} {r['retention']:.2f}", r["train_log"]) for r in rows if r.get("train_log")]
-    if logs:
-        fig, ax = plt.subplots(figsize=(5.5, 3.6))
-        for label, log in logs:
-            pts = [(e["step"], e["loss"]) for e in log if "loss" in e]
-            if pts:
-                ax.plot(*zip(*pts), label=label)
-        ax.set_xlabel("step")
-        ax.set_ylabel("training loss")
-        ax.legend(fontsize=7)
-        written.append(_save(fig, out_dir / "train_loss.png"))
-    # one bar per measurement: the rows of one shape share it
-    eff = [(label, group[0]) for label, group in _measurement_groups(rows) if group[0]["method"] != "dense"]
-    if dense and dense.get("efficiency") and eff:
-        d = dense["efficiency"]
-        metrics = {f"decode b{b}": (lambda e, b=b: d["decode_s_per_token"][b] / e["decode_s_per_token"][b])
-                   for b in d["decode_s_per_token"]}
-        metrics["prefill"] = lambda e: e["prefill_tokens_per_s"] / d["prefill_tokens_per_s"]
-        metrics["checkpoint"] = lambda e: d["checkpoint_bytes"] / e["checkpoint_bytes"]
-        fig, ax = plt.subplots(figsize=(min(14.0, 0.6 * len(metrics) * len(eff) + 4), 3.6))
-        width = 0.8 / len(eff)
-        for i, (label, r) in enumerate(eff):
-            ax.bar([j + i * width for j in range(len(metrics))], [f(r["efficiency"]) for f in metrics.values()],
-                   width, label=f"{r['retention']:.2f}: {label}")
-        ax.axhline(1.0, color="k", ls="--", lw=1)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(metrics))], list(metrics), fontsize=8)
-        ax.set_ylabel("speed-up / size reduction vs dense (x)")
-        ax.legend(fontsize=7)
-        written.append(_save(fig, out_dir / "efficiency.png"))
-    return written
-
-
-def _save(fig, path: Path) -> str:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name
 
 
 def write_report(report: dict, out_dir: str | os.PathLike) -> Path:

@@ -4,25 +4,31 @@ The hidden states entering decoder block 0 are captured once for every calibrati
 with its blocks passed through), together with the keyword arguments each block receives (position embeddings,
 masks; captured per block, since models with sliding-window layers pass different masks to different blocks). A
 block is then run on its own over those hidden states, with hooks that accumulate its statistics, and its outputs
-become the next block's inputs. Statistics of finished blocks live on disk (:class:`BlockStore`), never all in
-memory.
+become the next block's inputs. Statistics of finished blocks live on disk (:class:`BlockStore`; the per-block cache
+of a compression and its resume files are one :class:`BlockCache`), never all in memory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from air_ft import dist
+from air_ft.assets import cache_root
+from air_ft.calibration import CalibrationStats, model_fingerprint, stats_dir, stats_key
 from air_ft.errors import RecipeError
 from air_ft.files import atomic_file, write_text
+from air_ft.modeling import LowRankLinear, set_module
 
-__all__ = ["Blocks", "find_blocks", "BlockInputs", "capture_inputs", "run_block", "BlockStore", "passthrough",
-           "inject"]
+__all__ = ["Blocks", "find_blocks", "BlockInputs", "capture_inputs", "run_block", "BlockStore", "BlockCache",
+           "Records", "passthrough", "inject"]
 
 
 @dataclass
@@ -264,3 +270,127 @@ class BlockStore:
 
         path, meta_path = self._paths(kind, i)
         return load_file(str(path), device=str(device)), json.loads(meta_path.read_text())
+
+
+@dataclass
+class Records:
+    """What factoring some layers recorded: the damping rung of each whitening, AIR's objective before / after."""
+
+    rungs: dict[str, str] = field(default_factory=dict)
+    objective: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, other: Records) -> Records:
+        self.rungs.update(other.rungs)
+        self.objective.update(other.objective)
+        return self
+
+    def of(self, names: list[str]) -> Records:
+        return Records({n: self.rungs[n] for n in names if n in self.rungs},
+                       {n: self.objective[n] for n in names if n in self.objective})
+
+
+
+def _maps_from(tensors: dict) -> dict[str, dict[str, torch.Tensor]]:
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, val in tensors.items():
+        sig, name = key.split("::", 1)
+        out.setdefault(sig, {})[name] = val
+    return out
+
+
+def _stats_from(tensors: dict, meta: dict, tokens: int) -> CalibrationStats:
+    grams = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith("gram::")}
+    abs_sum = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith("abs::")}
+    return CalibrationStats(grams, abs_sum, meta["group_of"], tokens)
+
+
+class BlockCache:
+    """The per-block disk cache of one streamed compression, or a cache that holds nothing (``cache: false``).
+
+    ``stats``: every block's dense Grams (``grams-<i>``) and influence maps (``<kind>-<i>``), keyed by the model's
+    weights, the calibration tokens and the target names, so every later run on the same data reuses them.
+    ``run``: this run's finished blocks' factors and records, keyed by the statistics and every compress setting,
+    so a killed run resumes from its last finished block; removed when the run completes. Under several processes
+    the main one writes and all read, and :attr:`stored` is what the main process saw before anything was written
+    (every process must take the same branches: a block one process reads back while another computes it would
+    leave a collective waiting).
+    """
+
+    def __init__(self, stats: BlockStore | None, run: BlockStore | None, kind: str, n_blocks: int,
+                 device: torch.device):
+        self.stats, self.run, self.kind, self.device = stats, run, kind, device
+        stored = dist.broadcast_object({
+            "grams": [i for i in range(n_blocks) if stats is not None and stats.has("grams", i)],
+            "maps": [i for i in range(n_blocks) if stats is not None and stats.has(kind, i)]}, 0)
+        self.stored = {k: set(v) for k, v in stored.items()}
+
+    @classmethod
+    def open(cls, model: nn.Module, windows: torch.Tensor, targets: dict, cfg, ranks: dict, kind: str,
+             n_blocks: int) -> BlockCache:
+        device = next(model.parameters()).device
+        if not cfg.cache:
+            return cls(None, None, kind, n_blocks, device)
+        key = dist.broadcast_object(stats_key(model_fingerprint(model), windows, list(targets), "blocks"), 0)
+        stats = BlockStore(stats_dir() / f"blocks-{key}", writer=dist.is_main())
+        settings = {k: v for k, v in vars(cfg).items() if k not in ("progress", "cache", "device")}
+        run_key = hashlib.sha256(json.dumps([stats.root.name, settings, ranks], sort_keys=True,
+                                            default=str).encode()).hexdigest()[:24]
+        return cls(stats, BlockStore(cache_root() / "runs" / run_key, writer=dist.is_main()), kind, n_blocks,
+                   device)
+
+    @property
+    def enabled(self) -> bool:
+        return self.stats is not None
+
+    def has_grams(self, i: int) -> bool:
+        return i in self.stored["grams"]
+
+    def has_maps(self, i: int) -> bool:
+        return i in self.stored["maps"]
+
+    def grams(self, i: int, tokens: int) -> CalibrationStats:
+        return _stats_from(*self.stats.load("grams", i, self.device), tokens)
+
+    def save_grams(self, i: int, st: CalibrationStats) -> None:
+        self.stats.save("grams", i, {**{f"gram::{k}": v for k, v in st.grams.items()},
+                                     **{f"abs::{k}": v for k, v in st.abs_sum.items()}},
+                        {"group_of": st.group_of, "tokens": st.tokens})
+
+    def maps(self, i: int) -> dict[str, dict[str, torch.Tensor]]:
+        return _maps_from(self.stats.load(self.kind, i, self.device)[0])
+
+    def save_maps(self, i: int, per: dict[str, dict[str, torch.Tensor]]) -> None:
+        self.stats.save(self.kind, i, {f"{sig}::{n}": t for sig, m in per.items() for n, t in m.items()},
+                        {"signals": sorted(per)})
+
+    def finished(self, i: int) -> bool:
+        return self.run is not None and self.run.has("factors", i)
+
+    def save_factors(self, i: int, model: nn.Module, names: list[str], records: Records) -> None:
+        """Block ``i``'s factors (as the model stores them) and records, for a resumed run."""
+        if self.run is None:
+            return
+        tensors = {}
+        for n in names:
+            mod = model.get_submodule(n)
+            if isinstance(mod, LowRankLinear):
+                tensors[f"u::{n}"], tensors[f"v::{n}"] = mod.factor_u.weight, mod.factor_v.weight
+        own = records.of(names)
+        self.run.save("factors", i, tensors, {"rungs": own.rungs, "objective": own.objective})
+
+    def restore(self, i: int, model: nn.Module, targets: dict[str, nn.Linear]) -> Records:
+        """Swap in block ``i``'s stored factors; their records."""
+        tensors, meta = self.run.load("factors", i)
+        for key in [k for k in tensors if k.startswith("u::")]:
+            name = key[3:]
+            mod = targets[name]
+            bias = mod.bias.detach() if mod.bias is not None else None
+            set_module(model, name, LowRankLinear.from_factors(tensors[key], tensors[f"v::{name}"], bias,
+                                                               dtype=mod.weight.dtype, device=mod.weight.device))
+            targets[name] = model.get_submodule(name)  # the dense layer is freed
+        return Records(meta["rungs"], meta["objective"])
+
+    def close(self) -> None:
+        """The run completed: its resume files are no longer needed."""
+        if self.run is not None and self.run.writer:
+            shutil.rmtree(self.run.root, ignore_errors=True)

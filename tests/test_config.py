@@ -191,3 +191,24 @@ def test_drop_lines_and_source_keys_are_checked(tmp_path):
         load_recipe(None, ["data.calibration=[{source: a.txt, colour: red}]"])
     with pytest.raises(RecipeError, match="with a 'source' key"):
         load_recipe(None, ["data.evaluation={heldout: {start: 0.5}}"])
+
+
+def test_the_recipe_reference_page_is_generated_from_the_config(capsys):
+    """docs/recipe.md is `air-ft options`: every field once, with its default and whether it keys a stage."""
+    import dataclasses
+
+    from air_ft.cli import main
+    from air_ft.config import Recipe, describe
+
+    page = describe()
+    assert (ROOT / "docs" / "recipe.md").read_text() == page + "\n", "regenerate docs/recipe.md (air-ft options)"
+    for section in dataclasses.fields(Recipe):
+        value = getattr(Recipe(), section.name)
+        if dataclasses.is_dataclass(value):
+            for f in dataclasses.fields(value):
+                assert page.count(f"| `{section.name}.{f.name}` |") == 1, f"{section.name}.{f.name}"
+    assert "| `compress.progress` | `true` | no |" in page and "| `compress.delta` | `2.0` | yes |" in page
+    assert "| `eval.decode_batch_sizes` | `[1, 16]` | efficiency |" in page
+    assert main(["options", "lora"]) == 0
+    out = capsys.readouterr().out
+    assert "`lora.rank`" in out and "`train.max_steps`" not in out

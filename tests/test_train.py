@@ -18,7 +18,8 @@ import air_ft
 from air_ft.config import RecipeError, load_recipe
 from air_ft.lora import apply_lora
 from air_ft.pipeline.commands import train as run_train
-from air_ft.train import build_trainer, finetune, text_blocks
+from air_ft.train import build_trainer, finetune
+from air_ft.train_data import text_blocks
 
 from .conftest import tiny_llama
 
@@ -115,7 +116,7 @@ def test_one_step_changes_adapters_and_leaves_base_factors_alone(tmp_path):
     peft_model = apply_lora(model, "factors", rank=4)
     before = {n: p.detach().clone() for n, p in peft_model.named_parameters()}
     from air_ft.config import TrainConfig
-    from air_ft.train import _datasets
+    from air_ft.train_data import build_datasets as _datasets
 
     cfg = TrainConfig(max_steps=1, learning_rate=1e-2, seq_len=32, batch_size=2, warmup_ratio=0.0, save_steps=0,
                       eval_steps=0, logging_steps=1, progress=False)
@@ -354,7 +355,7 @@ def test_instruction_data_puts_the_loss_on_the_completion_only(tmp_path):
     rows = [{"prompt": make_text(12, i), "completion": " " + make_text(6, 100 + i)} for i in range(8)]
     path.write_text("\n".join(json.dumps(r) for r in rows))
     from air_ft.config import TrainConfig
-    from air_ft.train import instruction_dataset
+    from air_ft.train_data import instruction_dataset
 
     cfg = TrainConfig(max_steps=1, seq_len=64, batch_size=2, data_format="instruction", data=[{"source": str(path)}],
                       eval_steps=0, save_steps=0, progress=False)

@@ -180,7 +180,7 @@ def _zero3() -> bool:
 
 def _training_texts(recipe: Recipe):
     """The training source, its per-text weights and the held-out source of the ``train`` section."""
-    from air_ft.train import instruction_dataset
+    from air_ft.train_data import instruction_dataset
 
     cfg = recipe.train
     if cfg.data_format == "instruction":

@@ -374,8 +374,23 @@ class StudyConfig:
                                   "batch_size x grad_accum x seq_len): a method that trains while compressing "
                                   "(ACIP's mask phase and post-tune) gets that many fewer LoRA steps; false: every "
                                   "method gets train.max_steps on top of its own")
+    variants: dict[str, dict] = _f({}, "named settings of the compress section to compare as well, e.g. {seq: {}, "
+                                       "dense-stats: {sequential: false}}: every method x retention row is made once "
+                                       "per variant, named <method>-r<retention>-<variant> (empty: one row each, "
+                                       "with the compress section as it is)", keys=False)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.variants, dict) or not all(
+                isinstance(k, str) and k and isinstance(v, dict) for k, v in self.variants.items()):
+            raise RecipeError(f"study.variants must map names to compress settings, got {self.variants!r}")
+        known = {f.name for f in dataclasses.fields(CompressConfig)} - {"method", "retention"}
+        for name, overrides in self.variants.items():
+            if not name.replace("-", "").replace("_", "").isalnum():
+                raise RecipeError(f"study.variants name {name!r}: use letters, digits, - and _ (it names rows)")
+            unknown = sorted(set(overrides) - known)
+            if unknown:
+                raise RecipeError(f"study.variants.{name} sets {unknown}, which are not compress settings (method "
+                                  "and retention are the grid's own axes); valid: " + ", ".join(sorted(known)))
         if isinstance(self.methods, str):
             self.methods = [self.methods]
         bad = [m for m in self.methods if m not in METHODS]

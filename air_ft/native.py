@@ -85,7 +85,9 @@ def load() -> ctypes.CDLL:
             fn.restype = ctypes.c_int
             fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ct, ctypes.c_int64, ctypes.c_void_p]
     except (NativeUnavailable, OSError, subprocess.SubprocessError) as exc:
-        _error = str(exc)
+        detail = " ".join(str(exc).split())
+        _error = (f"the native ALS kernel cannot be built here: install gcc or clang (or set $CC to a working C "
+                  f"compiler), or set compress.als_backend to auto or torch ({detail[:300]})")
         raise NativeUnavailable(_error) from exc
     _lib = lib
     return lib

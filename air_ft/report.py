@@ -24,14 +24,15 @@ from air_ft.rows import task_gap as _task_gap
 __all__ = ["write_report", "render_report", "headline_metric", "head_to_head", "markdown", "METHOD_NAMES"]
 
 def head_to_head(report: dict, method: str = "air") -> list[dict]:
-    """``method`` against every other compressed method at the same retention, without and with LoRA: the
+    """``method`` against every other compressed method at the same retention (and variant), without and with LoRA: the
     perplexity change (%) per text, the mean-accuracy difference with its (unpaired) standard error, each task's
     difference in standard errors, and both rows' training tokens."""
     rows = [r for r in report["rows"] if r["method"] != "dense"]
     out = []
     for a in (r for r in rows if r["method"] == method):
         for b in rows:
-            if b["method"] == method or b["retention"] != a["retention"] or bool(b.get("lora")) != bool(a.get("lora")):
+            if (b["method"] == method or b["retention"] != a["retention"] or bool(b.get("lora")) != bool(a.get("lora"))
+                    or b.get("variant") != a.get("variant")):  # like against like: one variant's settings
                 continue
             ppl = {t: 100 * (a["perplexity"][t]["ppl"] / v["ppl"] - 1) for t, v in b.get("perplexity", {}).items()
                    if t in a.get("perplexity", {})}

@@ -46,7 +46,8 @@ def fmt_ppl(v: float) -> str:
 def label(row: dict) -> str:
     if row["method"] == "dense":
         return "dense"
-    return METHOD_NAMES.get(row["method"], row["method"]) + (" + LoRA" if row.get("lora") else "")
+    variant = f" ({row['variant']})" if row.get("variant") else ""
+    return METHOD_NAMES.get(row["method"], row["method"]) + variant + (" + LoRA" if row.get("lora") else "")
 
 
 def columns(report: dict) -> tuple[list[str], list[str], list[int]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -112,3 +113,16 @@ def test_a_bug_keeps_its_traceback_and_bad_input_is_one_line(workspace, monkeypa
               f"sys.exit(main(['compress', '--recipe', {str(recipe)!r}]))")
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert res.returncode == 1 and "Traceback" in res.stderr and "KeyError: 'base'" in res.stderr
+
+
+def test_a_native_kernel_that_cannot_be_built_says_what_to_do(workspace, tmp_path):
+    """No working C compiler, for real (a fresh kernel cache and $CC pointing nowhere): one line naming the remedy."""
+    tmp, recipe = workspace
+    env = {**os.environ, "CC": str(tmp_path / "no-such-cc"), "AIR_FT_CACHE": str(tmp_path / "cache")}
+    res = subprocess.run([sys.executable, "-m", "air_ft", "compress", "--recipe", str(recipe),
+                          "compress.als_backend=native", "compress.method=air"], capture_output=True, text=True,
+                         env=env, timeout=600)
+    lines = [line for line in res.stderr.splitlines() if line.startswith("air-ft:")]
+    assert res.returncode == 2 and len(lines) == 1, res.stderr[-2000:]
+    assert "install gcc or clang" in lines[0] and "als_backend" in lines[0] and "Traceback" not in res.stderr
+    assert not (tmp / "out").exists()

@@ -129,3 +129,23 @@ def test_a_study_is_refused_before_any_model_loads():
         check_study(load_recipe(None, [*ok, "acip.post_tune_steps=5000"]))
     with pytest.raises(RecipeError, match="data.calibration is empty"):
         check_study(load_recipe(None, [*GRID, "data.evaluation={t: {source: x.txt}}"]))
+
+
+def test_variants_make_one_row_per_setting_and_key_only_their_own_stages():
+    plain = _keys(plan(load_recipe(None, ["study.methods=[svdllm, air]", "study.lora=[air]"])))
+    grid = ["study.methods=[svdllm, air]", "study.lora=[air]",
+            "study.variants={seq: {}, dense-stats: {sequential: false, delta: 1.0}}"]
+    stages = plan(load_recipe(None, grid))
+    ids = [s.id for s in stages]
+    assert "compress/air-r0.60-dense-stats" in ids and "eval/air-r0.60-seq+lora" in ids
+    by_id = {s.id: s for s in stages}
+    rec = by_id["compress/air-r0.60-dense-stats"].recipe.compress
+    assert (rec.sequential, rec.delta, rec.method) == (False, 1.0, "air")
+    assert by_id["eval/air-r0.60-dense-stats+lora"].row.variant == "dense-stats"
+    # an empty variant is the compress section as it is: the same compression as the study without variants
+    assert by_id["compress/air-r0.60-seq"].key == plain["compress/air-r0.60"]
+    assert by_id["compress/air-r0.60-dense-stats"].key != plain["compress/air-r0.60"]
+    for bad, message in (("study.variants={x: {retention: 0.5}}", "grid's own axes"),
+                         ("study.variants={x: {sequential: maybe}}", "true or false")):
+        with pytest.raises(RecipeError, match=message):
+            plan(load_recipe(None, [bad]))

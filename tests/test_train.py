@@ -3,6 +3,7 @@ resume, the merged checkpoint reproduces the adapter model, and ``accelerate lau
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -442,26 +443,23 @@ def test_fsdp_adapter_state_matches_peft_on_the_unwrapped_model(placement):
         torch.testing.assert_close(got[key], value, atol=0, rtol=0)
 
 
-def test_recipe_weights_reach_the_block_packing(tmp_path, compressed_dir, text_file, monkeypatch):
-    import air_ft.train as train_mod
+def test_recipe_weights_reach_the_block_packing(tmp_path, compressed_dir, text_file, tokenizer):
+    from air_ft.pipeline.commands import training_sources
+    from air_ft.train_data import build_datasets
 
     other = tmp_path / "other.txt"
     other.write_text(make_text(3000, 5))
-    seen = []
-    real = train_mod.text_blocks
-
-    def spy(tok, texts, seq_len, num_blocks=None, seed=0, weights=None):
-        seen.append((len(texts), weights))
-        return real(tok, texts, seq_len, num_blocks, seed, weights)
-
-    monkeypatch.setattr(train_mod, "text_blocks", spy)
     recipe = tiny_recipe(tmp_path, compressed_dir, text_file, "train.max_steps=1",
                          f"train.data=[{{source: {text_file}, weight: 3}}, {{source: {other}}}]")
-    run_train(recipe)
-    assert seen[0] == (2, [3.0, 1.0])
-    for bad in ("0", "-1", "true", "'a'"):
-        with pytest.raises(RecipeError, match="weight must be a positive number"):
-            tiny_recipe(tmp_path, compressed_dir, text_file, f"train.data=[{{source: {text_file}, weight: {bad}}}]")
+    texts, weights, _ = training_sources(recipe)
+    assert len(texts) == 2 and weights == [3.0, 1.0]
+    # the packing takes 3 blocks of the first source for every block of the second: two texts of one word each
+    word_a, word_b = _two_words(tokenizer)
+    cfg = dataclasses.replace(recipe.train, max_steps=10, batch_size=4, seq_len=8)
+    train, _ = build_datasets(tokenizer, cfg, [f"{word_a} " * 400, f"{word_b} " * 400], None, 1, weights=weights)
+    first = tokenizer.convert_tokens_to_ids(word_a)
+    from_a = sum(all(t == first for t in block) for block in train["input_ids"])
+    assert len(train) == 40 and from_a == 30
     with pytest.raises(RecipeError, match="raw text only"):
         tiny_recipe(tmp_path, compressed_dir, text_file, "train.data_format=instruction",
                     f"train.data=[{{source: {text_file}, weight: 2}}]")
@@ -474,3 +472,8 @@ def test_finetune_refuses_bad_text_weights_before_wrapping_the_model():
         with pytest.raises(ValueError, match="one positive weight per training text"):
             finetune(model, tok, texts, max_steps=1, seq_len=16, batch_size=1, text_weights=bad)
     assert not any("lora_" in n for n, _ in model.named_parameters())  # nothing was started
+
+
+def _two_words(tokenizer) -> tuple[str, str]:
+    words = sorted(w for w in tokenizer.get_vocab() if w.isalpha())
+    return words[0], words[1]

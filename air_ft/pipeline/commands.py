@@ -23,7 +23,7 @@ from air_ft.pipeline.cache import stage_key
 from air_ft.pipeline.provenance import save_resolved
 
 __all__ = ["CompressRun", "compress", "train", "merge", "evaluate", "evaluate_model", "load_any", "load_dense",
-           "texts", "check_eval", "adapter_base", "read_log"]
+           "texts", "check_eval", "adapter_base", "read_log", "training_sources"]
 
 
 @dataclass
@@ -178,7 +178,7 @@ def _zero3() -> bool:
     return os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "") == "3"
 
 
-def _training_texts(recipe: Recipe):
+def training_sources(recipe: Recipe):
     """The training source, its per-text weights and the held-out source of the ``train`` section."""
     from air_ft.train_data import instruction_dataset
 
@@ -215,7 +215,7 @@ def train(recipe: Recipe, callbacks: list | None = None) -> dict:
     if state.is_main_process:
         save_resolved(recipe, out)
     model, tok, base_path = _load_base(recipe, out)
-    train_src, weights, eval_src = _training_texts(recipe)
+    train_src, weights, eval_src = training_sources(recipe)
     # the uncompressed model, frozen: the distillation teacher and the residual initialization's source
     teacher = load_dense(recipe)[0] if cfg.distill > 0 or lcfg.init == "residual" else None
     last = get_last_checkpoint(str(out / "checkpoints")) if cfg.resume and (out / "checkpoints").is_dir() else None

@@ -203,6 +203,8 @@ class Executor:
         """The report row of an evaluation stage: how its model was made, and everything measured on it."""
         row = stage.row
         out: dict = {"name": row.name, "method": row.method, "retention": row.retention, "lora": row.lora}
+        if row.variant:
+            out["variant"] = row.variant
         if stage.inputs:
             source = self.by_id[stage.inputs[0]]
             compress = self.results[source.inputs[0] if source.kind == "train" else source.id]

@@ -30,10 +30,11 @@ KINDS = ("compress", "train", "eval", "efficiency", "report")
 class Row:
     """One row of the report: a model and how it was made."""
 
-    name: str  # "dense", "air-r0.60", "air-r0.60+lora"
+    name: str  # "dense", "air-r0.60", "air-r0.60+lora" (with variants: "air-r0.60-<variant>")
     method: str  # "dense" or a METHODS name
     retention: float
     lora: bool
+    variant: str = ""  # a study.variants name ("" without variants)
 
 
 @dataclass(frozen=True)
@@ -67,18 +68,20 @@ class Stage:
         return f"{self.kind}/{self.name}"
 
 
-def row_recipe(recipe: Recipe, method: str, retention: float) -> Recipe:
-    """The study's recipe with one grid point's method and retention in its ``compress`` section."""
+def row_recipe(recipe: Recipe, method: str, retention: float, variant: dict | None = None) -> Recipe:
+    """The study's recipe with one grid point's method, retention and variant settings in its ``compress``
+    section (validated as the section is)."""
     return dataclasses.replace(recipe, compress=dataclasses.replace(recipe.compress, method=method,
-                                                                    retention=float(retention)))
+                                                                    retention=float(retention), **(variant or {})))
 
 
 def plan(recipe: Recipe) -> list[Stage]:
     """Every stage of the study in ``recipe``, in an order that runs each after the stages it reads.
 
-    The rows: dense (``study.dense``), then for every retention and method a compressed row and, where
-    ``study.lora`` recovers the method, its LoRA-recovered row. Every row is evaluated alike; with
-    ``eval.efficiency`` one stage measures speed and size of every distinct layer shape; the report comes last.
+    The rows: dense (``study.dense``), then for every retention, method (and ``study.variants`` entry) a
+    compressed row and, where ``study.lora`` recovers the method, its LoRA-recovered row. Every row is evaluated
+    alike; with ``eval.efficiency`` one stage measures speed and size of every distinct layer shape; the report
+    comes last.
     """
     out = Path(recipe.output_dir) / "stages"
     model, data = result_fields(recipe.model), to_dict(recipe.data)
@@ -91,26 +94,26 @@ def plan(recipe: Recipe) -> list[Stage]:
 
     if recipe.study.dense:
         evaluate(Row("dense", "dense", 1.0, False), None, stage_key("dense", model), recipe)
-    for retention in recipe.study.retentions:
-        for name in recipe.study.methods:
-            method, rec = METHODS[name], row_recipe(recipe, name, retention)
-            row = f"{name}-r{float(retention):.2f}"
-            parts = [model, data["calibration"], result_fields(rec.compress)]
-            if method.trains:  # its own training settings change what it produces
-                parts.append(result_fields(rec.acip))
-            comp = Stage("compress", row, stage_key("compress", *parts), out / "compress" / row, (), not method.trains,
-                         rec)
-            stages.append(comp)
-            evaluate(Row(row, name, float(retention), False), comp, comp.key, rec)
-            if not recipe.study.recovers(name):
-                continue
-            budget = [result_fields(rec.train), result_fields(rec.lora), model]
-            if method.trains and recipe.study.equal_tokens:  # its LoRA steps depend on what it trained on
-                budget.append({"equal_tokens": True})
-            train = Stage("train", row, stage_key("train", comp.key, *budget), out / "train" / row, (comp.id,), True,
-                          rec)
-            stages.append(train)
-            evaluate(Row(f"{row}+lora", name, float(retention), True), train, train.key, rec)
+    variants = recipe.study.variants or {"": {}}
+    for retention, name, variant in ((r, m, v) for r in recipe.study.retentions for m in recipe.study.methods
+                                     for v in variants):
+        method, rec = METHODS[name], row_recipe(recipe, name, retention, variants[variant])
+        row = f"{name}-r{float(retention):.2f}" + (f"-{variant}" if variant else "")
+        parts = [model, data["calibration"], result_fields(rec.compress)]
+        if method.trains:  # its own training settings change what it produces
+            parts.append(result_fields(rec.acip))
+        key = stage_key("compress", *parts)
+        comp = Stage("compress", row, key, out / "compress" / row, (), not method.trains, rec)
+        stages.append(comp)
+        evaluate(Row(row, name, float(retention), False, variant), comp, comp.key, rec)
+        if not recipe.study.recovers(name):
+            continue
+        budget = [result_fields(rec.train), result_fields(rec.lora), model]
+        if method.trains and recipe.study.equal_tokens:  # its LoRA steps depend on what it trained on
+            budget.append({"equal_tokens": True})
+        train = Stage("train", row, stage_key("train", comp.key, *budget), out / "train" / row, (comp.id,), True, rec)
+        stages.append(train)
+        evaluate(Row(f"{row}+lora", name, float(retention), True, variant), train, train.key, rec)
     evals = [s for s in stages if s.kind == "eval"]
     if recipe.eval.efficiency:
         sources = {s.name: s.key for s in evals}

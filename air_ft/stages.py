@@ -11,7 +11,6 @@ _MOVED = {
     "run_study": ("air_ft.pipeline.execute", "run_study"),
     "check_study": ("air_ft.pipeline.plan", "check_study"),
     "lora_budget": ("air_ft.pipeline.plan", "lora_budget"),
-    "run_train": ("air_ft.pipeline.commands", "train"),
     "run_merge": ("air_ft.pipeline.commands", "merge"),
     "run_eval": ("air_ft.pipeline.commands", "evaluate"),
     "evaluate_model": ("air_ft.pipeline.commands", "evaluate_model"),
@@ -31,6 +30,15 @@ def run_compress(recipe, dense=None) -> dict:
     warnings.warn("air_ft.stages.run_compress moved to air_ft.pipeline.commands.compress", DeprecationWarning,
                   stacklevel=2)
     return dataclasses.asdict(commands.compress(recipe, dense))
+
+
+def run_train(recipe, callbacks=None) -> dict:
+    """Deprecated: :func:`air_ft.pipeline.commands.train` (which returns a :class:`TrainRun`)."""
+    from air_ft.pipeline import commands
+
+    warnings.warn("air_ft.stages.run_train moved to air_ft.pipeline.commands.train", DeprecationWarning,
+                  stacklevel=2)
+    return dataclasses.asdict(commands.train(recipe, callbacks))
 
 
 def step_tokens(train, num_processes: int = 1) -> int:

@@ -58,7 +58,7 @@ def test_bf16_training_on_one_gpu(tmp_path, compressed_dir, text_file):  # noqa:
     assert use_bf16(None), "bf16 should be on by default on a GPU that supports it"
     recipe = tiny_recipe(tmp_path, compressed_dir, text_file, "train.max_steps=6", "lora.placement=layer")
     summary = run_train(recipe)
-    assert summary["global_step"] == 6
+    assert summary.global_step == 6
     _check_run(tmp_path / "run")
 
 

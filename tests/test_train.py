@@ -229,7 +229,7 @@ def test_train_stage_distils_from_the_recipe_model(tmp_path, compressed_dir, tex
     assert len(steps) == 3 and all(e["kl"] > 0 and e["ce"] > 0 for e in steps)
     # half CE, half KL (temperature 1): the logged loss is their mean
     assert all(abs(e["loss"] - 0.5 * (e["ce"] + e["kl"])) < 1e-3 * e["loss"] for e in steps)
-    assert Path(summary["merged"]).is_dir()
+    assert Path(summary.merged).is_dir()
 
 
 def test_train_stage_starts_layer_adapters_at_the_compression_residual(tmp_path, compressed_dir, text_file):
@@ -240,7 +240,7 @@ def test_train_stage_starts_layer_adapters_at_the_compression_residual(tmp_path,
                          "lora.placement=layer", "lora.init=residual", "train.distill=0", "train.max_steps=1",
                          "train.save_steps=0", "compress.num_samples=4", "compress.seq_len=16")
     summary = run_train(recipe)
-    init = summary["init"]
+    init = summary.init
     assert init["layers"] == 14 and 0 <= init["mean_error_after"] < init["mean_error_before"]
     assert json.loads((tmp_path / "run" / "train_summary.json").read_text())["init"] == init
 
@@ -270,7 +270,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, compre
     assert (tmp_path / "run" / "checkpoints" / "checkpoint-2").is_dir()
     assert not (tmp_path / "run" / "adapter").exists()
     summary = run_train(recipe)
-    assert summary["resumed_from"].endswith("checkpoint-2") and summary["global_step"] == 4
+    assert summary.resumed_from.endswith("checkpoint-2") and summary.global_step == 4
 
     straight = tiny_recipe(tmp_path / "straight", compressed_dir, text_file, *steps)
     run_train(straight)

@@ -22,8 +22,8 @@ from air_ft.methods import METHODS
 from air_ft.pipeline.cache import stage_key
 from air_ft.pipeline.provenance import save_resolved
 
-__all__ = ["CompressRun", "compress", "train", "merge", "evaluate", "evaluate_model", "load_any", "load_dense",
-           "texts", "check_eval", "adapter_base", "read_log", "training_sources"]
+__all__ = ["CompressRun", "TrainRun", "compress", "train", "merge", "evaluate", "evaluate_model", "load_any",
+           "load_dense", "texts", "check_eval", "adapter_base", "read_log", "training_sources"]
 
 
 @dataclass
@@ -38,6 +38,29 @@ class CompressRun:
 
     info: dict
     perplexity: dict
+
+
+@dataclass
+class TrainRun:
+    """What ``air-ft train`` did.
+
+    Attributes:
+        budget: the adapters' parameter count and share (:func:`air_ft.lora.lora_budget`).
+        train_loss: the Trainer's mean training loss; global_step: optimizer steps taken (resumed ones included).
+        resumed_from: the Trainer checkpoint it continued from, if any.
+        tokens: training tokens, ``max_steps x batch_size x grad_accum x seq_len x processes``.
+        base: the factored checkpoint it trained on; init: how the adapters started.
+        merged: the merged factored checkpoint (written by the main process; None on the others).
+    """
+
+    budget: dict
+    train_loss: float
+    global_step: int
+    resumed_from: str | None
+    tokens: int
+    base: str
+    init: dict | None
+    merged: str | None = None
 
 
 def texts(specs: list[dict]) -> list[str]:
@@ -191,13 +214,12 @@ def training_sources(recipe: Recipe):
     return train_src, weights, texts(cfg.eval_data) if cfg.eval_data else None
 
 
-def train(recipe: Recipe, callbacks: list | None = None) -> dict:
+def train(recipe: Recipe, callbacks: list | None = None) -> TrainRun:
     """``air-ft train``: LoRA on a factored checkpoint, then adapters + merged factored checkpoint + logs.
 
     Writes into ``output_dir``: ``checkpoints/`` (Trainer checkpoints, resumable), ``adapter/`` (PEFT adapter and
     ``air_ft_adapter.json``), ``merged/`` (factored checkpoint for :func:`air_ft.load_compressed`),
-    ``train_log.jsonl``, ``train_summary.json``, ``recipe.resolved.yaml``. Returns the summary
-    (budget, train_loss, global_step, resumed_from, tokens, base, init, merged).
+    ``train_log.jsonl``, ``train_summary.json``, ``recipe.resolved.yaml``. Returns a :class:`TrainRun`.
     """
     from accelerate import PartialState
     from transformers.trainer_utils import get_last_checkpoint
@@ -229,10 +251,10 @@ def train(recipe: Recipe, callbacks: list | None = None) -> dict:
                          autocast_adapter_dtype=not _zero3())
     adapter_dir = out / "adapter"
     save_adapters(run.trainer, run.peft_model, adapter_dir)  # collective: every rank must call it
-    summary = {"budget": run.budget, "train_loss": run.result.training_loss,
-               "global_step": run.trainer.state.global_step, "resumed_from": last,
-               "tokens": cfg.max_steps * cfg.step_tokens(state.num_processes), "base": base_path,
-               "init": run.init_report}
+    summary = TrainRun(budget=run.budget, train_loss=run.result.training_loss,
+                       global_step=run.trainer.state.global_step, resumed_from=last,
+                       tokens=cfg.max_steps * cfg.step_tokens(state.num_processes), base=base_path,
+                       init=run.init_report)
     if state.is_main_process:
         # a local base twice: as a path from the adapter (an output tree moved or copied whole still merges) and
         # absolute; a hub id as given
@@ -243,8 +265,8 @@ def train(recipe: Recipe, callbacks: list | None = None) -> dict:
             "placement": lcfg.placement, "rank": lcfg.rank, "alpha": lcfg.alpha, "dropout": lcfg.dropout,
             "targets": lcfg.targets, "merge": lcfg.merge})
         merged_path = merge(str(adapter_dir), str(out / "merged"), base_path, dtype=recipe.model.dtype)
-        summary["merged"] = str(merged_path)
-        write_json(out / "train_summary.json", summary)
+        summary.merged = str(merged_path)
+        write_json(out / "train_summary.json", dataclasses.asdict(summary))
         print(f"saved adapters to {adapter_dir} and the merged factored checkpoint to {merged_path}")
     state.wait_for_everyone()
     return summary

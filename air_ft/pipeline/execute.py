@@ -142,7 +142,7 @@ class Executor:
         def train(path: Path) -> dict:
             rec = dataclasses.replace(stage.recipe, output_dir=str(path), train=dataclasses.replace(
                 budget, compressed_path=str(source.path / "checkpoint")))
-            return commands.train(rec)
+            return dataclasses.asdict(commands.train(rec))
         return train
 
     def _compress(self, stage: Stage) -> dict:

@@ -93,7 +93,7 @@ def timing(dense, tok, stats, retention: float, repeats: int, backend: str) -> d
             model = copy.deepcopy(dense)
             info = air_ft.compress(model, tok, None, method=method, retention=retention, stats=stats,
                                    progress=False, als_backend=backend)
-            best[method] = min(best[method], info["compression_seconds"])
+            best[method] = min(best[method], info.compression_seconds)
             del model
     return {**{f"{k}_seconds": v for k, v in best.items()}, "ratio_air_over_svdllm": best["air"] / best["svdllm"],
             "als_backend": backend}

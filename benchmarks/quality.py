@@ -56,8 +56,8 @@ def air_defaults(dense, tok, stats, rho, evl, val, args) -> dict:
     model, info = run_method(dense, tok, stats, "air", rho)
     return {"eval": evaluate(model, tok, evl, args.seq_len, args.eval_windows),
             "validation": val_score(model, tok, val, args.seq_len, args.val_windows),
-            "seconds": info["compression_seconds"], "retention_actual": info["retention_actual"],
-            "model_params": info["model_params_after"], "objective_reduction": _mean_reduction(info["objective"])}
+            "seconds": info.compression_seconds, "retention_actual": info.retention_actual,
+            "model_params": info.model_params_after, "objective_reduction": _mean_reduction(info.objective)}
 
 
 def main() -> None:
@@ -136,8 +136,8 @@ def main() -> None:
             row[method] = {"eval": {} if args.no_eval else evaluate(model, tok, evl, args.seq_len, args.eval_windows),
                            "validation": val_score(model, tok, val, args.seq_len, args.val_windows)
                            if method == "svdllm" else None,
-                           "seconds": info["compression_seconds"], "retention_actual": info["retention_actual"],
-                           "model_params": info["model_params_after"], "rungs": _count(info["rungs"])}
+                           "seconds": info.compression_seconds, "retention_actual": info.retention_actual,
+                           "model_params": info.model_params_after, "rungs": _count(info.rungs)}
             _print(rho, method, row[method])
             del model
         # AIR: choose signal / normalization / whitening / delta on the validation split only; the first
@@ -156,8 +156,8 @@ def main() -> None:
                                      whitening=white, delta=delta)
             score = val_score(model, tok, val, args.seq_len, args.val_windows)
             key = f"{sig}/{norm}/{white}/{delta}"
-            grid[key] = {"validation": score, "seconds": info["compression_seconds"]}
-            print(f"  rho={rho} air {key}: validation ppl {score:.2f} ({info['compression_seconds']:.0f}s)",
+            grid[key] = {"validation": score, "seconds": info.compression_seconds}
+            print(f"  rho={rho} air {key}: validation ppl {score:.2f} ({info.compression_seconds:.0f}s)",
                   flush=True)
             if score < best[0]:
                 best = (score, key, (model, info))
@@ -177,10 +177,10 @@ def main() -> None:
         if args.no_eval:
             continue
         row["air_selected"] = {"choice": chosen, "eval": evaluate(model, tok, evl, args.seq_len, args.eval_windows),
-                               "validation": score, "seconds": info["compression_seconds"],
-                               "retention_actual": info["retention_actual"], "rungs": _count(info["rungs"]),
-                               "model_params": info["model_params_after"],
-                               "objective_reduction": _mean_reduction(info["objective"])}
+                               "validation": score, "seconds": info.compression_seconds,
+                               "retention_actual": info.retention_actual, "rungs": _count(info.rungs),
+                               "model_params": info.model_params_after,
+                               "objective_reduction": _mean_reduction(info.objective)}
         _print(rho, f"air [{chosen}]", row["air_selected"])
         del model, best
         if default_key == chosen:  # the library defaults are this very configuration: same numbers

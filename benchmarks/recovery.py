@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import time
 
@@ -147,14 +148,15 @@ def main() -> None:
                     compressed[rho, method] = model
                     if "eval" not in entry:
                         entry.update(eval=evaluate(model, tok, evl, args.eval_seq_len, args.eval_windows),
-                                     retention_actual=info["retention_actual"],
-                                     model_params=info["model_params_after"])
+                                     retention_actual=info.retention_actual,
+                                     model_params=info.model_params_after)
                         if method == "air":
                             entry["air_settings"] = _air_settings()
                         write_json(args.output, report)
                     _line(rho, LABELS[method], entry["eval"], report["dense"])
                 t1 = time.perf_counter()
-                tuned = air_ft.finetune(copy.deepcopy(compressed[rho, method]), tok, cal, max_steps=args.max_steps,
+                tuned, summary = air_ft.finetune(copy.deepcopy(compressed[rho, method]), tok, cal,
+                                        return_summary=True, max_steps=args.max_steps,
                                         lora_rank=args.lora_rank, learning_rate=args.lr, seq_len=args.seq_len,
                                         batch_size=args.batch_size, seed=0, placement=placement,
                                         logging_steps=2, progress=False, distill=args.distill,
@@ -163,7 +165,7 @@ def main() -> None:
                                         text_weights=[args.britannica_share, 1.0 - args.britannica_share],
                                         teacher=dense)  # distillation teacher and residual source
                 seconds = time.perf_counter() - t1
-                log = tuned.air_ft_train
+                log = dataclasses.asdict(summary)
                 entry[key] = {"eval": evaluate(tuned, tok, evl, args.eval_seq_len, args.eval_windows),
                               "train_seconds": seconds, "train_loss": log["train_loss"], "tokens": log["tokens"],
                               "budget": log["budget"], "init": log["init"],

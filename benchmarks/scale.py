@@ -184,14 +184,14 @@ def main() -> None:
         total = time.perf_counter() - t0
         peak_dev = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         result["compress"] = {
-            "seconds": total, "calibration_seconds": info["calibration_seconds"],
-            "compression_seconds": info["compression_seconds"], "tokens": int(windows.numel()),
-            "retention_actual": info["retention_actual"], "stream": info["stream"],
+            "seconds": total, "calibration_seconds": info.calibration_seconds,
+            "compression_seconds": info.compression_seconds, "tokens": int(windows.numel()),
+            "retention_actual": info.retention_actual, "stream": info.stream,
             "peak_device_bytes": peak_dev,
             "peak_device_over_model_bytes": (peak_dev - model_bytes) if peak_dev is not None else None,
             "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
         print(f"calibration + {args.method} at {args.retention}: {total:.0f} s (calibration "
-              f"{info['calibration_seconds']:.0f} s, factoring {info['compression_seconds']:.0f} s), peak device "
+              f"{info.calibration_seconds:.0f} s, factoring {info.compression_seconds:.0f} s), peak device "
               + (f"{peak_dev / 2**30:.1f} GiB (model {model_bytes / 2**30:.1f} GiB)" if peak_dev else "n/a")
               + f", peak host {result['compress']['peak_host_rss_bytes'] / 2**30:.1f} GiB", flush=True)
         result["factored"] = speed(model, args.decode_batch_sizes, args.repeats)

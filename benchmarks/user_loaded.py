@@ -51,8 +51,8 @@ def main() -> None:
     rows["air"] = ppl(model)
     print("air", rows["air"], flush=True)
     t1 = time.perf_counter()
-    model = air_ft.finetune(model, tok, texts, max_steps=args.steps, lora_rank=8, learning_rate=2e-4,
-                            seq_len=256, batch_size=4, seed=0)
+    model, summary = air_ft.finetune(model, tok, texts, max_steps=args.steps, lora_rank=8, learning_rate=2e-4,
+                                     seq_len=256, batch_size=4, seed=0, return_summary=True)
     t2 = time.perf_counter()
     rows["air+finetune"] = ppl(model)
     print("air+finetune", rows["air+finetune"], flush=True)
@@ -61,10 +61,10 @@ def main() -> None:
         reloaded, _ = air_ft.load_compressed(tmp)
         rows["reloaded"] = ppl(reloaded)
     print("reloaded", rows["reloaded"], flush=True)
-    losses = [e["loss"] for e in model.air_ft_train["log"] if "loss" in e]
+    losses = [e["loss"] for e in summary.log if "loss" in e]
     out = write_json(args.output, {
-        "perplexity": rows, "retention_actual": info["retention_actual"], "compress_seconds": t1 - t0,
-        "finetune_seconds": t2 - t1, "train_tokens": model.air_ft_train["tokens"], "first_loss": losses[0],
+        "perplexity": rows, "retention_actual": info.retention_actual, "compress_seconds": t1 - t0,
+        "finetune_seconds": t2 - t1, "train_tokens": summary.tokens, "first_loss": losses[0],
         "last_loss": losses[-1], "settings": vars(args), "environment": environment()})
     print(f"wrote {out}")
 

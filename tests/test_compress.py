@@ -26,9 +26,9 @@ def test_every_method_factors_every_decoder_linear(method, model, tokenizer, tex
     kp = factored["model.layers.0.self_attn.k_proj"]
     assert (kp.out_features, kp.in_features, kp.rank) == (32, 64, linalg.rank_for_retention(32, 64, 0.6))
     assert kp.factor_u.weight.shape == (32, kp.rank) and kp.factor_v.weight.shape == (kp.rank, 64)
-    assert info["linear_params_after"] <= 0.6 * info["linear_params_before"]
-    assert 0.5 < info["retention_actual"] <= 0.6
-    assert info["model_params_after"] < info["model_params_before"]
+    assert info.linear_params_after <= 0.6 * info.linear_params_before
+    assert 0.5 < info.retention_actual <= 0.6
+    assert info.model_params_after < info.model_params_before
     logits = model(input_ids=torch.arange(10)[None]).logits
     assert torch.isfinite(logits).all()
 
@@ -38,7 +38,7 @@ def test_rank_multiple_aligns_every_rank_and_stays_within_the_budget(tokenizer, 
     info = air_ft.compress(model, tokenizer, [text], method="svdllm", retention=0.6, rank_multiple=8, **KW)
     ranks = {n: m.rank for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
     assert ranks and all(k % 8 == 0 for k in ranks.values()), ranks
-    assert info["retention_actual"] <= 0.6
+    assert info.retention_actual <= 0.6
     for name, k in ranks.items():  # each the largest multiple of 8 under that layer's exact rank
         mod = model.get_submodule(name)
         exact = linalg.rank_for_retention(mod.out_features, mod.in_features, 0.6)
@@ -57,10 +57,10 @@ def test_air_with_delta_zero_is_svdllm_exactly(model, tokenizer, text):
 
 def test_air_lowers_the_weighted_objective_of_every_layer(model, tokenizer, text):
     info = air_ft.compress(model, tokenizer, [text], method="air", retention=0.5, delta=2.0, **KW)
-    assert len(info["objective"]) == 14
-    for name, (start, end) in info["objective"].items():
+    assert len(info.objective) == 14
+    for name, (start, end) in info.objective.items():
         assert end <= start * (1 + 1e-6), name
-    assert sum(e < s * (1 - 1e-4) for s, e in info["objective"].values()) >= 10
+    assert sum(e < s * (1 - 1e-4) for s, e in info.objective.values()) >= 10
 
 
 @pytest.mark.skipif(not native.available(), reason="no C compiler for the fused ALS kernel")
@@ -72,8 +72,8 @@ def test_air_backends_agree(model, tokenizer, text):
     kw = {**KW, "sequential": False}
     ia = air_ft.compress(a, tokenizer, [text], method="air", retention=0.5, als_backend="native", **kw)
     ib = air_ft.compress(b, tokenizer, [text], method="air", retention=0.5, als_backend="torch", **kw)
-    for name, (start, end) in ia["objective"].items():
-        assert start == ib["objective"][name][0] and end == pytest.approx(ib["objective"][name][1], rel=1e-5)
+    for name, (start, end) in ia.objective.items():
+        assert start == ib.objective[name][0] and end == pytest.approx(ib.objective[name][1], rel=1e-5)
     ids = torch.arange(10)[None]
     assert torch.allclose(a(input_ids=ids).logits, b(input_ids=ids).logits, atol=1e-4)
 
@@ -96,7 +96,7 @@ def test_bias_is_kept(tokenizer, text):
 def test_include_exclude_regexes(model, tokenizer, text):
     info = air_ft.compress(model, tokenizer, [text], method="svd", retention=0.6, include=[r"mlp\."],
                            exclude=["down_proj"], progress=False)
-    assert sorted(info["ranks"]) == sorted(f"model.layers.{i}.mlp.{p}" for i in (0, 1) for p in ("gate_proj",
+    assert sorted(info.ranks) == sorted(f"model.layers.{i}.mlp.{p}" for i in (0, 1) for p in ("gate_proj",
                                                                                                    "up_proj"))
     assert isinstance(model.model.layers[0].self_attn.q_proj, torch.nn.Linear)
 
@@ -105,7 +105,7 @@ def test_calibration_is_cached_across_retentions(model, tokenizer, text):
     first = air_ft.compress(copy.deepcopy(model), tokenizer, [text], method="air", retention=0.6, **KW)
     second = air_ft.compress(copy.deepcopy(model), tokenizer, [text], method="air", retention=0.4, delta=1.0, **KW)
     third = air_ft.compress(copy.deepcopy(model), tokenizer, [text], method="svdllm", retention=0.4, **KW)
-    assert not first["calibration_cached"] and second["calibration_cached"] and third["calibration_cached"]
+    assert not first.calibration_cached and second.calibration_cached and third.calibration_cached
 
 
 def test_whitened_influence_runs_a_cached_second_pass(model, tokenizer, text):
@@ -115,11 +115,11 @@ def test_whitened_influence_runs_a_cached_second_pass(model, tokenizer, text):
                             influence="fisher_whitened", **KW)
     again = air_ft.compress(copy.deepcopy(model), tokenizer, [text], method="air", retention=0.4,
                             influence="fisher_whitened", **KW)
-    assert not white["calibration_cached"] and again["calibration_cached"]
-    for name, (start, end) in white["objective"].items():
+    assert not white.calibration_cached and again.calibration_cached
+    for name, (start, end) in white.objective.items():
         assert end <= start * (1 + 1e-6), name
     # another signal, so other weights and other factors than the plain Fisher
-    assert white["objective"] != plain["objective"]
+    assert white.objective != plain.objective
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -13,11 +13,11 @@ def test_counts_match_the_ranks_and_the_checkpoint(tmp_path, model, tokenizer):
     info = air_ft.compress(model, tokenizer, None, method="svd", retention=0.5, progress=False)
     counts = parameter_counts(model)
     shapes = {n: m for n, m in model.named_modules() if isinstance(m, air_ft.LowRankLinear)}
-    expected = sum(k * (shapes[n].in_features + shapes[n].out_features) for n, k in info["ranks"].items() if k)
-    expected += sum(dict(model.named_modules())[n].weight.numel() for n, k in info["ranks"].items() if k is None)
-    assert counts["linear"] == expected == info["linear_params_after"]  # tiny_llama has no biases
-    assert counts["linear_dense"] == dense["linear"] == info["linear_params_before"]
-    assert counts["model"] == info["model_params_after"]
+    expected = sum(k * (shapes[n].in_features + shapes[n].out_features) for n, k in info.ranks.items() if k)
+    expected += sum(dict(model.named_modules())[n].weight.numel() for n, k in info.ranks.items() if k is None)
+    assert counts["linear"] == expected == info.linear_params_after  # tiny_llama has no biases
+    assert counts["linear_dense"] == dense["linear"] == info.linear_params_before
+    assert counts["model"] == info.model_params_after
     cfg = model.config
     head = model.lm_head.weight.numel()
     attention = 4 * cfg.num_hidden_layers * 100 * cfg.hidden_size

@@ -48,7 +48,7 @@ def test_streaming_gives_the_factors_of_the_all_at_once_reference(tokenizer, tex
     stats = get_stats(ref, tokenizer, [text], find_targets(ref), cfg, influence=method in ("air", "fwsvd"))
     air_ft.compress(ref, tokenizer, method=method, stats=stats, **SMALL, **options)
     streamed, info = _compressed(copy.deepcopy(base), tokenizer, text, method=method, **options)
-    assert info["stream"]["blocks"] == 3
+    assert info.stream["blocks"] == 3
     assert _same_state(ref, streamed) < 1e-6
     ids = torch.arange(24).view(2, 12) % len(tokenizer)
     assert not torch.allclose(base(ids).logits, streamed(ids).logits, atol=1e-3)
@@ -58,7 +58,7 @@ def test_sequential_blocks_see_the_inputs_of_the_compressed_blocks_before_them(t
     base = tiny_llama(vocab_size=len(tokenizer), layers=2)
     seq, info = _compressed(copy.deepcopy(base), tokenizer, text, method="svdllm", sequential=True)
     plain, _ = _compressed(copy.deepcopy(base), tokenizer, text, method="svdllm")
-    assert info["stream"]["sequential"]
+    assert info.stream["sequential"]
     # block 0 reads the dense inputs either way
     for name, p in seq.model.layers[0].state_dict().items():
         assert torch.equal(p, plain.model.layers[0].state_dict()[name])
@@ -89,7 +89,7 @@ def test_influence_passes_split_by_the_memory_budget_and_checkpointing_change_no
     batches = SMALL["num_samples"] // SMALL["batch_size"]
     # the Grams pass, the influence pass and its backward's recompute, + one call while capturing block inputs
     assert count[0] == 3 * batches + 1
-    assert info_one["stream"]["influence_passes"] == 1 and info_split["stream"]["influence_passes"] == 3
+    assert info_one.stream["influence_passes"] == 1 and info_split.stream["influence_passes"] == 3
     assert _same_state(one, split) < 1e-5
     assert _same_state(one, ckpt) < 1e-5
 
@@ -265,7 +265,7 @@ def test_streaming_matches_the_reference_on_other_architectures(arch):
     streamed = copy.deepcopy(base)
     info = air_ft.compress(streamed, None, method="air", retention=0.5, windows=windows, batch_size=2,
                            progress=False, cache=False, stats_memory_gb=1e-6, sequential=False)
-    assert info["stream"]["blocks"] == 3 and info["stream"]["influence_passes"] == 3
+    assert info.stream["blocks"] == 3 and info.stream["influence_passes"] == 3
     assert _same_state(ref, streamed) < 1e-6
 
 
@@ -287,7 +287,7 @@ def test_sequential_reuses_the_first_groups_statistics_and_only_those(tokenizer,
     seq, info = _compressed(copy.deepcopy(base), tokenizer, text, method="air", stats_memory_gb=1e-6,
                             sequential=True)
     assert {p.name: p.stat().st_mtime_ns for p in stats_dir.iterdir()} == before  # nothing rewritten
-    assert info["stream"]["influence_passes"] == 2  # the first group's maps came from the cache
+    assert info.stream["influence_passes"] == 2  # the first group's maps came from the cache
     fresh, _ = _compressed(copy.deepcopy(base), tokenizer, text, method="air", stats_memory_gb=1e-6,
                            sequential=True, cache=False)
     assert _same_state(fresh, seq) < 1e-6 and _same_state(plain, seq) > 1e-4

@@ -134,9 +134,9 @@ def test_one_step_changes_adapters_and_leaves_base_factors_alone(tmp_path):
 
 def test_loss_falls_over_a_few_dozen_steps():
     model, tok = make_compressed()
-    tuned = finetune(model, tok, [make_text(4000, 0)], max_steps=24, lora_rank=4, learning_rate=1e-2, seq_len=32,
-                     batch_size=4, seed=0, logging_steps=1, progress=False)
-    losses = [e["loss"] for e in tuned.air_ft_train["log"] if "loss" in e]
+    tuned, summary = finetune(model, tok, [make_text(4000, 0)], max_steps=24, lora_rank=4, learning_rate=1e-2,
+                              seq_len=32, batch_size=4, seed=0, logging_steps=1, progress=False, return_summary=True)
+    losses = [e["loss"] for e in summary.log if "loss" in e]
     assert len(losses) == 24
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.2
     assert not tuned.training and not any("lora_" in n for n, _ in tuned.named_parameters())
@@ -156,9 +156,10 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_first_steps():
             return forward(x)
 
         act.forward = counted
-        tuned = finetune(model, tok, [make_text(500, 0)], max_steps=3, lora_rank=4, learning_rate=1e-2, seq_len=32,
-                         batch_size=2, seed=0, logging_steps=1, progress=False, gradient_checkpointing=ckpt)
-        runs.append([e["loss"] for e in tuned.air_ft_train["log"] if "loss" in e])
+        tuned, summary = finetune(model, tok, [make_text(500, 0)], max_steps=3, lora_rank=4, learning_rate=1e-2,
+                                  seq_len=32, batch_size=2, seed=0, logging_steps=1, progress=False,
+                                  gradient_checkpointing=ckpt, return_summary=True)
+        runs.append([e["loss"] for e in summary.log if "loss" in e])
         calls.append(count[0])
     assert calls == [3, 6]  # one forward per step; with checkpointing, one more in every backward
     assert len(runs[0]) == 3 and runs[0] == pytest.approx(runs[1], rel=1e-4)
@@ -206,9 +207,10 @@ def test_distillation_pulls_the_student_toward_the_dense_teacher():
     with pytest.raises(RecipeError, match="teacher"):
         finetune(student, tok, text, max_steps=1, seq_len=32, distill=0.5, progress=False)
     frozen = {n: p.detach().clone() for n, p in teacher.named_parameters()}
-    tuned = finetune(student, tok, text, max_steps=24, lora_rank=4, learning_rate=1e-2, seq_len=32, batch_size=4,
-                     seed=0, logging_steps=1, progress=False, distill=1.0, teacher=teacher)
-    log = [e for e in tuned.air_ft_train["log"] if "kl" in e]
+    tuned, summary = finetune(student, tok, text, max_steps=24, lora_rank=4, learning_rate=1e-2, seq_len=32,
+                              batch_size=4, seed=0, logging_steps=1, progress=False, distill=1.0, teacher=teacher,
+                              return_summary=True)
+    log = [e for e in summary.log if "kl" in e]
     assert len(log) == 24 and all(e["kl"] >= 0 for e in log)
     kl = [e["kl"] for e in log]
     assert sum(kl[-4:]) / 4 < 0.8 * sum(kl[:4]) / 4
@@ -477,3 +479,12 @@ def test_finetune_refuses_bad_text_weights_before_wrapping_the_model():
 def _two_words(tokenizer) -> tuple[str, str]:
     words = sorted(w for w in tokenizer.get_vocab() if w.isalpha())
     return words[0], words[1]
+
+
+def test_finetune_without_return_summary_still_pins_the_summary_on_the_model_and_warns():
+    """The deprecated form keeps working for existing callers, with a FutureWarning naming the new one."""
+    model, tok = make_compressed()
+    with pytest.warns(FutureWarning, match="return_summary=True"):
+        tuned = finetune(model, tok, [make_text(500, 0)], max_steps=1, lora_rank=2, seq_len=32, batch_size=2,
+                         progress=False)
+    assert tuned.air_ft_train["tokens"] == 1 * 2 * 32 and "log" in tuned.air_ft_train

@@ -12,7 +12,7 @@ __all__ = ["check_text_weights", "text_blocks", "blocks_dataset", "instruction_d
 
 
 def check_text_weights(weights: list[float] | None, n: int) -> list[float]:
-    """One positive share per training text (``None``: equal shares), or a ValueError that says what is wrong."""
+    """One positive share per training text (``None``: equal shares), or a RecipeError that says what is wrong."""
     if weights is None:
         return [1.0] * n
     if len(weights) != n or any(not w > 0 for w in weights):

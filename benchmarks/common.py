@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -55,10 +54,9 @@ def environment() -> dict:
     import peft
     import transformers
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
+    from air_ft.pipeline.provenance import git_commit
+
+    commit = git_commit()
     return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
             "python": sys.version.split()[0], "machine": platform.machine(), "cpus": os.cpu_count(),
             "threads": torch.get_num_threads(), "git_commit": commit,
@@ -66,11 +64,11 @@ def environment() -> dict:
 
 
 def write_json(name: str, obj: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    """``obj`` as JSON in ``RESULTS / name``, atomically (air_ft's own helper)."""
+    from air_ft import files
+
     path = RESULTS / name
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    files.write_json(path, obj)
     return path
 
 

@@ -74,9 +74,9 @@ def main() -> None:
               "peak_mib": (rows[-1]["peak_above_start_bytes"] - rows[0]["peak_above_start_bytes"]) / mib}
     print(f"from {rows[0]['layers']} to {rows[-1]['layers']} layers: decoder +{growth['decoder_mib']:.1f} MiB, "
           f"factors +{growth['factors_mib']:.1f} MiB, compression peak +{growth['peak_mib']:.1f} MiB")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / args.output).write_text(json.dumps({"rows": rows, "growth": growth,
-                                                   "command": "python " + " ".join(sys.argv)}, indent=2))
+    from air_ft.files import write_json
+
+    write_json(RESULTS / args.output, {"rows": rows, "growth": growth, "command": "python " + " ".join(sys.argv)})
     print(f"wrote {RESULTS / args.output}")
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from air_ft import dist
 from air_ft.config import Recipe, to_dict
 from air_ft.errors import AssetError, CheckpointError, RecipeError
-from air_ft.files import write_json
+from air_ft.files import write_json, write_text
 from air_ft.methods import METHODS
 from air_ft.pipeline.cache import stage_key
 from air_ft.pipeline.provenance import save_resolved
@@ -320,7 +320,7 @@ def _trim_log(path: Path, step: int) -> None:
     """Keep the loss-log entries up to ``step`` (where training resumes; 0: a fresh run starts a fresh log)."""
     if path.exists():
         kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
+        write_text(path, "".join(line + "\n" for line in kept))
 
 
 def read_log(path: Path) -> list[dict]:

@@ -43,6 +43,7 @@ class Executor:
         self.state = PartialState()
         self._dense = None
         self._texts: dict[str, str] | None = None
+        self._shapes: dict[str, str] = {}
 
     def run(self) -> dict:
         if self.state.is_main_process:
@@ -164,6 +165,11 @@ class Executor:
 
     def shape(self, stage: Stage) -> str:
         """A key of the layer shapes of an evaluation stage's model: speed and size depend on them alone."""
+        if stage.id not in self._shapes:
+            self._shapes[stage.id] = self._shape(stage)
+        return self._shapes[stage.id]
+
+    def _shape(self, stage: Stage) -> str:
         if not stage.inputs:
             return "dense"
         source = self.by_id[stage.inputs[0]]

@@ -128,7 +128,11 @@ def load_compressed(path: str | os.PathLike, dtype: torch.dtype | str | None = N
     meta = json.loads(marker.read_text())
     config = AutoConfig.from_pretrained(local)
     torch_dtype = resolve_dtype(dtype or meta.get("dtype", "float32"))
-    with _without_zero3_init(), torch.device("meta"):
+    from accelerate import init_empty_weights
+
+    # parameters on the meta device (assigned from the files below), buffers built for real: non-persistent ones
+    # (rotary inv_freq, Gemma-3's embedding scale) are not in the checkpoint by design
+    with _without_zero3_init(), init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     factored_skeleton(model, meta["ranks"], torch_dtype, "meta")
     state = _load_safetensors_dir(local, device)
@@ -142,33 +146,10 @@ def load_compressed(path: str | os.PathLike, dtype: torch.dtype | str | None = N
                               f"{sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}")
     if tied:
         model.tie_weights()
-    # non-persistent buffers (rotary inv_freq) live on meta after from_config: recompute them on the device
-    model = _materialize_buffers(model, device)
+    model = model.to(device)
     model.eval()
     tok = AutoTokenizer.from_pretrained(local) if (local / "tokenizer_config.json").exists() else None
     return model, tok
-
-
-def _materialize_buffers(model: nn.Module, device: str) -> nn.Module:
-    """Recreate non-persistent buffers (rotary ``inv_freq``) that a meta-device skeleton leaves empty.
-
-    They are not in the checkpoint by design; the module that owns them is rebuilt from its config on the real
-    device and its buffers are taken over (weights never touch a random initializer).
-    """
-    for mod_name, mod in model.named_modules():
-        if not any(b.device.type == "meta" for b in mod.buffers(recurse=False)):
-            continue
-        if not hasattr(mod, "config"):
-            raise CheckpointError(f"buffers of {mod_name or 'the model'} ({type(mod).__name__}) cannot be rebuilt: "
-                               "the module has no config; please report this model type")
-        with torch.device(device):
-            fresh = type(mod)(mod.config)
-        for name, buf in fresh.named_buffers(recurse=False):
-            mod._buffers[name] = buf
-        for key, val in vars(fresh).items():  # scalars computed alongside the buffers (attention_scaling ...)
-            if not key.startswith("_") and isinstance(val, (int, float)):
-                setattr(mod, key, val)
-    return model.to(device)
 
 
 def export_dense(model: nn.Module, tok, out_dir: str | os.PathLike) -> Path:

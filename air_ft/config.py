@@ -196,9 +196,24 @@ class EvalConfig:
     decode_batch_sizes: list[int] = _f([1, 16], "batch sizes of the decode-latency measurement", stage="efficiency")
     efficiency_rounds: int = _f(3, "a study measures every model in turns this many times and reports medians "
                                    "(more: steadier timings on a busy machine, longer)", stage="efficiency")
+    serve: bool = _f(False, "also serve every model with vLLM (air_ft's plugin; needs vLLM installed): decode "
+                            "latency, throughput, prefill, weight bytes, KV cache, and greedy agreement with "
+                            "air_ft's own generations", keys=False, stage="serve")
+    serve_batch_sizes: list[int] = _f([16, 64], "concurrent requests of the vLLM throughput measurement",
+                                      stage="serve")
+    serve_tokens: int = _f(32, "tokens generated per request (latency, throughput, greedy agreement)", stage="serve")
+    serve_prompt_len: int = _f(128, "tokens per prompt; 16 prompts drawn evenly from the evaluation texts",
+                               stage="serve")
+    serve_tensor_parallel: int = _f(1, "vLLM tensor_parallel_size (on CPU, set VLLM_CPU_OMP_THREADS_BIND, "
+                                       "e.g. '0|1', when the machine has one NUMA node)", stage="serve")
+    serve_rounds: int = _f(3, "timed repeats per vLLM measurement (medians)", stage="serve")
+    serve_engine: dict = _f({}, "further vLLM LLM(...) arguments, e.g. {enforce_eager: true, "
+                                "kv_cache_memory_bytes: 268435456, max_model_len: 2048}", stage="serve")
 
     def __post_init__(self) -> None:
-        for name, low in (("seq_len", 2), ("batch_size", 1), ("task_batch_size", 1), ("efficiency_rounds", 1)):
+        for name, low in (("seq_len", 2), ("batch_size", 1), ("task_batch_size", 1), ("efficiency_rounds", 1),
+                          ("serve_tokens", 1), ("serve_prompt_len", 1), ("serve_tensor_parallel", 1),
+                          ("serve_rounds", 1)):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < low:
                 raise RecipeError(f"eval.{name} must be an integer >= {low}, got {getattr(self, name)!r}")
         for name in ("max_windows", "limit"):
@@ -207,10 +222,12 @@ class EvalConfig:
                 raise RecipeError(f"eval.{name} must be null or an integer >= 1, got {val!r}")
         if isinstance(self.tasks, str):
             self.tasks = [self.tasks]
-        if not isinstance(self.decode_batch_sizes, list) or not self.decode_batch_sizes or any(
-                not isinstance(b, int) or b < 1 for b in self.decode_batch_sizes):
-            raise RecipeError(f"eval.decode_batch_sizes must be a list of integers >= 1, got "
-                              f"{self.decode_batch_sizes!r}")
+        for name in ("decode_batch_sizes", "serve_batch_sizes"):
+            val = getattr(self, name)
+            if not isinstance(val, list) or not val or any(not isinstance(b, int) or b < 1 for b in val):
+                raise RecipeError(f"eval.{name} must be a list of integers >= 1, got {val!r}")
+        if not isinstance(self.serve_engine, dict):
+            raise RecipeError(f"eval.serve_engine must be a mapping of vLLM LLM arguments, got {self.serve_engine!r}")
 
 
 @dataclass

@@ -145,6 +145,7 @@ def markdown(report: dict) -> str:
     out += _setup_lines(report) + _head_to_head_lines(report) + _significance_lines(report, tasks)
     out += _task_lines(report, tasks)
     out += _efficiency_lines(report)
+    out += _serve_lines(report)
     plots = [p for p in ("perplexity.png", "accuracy.png", "train_loss.png", "efficiency.png")
              if p in report.get("plots", [])]
     if plots:
@@ -266,6 +267,42 @@ def _efficiency_lines(report: dict) -> list[str]:
                "activations: each factored layer adds its rank-k intermediate, while its weights are smaller")
         lines += ["", f"Above dense in peak forward memory ({why}):"]
         lines += [f"- {m}" for m in more_memory]
+    return lines + [""]
+
+
+def _serve_lines(report: dict) -> list[str]:
+    rows = [r for r in report["rows"] if r.get("serve")]
+    if not rows:
+        return []
+    d = next((r["serve"] for r in rows if r["method"] == "dense"), None)
+    first = rows[0]["serve"]
+    batches = list(first["throughput_tokens_per_s"])
+    lines = ["## Served with vLLM", "",
+             f"Every model served by vLLM through air_ft's plugin (tensor parallel {first['tensor_parallel_size']}), "
+             f"in turns in one process, {first['rounds']} rounds, medians; {first['tokens']} generated tokens per "
+             "request" + ("; ratios to dense in brackets (latency: below 1 is faster; throughput, prefill: above 1 "
+                          "is faster)" if d else "") + ". Greedy: prompts whose greedy continuation equals air_ft's "
+             "transformers path token for token, and the largest log-probability difference before any "
+             "divergence.", "",
+             "| model | retention | decode b1 ms/token | " + " | ".join(f"tokens/s at {b}" for b in batches)
+             + " | prefill tokens/s | weights | KV cache tokens | greedy equal | max abs logprob diff |",
+             "|" + "---|" * (7 + len(batches))]
+
+    def cell(value: float, base: float | None, fmt: str) -> str:
+        return format(value, fmt) + (f" ({value / base:.2f}x)" if base else "")
+
+    for r in rows:
+        s = r["serve"]
+        agree = s["agreement"]
+        diff = agree["max_logprob_diff"]
+        lines.append("| " + " | ".join([
+            _label(r), f"{r['retention']:.2f}",
+            cell(s["decode_s_per_token"] * 1e3, d and d["decode_s_per_token"] * 1e3, ".1f"),
+            *(cell(s["throughput_tokens_per_s"][b], d and d["throughput_tokens_per_s"][b], ".0f") for b in batches),
+            cell(s["prefill_tokens_per_s"], d and d["prefill_tokens_per_s"], ".0f"),
+            cell(s["weight_bytes"] / 2**20, d and d["weight_bytes"] / 2**20, ".0f") + " MiB",
+            str(s["kv_cache"]["tokens"]), f"{agree['equal']}/{agree['prompts']}",
+            "n/a" if diff is None else f"{diff:.1e}"]) + " |")
     return lines + [""]
 
 

@@ -39,6 +39,26 @@ def test_round_trip_gives_identical_logits(tmp_path, tokenizer, text, tie):
         assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
 
 
+def test_round_trip_rebuilds_non_persistent_buffers(tmp_path, tokenizer, text):
+    """Gemma-3 scales its embeddings by a buffer that is not saved (like rotary inv_freq): the reload builds it."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                           layer_types=["sliding_attention", "full_attention"])
+    model = Gemma3ForCausalLM(cfg).eval()
+    air_ft.compress(model, tokenizer, [text], method="svdllm", retention=0.5, **KW)
+    ids = torch.randint(0, len(tokenizer), (2, 20))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    air_ft.save_compressed(model, tokenizer, tmp_path / "ckpt")
+    loaded, _ = air_ft.load_compressed(tmp_path / "ckpt")
+    assert float(loaded.model.embed_tokens.embed_scale) == pytest.approx(64 ** 0.5)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, expected)
+
+
 def test_reload_reproduces_perplexity(tmp_path, model, tokenizer, text):
     air_ft.compress(model, tokenizer, [text], method="svdllm", retention=0.5, **KW)
     before = air_ft.perplexity(model, tokenizer, text[:3000], seq_len=32)

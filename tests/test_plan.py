@@ -89,11 +89,36 @@ def test_every_recipe_field_says_whether_it_keys_a_stage():
             continue
         for f in dataclasses.fields(cls):
             assert isinstance(f.metadata.get("keys"), bool) and f.metadata.get("help"), f"{section.name}.{f.name}"
-            assert f.metadata.get("stage") in (None, "efficiency"), f"{section.name}.{f.name}"
+            assert f.metadata.get("stage") in (None, *KINDS), f"{section.name}.{f.name}"
     # the classification reaches the keys: an execution-only field is absent, a result field present
     fields = result_fields(Recipe().compress)
     assert "delta" in fields and "progress" not in fields and "cache" not in fields
     assert set(result_fields(Recipe().eval, "efficiency")) == {"decode_batch_sizes", "efficiency_rounds"}
+    assert set(result_fields(Recipe().eval, "serve")) == {"serve_batch_sizes", "serve_tokens", "serve_prompt_len",
+                                                          "serve_tensor_parallel", "serve_rounds", "serve_engine"}
+
+
+def test_serving_is_one_stage_over_every_row_keyed_by_its_own_settings():
+    base = {s.id: s for s in _plan("eval.serve=true")}
+    assert "serve/serve" not in _keys(_plan())
+    serve = base["serve/serve"]
+    assert serve.inputs == tuple(i for i in base if i.startswith("eval/"))
+    assert "serve/serve" in base["report/report"].inputs
+    again = _keys(_plan("eval.serve=true", "eval.serve_rounds=5"))
+    assert {i for i in base if base[i].key != again[i]} == {"serve/serve", "report/report"}
+    again = _keys(_plan("eval.serve=true", "compress.delta=0.5"))  # another checkpoint serves differently
+    assert again["serve/serve"] != serve.key
+
+
+def test_a_study_that_serves_without_vllm_is_refused_before_any_work(monkeypatch):
+    import importlib.util
+
+    from air_ft.serving import ServeError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(ServeError, match="eval.serve=false"):
+        check_study(load_recipe(None, [*GRID, "eval.serve=true"]))
 
 
 def test_methods_are_entries_that_the_config_and_the_plan_read():

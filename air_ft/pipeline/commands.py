@@ -23,7 +23,7 @@ from air_ft.pipeline.cache import stage_key
 from air_ft.pipeline.provenance import save_resolved
 
 __all__ = ["CompressRun", "TrainRun", "compress", "train", "merge", "evaluate", "evaluate_model", "load_any",
-           "load_dense", "texts", "check_eval", "adapter_base", "read_log", "training_sources"]
+           "load_dense", "texts", "check_eval", "adapter_base", "read_log", "training_sources", "serve"]
 
 
 @dataclass
@@ -379,6 +379,22 @@ def check_eval(recipe: Recipe) -> None:
 
         check_tasks(recipe.eval.tasks)
         task_data_root(recipe.eval.task_data)
+
+
+def serve(recipe: Recipe, checkpoints: dict[str, Path | None], dense, eval_texts: dict[str, str], out: Path) -> dict:
+    """``eval.serve``: every checkpoint (``None``: the dense model, written to ``out/dense`` when it has no
+    servable directory) served with vLLM in turn; ``{name: figures}`` with ratios against dense."""
+    from air_ft.serving import measure
+
+    model, tok = dense
+    ev, m = recipe.eval, recipe.model
+    paths = {name: path or measure.dense_directory(m.name_or_path, m.gguf_file, model, tok, out / "dense")
+             for name, path in checkpoints.items()}
+    prompts = measure.prompts_from_texts(tok, eval_texts, ev.serve_prompt_len)
+    return measure.serve_checkpoints(paths, prompts, reference="dense" if "dense" in paths else None, dtype=m.dtype,
+                                     tokens=ev.serve_tokens, batch_sizes=tuple(ev.serve_batch_sizes),
+                                     rounds=ev.serve_rounds, tensor_parallel_size=ev.serve_tensor_parallel,
+                                     engine_args=ev.serve_engine)
 
 
 def evaluate(recipe: Recipe, checkpoint: str | None = None) -> dict:

@@ -192,6 +192,15 @@ class Executor:
         return self._run(stage, "measure speed and size", lambda path: compare(
             loaders, rounds=ev.efficiency_rounds, batch_sizes=tuple(ev.decode_batch_sizes)))
 
+    def _serve(self, stage: Stage) -> dict:
+        """Every row's checkpoint served with vLLM in turn, in this process: ratios against dense from one run."""
+        def work(path: Path) -> dict:
+            rows = [self.by_id[sid] for sid in stage.inputs]
+            checkpoints = {r.name: self._ensure(self.by_id[r.inputs[0]]) if r.inputs else None for r in rows}
+            return commands.serve(self.recipe, checkpoints, self.dense(), self.eval_texts(), path)
+
+        return self._run(stage, "serve with vLLM", work)
+
     def _report(self, stage: Stage) -> dict:
         from air_ft.report import write_report
 
@@ -229,6 +238,9 @@ class Executor:
             first = next(s for s in self.stages if s.kind == "eval" and self.shape(s) == self.shape(stage))
             if measured.get(first.name) is not None:
                 out["efficiency"] = {**measured[first.name], "measured_on": first.name}
+        served = self.results.get("serve/serve")
+        if served is not None and served.get(row.name) is not None:
+            out["serve"] = served[row.name]
         return out
 
 

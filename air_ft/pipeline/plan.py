@@ -23,7 +23,7 @@ from air_ft.pipeline.cache import stage_key
 
 __all__ = ["Stage", "Row", "plan", "check_study", "lora_budget", "KINDS"]
 
-KINDS = ("compress", "train", "eval", "efficiency", "report")
+KINDS = ("compress", "train", "eval", "efficiency", "serve", "report")
 
 
 @dataclass(frozen=True)
@@ -80,8 +80,8 @@ def plan(recipe: Recipe) -> list[Stage]:
 
     The rows: dense (``study.dense``), then for every retention, method (and ``study.variants`` entry) a
     compressed row and, where ``study.lora`` recovers the method, its LoRA-recovered row. Every row is evaluated
-    alike; with ``eval.efficiency`` one stage measures speed and size of every distinct layer shape; the report
-    comes last.
+    alike; with ``eval.efficiency`` one stage measures speed and size of every distinct layer shape, with
+    ``eval.serve`` one stage serves every row's checkpoint with vLLM; the report comes last.
     """
     out = Path(recipe.output_dir) / "stages"
     model, data = result_fields(recipe.model), to_dict(recipe.data)
@@ -121,8 +121,12 @@ def plan(recipe: Recipe) -> list[Stage]:
         stages.append(Stage("efficiency", "efficiency",
                             stage_key("efficiency", sources, result_fields(recipe.eval, "efficiency"), model, measure),
                             out / "efficiency", tuple(s.id for s in evals), False, recipe))
+    if recipe.eval.serve:  # vLLM serves each row's checkpoint (greedy agreement depends on its values)
+        sources = {s.name: s.key for s in evals}
+        stages.append(Stage("serve", "serve", stage_key("serve", sources, result_fields(recipe.eval, "serve"), model),
+                            out / "serve", tuple(s.id for s in evals), False, recipe))
     stages.append(Stage("report", "report", stage_key("report", [s.key for s in stages]), Path(recipe.output_dir),
-                        tuple(s.id for s in stages if s.kind in ("eval", "efficiency")), False, recipe))
+                        tuple(s.id for s in stages if s.kind in ("eval", "efficiency", "serve")), False, recipe))
     return stages
 
 
@@ -147,6 +151,13 @@ def check_study(recipe: Recipe) -> None:
     """Every refusal a study can know of before it loads a model."""
     from air_ft.pipeline.commands import check_eval
 
+    if recipe.eval.serve:
+        import importlib.util
+
+        from air_ft.serving import INSTALL, ServeError
+
+        if importlib.util.find_spec("vllm") is None:
+            raise ServeError(f"eval.serve needs vLLM, which is not installed: {INSTALL}; or set eval.serve=false")
     if not recipe.data.evaluation and not recipe.eval.tasks:
         raise RecipeError("nothing to evaluate: give data.evaluation texts and/or eval.tasks")
     needs_cal = [m for m in recipe.study.methods if METHODS[m].calibrates] or recipe.study.lora

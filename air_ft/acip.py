@@ -10,10 +10,17 @@ in the forward pass (``s`` or 0, so a full mask reproduces ``W``) and passes the
 ``stop_retention``. The order in which entries die gives one global score map; any size is one threshold on it.
 Then the masks freeze and LoRA alone trains for ``post_tune_steps``.
 
-Deviations from the reference code, on purpose: masks are float32 (in bf16, AdamW at 5e-5 cannot move 0.02 for
-hundreds of steps); ties between entries that died at the same step are broken by their last positive mask value,
-then by their singular value, so that any target is hit within one entry; the data are the project's packed
-blocks, not padded documents.
+As in the reference: no gradient clipping, no step cap but the user's (``max_steps=None`` runs until the stop, up
+to the reference's own 50,000), and the post-tune continues the mask phase's optimizer (its AdamW state) with the
+masks frozen. The post-tune trains on blocks the mask phase never sees (a seeded split of the block pool).
+
+Deviations from the reference code, on purpose: the size ratio counts the parameters the materialized model
+really has, the merged LoRA included (``r (m + n)`` per layer), for the stop rule as for :meth:`AcipFit.materialize`,
+so that an ACIP-style row at a retention has exactly the parameters of every other method's row there (the
+reference counts the factorized layers only and leaves LoRA out); masks are float32 (in bf16, AdamW at 5e-5 cannot
+move 0.02 for hundreds of steps); ties between entries that died at the same step are broken by their last
+positive mask value, then by their singular value, so that any target is hit within one entry; the data are the
+project's packed blocks, not padded documents.
 
 This module runs past the ~400-line guideline on purpose: it is one algorithm (parametrization, the mask phase's
 callback, the score map, the fit, its checkpoint and the materialization), read top to bottom against the
@@ -43,6 +50,8 @@ __all__ = ["MaskedLowRankLinear", "gate", "parametrize", "acip_fit", "AcipFit", 
            "select_entries"]
 
 FIT_MARKER = "acip_fit.json"
+#: the reference implementation's own bound on mask-phase steps, used when ``max_steps`` is None
+REFERENCE_STEP_CAP = 50_000
 
 
 def gate(mask: torch.Tensor, scale: float) -> torch.Tensor:
@@ -113,10 +122,13 @@ def _masked_layers(model: nn.Module) -> dict[str, MaskedLowRankLinear]:
     return {_unwrapped_name(n): m for n, m in model.named_modules() if isinstance(m, MaskedLowRankLinear)}
 
 
-def size_ratio(ranks: dict[str, int], shapes: dict[str, tuple[int, int]]) -> float:
-    """``sum min(m n, r (m + n)) / sum m n``: a layer whose rank saves nothing counts (and stays) dense."""
+def size_ratio(ranks: dict[str, int], shapes: dict[str, tuple[int, int]],
+               extra: dict[str, int] | None = None) -> float:
+    """``sum min(m n, (r + e) (m + n)) / sum m n``: a layer whose rank saves nothing counts (and stays) dense.
+    ``extra`` (``e``) adds a fixed rank per layer: the LoRA that :meth:`AcipFit.materialize` merges in."""
+    extra = extra or {}
     total = sum(m * n for m, n in shapes.values())
-    return sum(min(m * n, ranks[k] * (m + n)) for k, (m, n) in shapes.items()) / total
+    return sum(min(m * n, (ranks[k] + extra.get(k, 0)) * (m + n)) for k, (m, n) in shapes.items()) / total
 
 
 def update_scores(scores: torch.Tensor, mask: torch.Tensor, last_positive: torch.Tensor) -> None:
@@ -172,14 +184,17 @@ class _ScoreMap(TrainerCallback):
     """After every mask-phase step: update the score map, record the size ratio, stop at ``stop_retention``;
     the map travels with the Trainer's checkpoints so that a killed mask phase resumes with it."""
 
-    def __init__(self, layers: dict[str, MaskedLowRankLinear], shapes: dict, stop: float, schedule) -> None:
+    def __init__(self, layers: dict[str, MaskedLowRankLinear], shapes: dict, stop: float, schedule,
+                 lora_rank: dict[str, int]) -> None:
         self.layers, self.shapes, self.stop, self.schedule = layers, shapes, stop, schedule
+        self.lora_rank = lora_rank
         self.scores = {n: m.mask.detach().float().cpu().clone() for n, m in layers.items()}
         self.last_positive = {n: s.clone() for n, s in self.scores.items()}
         self.history: list[dict] = []
 
     def ratio(self) -> float:
-        return size_ratio({n: int(m.live().sum()) for n, m in self.layers.items()}, self.shapes)
+        """The size of the model :meth:`AcipFit.materialize` would make now: live entries plus the merged LoRA."""
+        return size_ratio({n: int(m.live().sum()) for n, m in self.layers.items()}, self.shapes, self.lora_rank)
 
     def on_step_end(self, args, state, control, **kwargs):
         for n, m in self.layers.items():
@@ -221,6 +236,8 @@ def _mask_trainer_class(mask_lr: float, lora_lr: float, schedule):
 
     class AcipTrainer(SFTTrainer):
         def create_optimizer(self, model=None):
+            if self.optimizer is not None:  # handed over (the post-tune continues the mask phase's)
+                return self.optimizer
             params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
             masks = [p for n, p in params if n.endswith(".mask")]
             others = [p for n, p in params if not n.endswith(".mask")]
@@ -271,6 +288,22 @@ class AcipFit:
     def retention_reached(self) -> float:
         """The lowest size ratio the mask phase reached: smaller targets are refused."""
         return min((h["ratio"] for h in self.history), default=1.0)
+
+    @property
+    def lora_rank(self) -> dict[str, int]:
+        return {n: self.settings["lora_rank"] for n in self.shapes}
+
+    def lora_share(self, model: nn.Module) -> float:
+        """Of the factored layers' parameters in a materialized ``model``, the share its merged LoRA accounts for
+        (``r (m + n)`` of every layer left factored)."""
+        r = self.settings["lora_rank"]
+        lora = total = 0
+        for name, (m, n) in self.shapes.items():
+            layer = model.get_submodule(name)
+            if isinstance(layer, LowRankLinear):
+                lora += r * (m + n)
+                total += layer.rank * (m + n)
+        return lora / total if total else 0.0
 
     @property
     def tokens(self) -> int:
@@ -381,7 +414,7 @@ class AcipFit:
                    meta["history"], s)
 
 
-def acip_fit(model: nn.Module, tok, texts: list[str], max_steps: int = 2000, stop_retention: float = 0.4,
+def acip_fit(model: nn.Module, tok, texts: list[str], max_steps: int | None = None, stop_retention: float = 0.4,
              seed: int = 0, lambda_init: float = 1e-3, lambda_growth: float = 1.01, lambda_every: int = 4,
              mask_lr: float = 5e-5, lora_lr: float = 5e-5, lora_rank: int = 32, lora_alpha: float = 16.0,
              lora_dropout: float = 0.05, post_tune_steps: int = 1000, seq_len: int = 1024, batch_size: int = 4,
@@ -390,13 +423,16 @@ def acip_fit(model: nn.Module, tok, texts: list[str], max_steps: int = 2000, sto
     """ACIP's mask phase and post-tune on ``texts`` (packed ``seq_len`` blocks); ``model`` is left unchanged.
 
     Args:
-        max_steps: cap on mask-phase steps (it stops earlier once the size ratio reaches ``stop_retention``).
-        stop_retention: size ratio at which the mask phase stops; the lowest retention :meth:`AcipFit.materialize`
-            accepts.
+        max_steps: a bound on mask-phase steps that you set; None (the reference's behaviour) runs until the size
+            ratio reaches ``stop_retention`` (at most the reference's own 50,000 steps). Ending at the bound above
+            ``stop_retention`` is an error that says what to change.
+        stop_retention: size ratio (the materialized model's, merged LoRA included) at which the mask phase
+            stops; the lowest retention :meth:`AcipFit.materialize` accepts.
         lambda_init, lambda_growth, lambda_every: ``lambda_t = lambda_init * lambda_growth ** floor(t / every)``.
         mask_lr, lora_lr: constant AdamW learning rates (weight decay 0) of the masks and of LoRA.
         lora_rank, lora_alpha, lora_dropout: the LoRA on each parametrized layer (reference: 32, 16, 0.05).
-        post_tune_steps: LoRA-only steps with the masks frozen, at ``lora_lr``.
+        post_tune_steps: LoRA-only steps with the masks frozen, continuing the mask phase's optimizer, on blocks
+            the mask phase never saw.
         scale: initial mask value ``s`` (also the gate's forward value).
         output_dir: Trainer checkpoints every ``save_steps`` (a killed mask phase resumes from the newest, with its
             score map); default a temporary folder, no checkpoints.
@@ -409,12 +445,13 @@ def acip_fit(model: nn.Module, tok, texts: list[str], max_steps: int = 2000, sto
 
     from air_ft.lora import apply_lora
     from air_ft.train import build_trainer
-    from air_ft.train_data import blocks_dataset, text_blocks
+    from air_ft.train_data import blocks_dataset
 
     if not 0.0 < stop_retention < 1.0:
         raise RecipeError(f"stop_retention must lie strictly between 0 and 1, got {stop_retention!r}")
-    for name, val in (("max_steps", max_steps), ("lambda_every", lambda_every), ("lora_rank", lora_rank),
-                      ("seq_len", seq_len), ("batch_size", batch_size)):
+    for name, val in (("max_steps", REFERENCE_STEP_CAP if max_steps is None else max_steps),
+                      ("lambda_every", lambda_every), ("lora_rank", lora_rank), ("seq_len", seq_len),
+                      ("batch_size", batch_size)):
         if not isinstance(val, int) or val < 1:
             raise RecipeError(f"{name} must be an integer >= 1, got {val!r}")
     if post_tune_steps < 0 or min(mask_lr, lora_lr, lambda_init, scale) <= 0 or lambda_growth < 1:
@@ -422,6 +459,7 @@ def acip_fit(model: nn.Module, tok, texts: list[str], max_steps: int = 2000, sto
                           "lambda_growth >= 1")
     prepare_model(model)
     set_seed(seed)
+    mask_blocks, post_blocks = split_blocks(tok, texts, seq_len, post_tune_steps * batch_size, seed)
     work = copy.deepcopy(model)
     sigmas = parametrize(work, scale)
     peft_model = apply_lora(work, "layer", lora_rank, lora_alpha, lora_dropout)
@@ -433,34 +471,64 @@ def acip_fit(model: nn.Module, tok, texts: list[str], max_steps: int = 2000, sto
     def schedule(step: int) -> float:
         return lambda_init * lambda_growth ** (step // lambda_every)
 
-    blocks = text_blocks(tok, texts, seq_len, (max_steps + post_tune_steps) * batch_size, seed)
-    score_map = _ScoreMap(layers, shapes, stop_retention, schedule)
+    bound = REFERENCE_STEP_CAP if max_steps is None else max_steps
+    score_map = _ScoreMap(layers, shapes, stop_retention, schedule, {n: lora_rank for n in layers})
+    # the reference does not clip: the penalty's gradient alone (lambda x sqrt(live entries)) would keep a clip
+    # at 1.0 active for the whole phase and shrink every step
+    no_clip = {"max_grad_norm": 0.0}
     with tempfile.TemporaryDirectory(prefix="air_ft_acip_") as tmp:
         out = Path(output_dir or tmp)
-        cfg = TrainConfig(max_steps=max_steps, learning_rate=lora_lr, seq_len=seq_len, batch_size=batch_size,
+        cfg = TrainConfig(max_steps=bound, learning_rate=lora_lr, seq_len=seq_len, batch_size=batch_size,
                           seed=seed, warmup_ratio=0.0, lr_scheduler="constant", eval_steps=0,
                           save_steps=save_steps if output_dir else 0, progress=progress)
-        trainer = build_trainer(peft_model, tok, blocks_dataset(blocks[:max_steps * batch_size]), None, cfg,
-                                out / "mask_phase", [score_map, *(callbacks or [])],
-                                trainer_cls=_mask_trainer_class(mask_lr, lora_lr, schedule))
+        trainer = build_trainer(peft_model, tok, blocks_dataset(mask_blocks), None, cfg, out / "mask_phase",
+                                [score_map, *(callbacks or [])],
+                                trainer_cls=_mask_trainer_class(mask_lr, lora_lr, schedule), args_overrides=no_clip)
         last = get_last_checkpoint(str(out / "mask_phase")) if (out / "mask_phase").is_dir() else None
         if last:
             score_map.restore(last)
         if not (last and score_map.history and score_map.history[-1]["ratio"] <= stop_retention):
             trainer.train(resume_from_checkpoint=last)
+        reached = min((h["ratio"] for h in score_map.history), default=1.0)
+        if reached > stop_retention:
+            raise RecipeError(f"ACIP's mask phase ended at max_steps {bound} with size ratio {reached:.3f}, above "
+                              f"stop_retention {stop_retention}: raise acip.max_steps (or leave it unset) or "
+                              "acip.lambda_growth")
         for m in layers.values():
             m.mask.requires_grad_(False)
         if post_tune_steps:
+            # the reference goes on with the same optimizer: LoRA keeps its AdamW moments, the frozen masks get
+            # no gradient and so no update
             post = dataclasses.replace(cfg, max_steps=post_tune_steps, save_steps=0)
-            used = len(score_map.history) * batch_size
-            tuner = build_trainer(peft_model, tok, blocks_dataset(blocks[used:used + post_tune_steps * batch_size]),
-                                  None, post, out / "post_tune")
+            adamw = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate's wrapper unwrapped
+            tuner = build_trainer(peft_model, tok, blocks_dataset(post_blocks), None, post, out / "post_tune",
+                                  trainer_cls=_mask_trainer_class(mask_lr, lora_lr, schedule),
+                                  args_overrides=no_clip, trainer_kwargs={"optimizers": (adamw, None)})
             tuner.train()
     peft_model.eval()
     settings = {"max_steps": max_steps, "stop_retention": stop_retention, "seed": seed, "lambda_init": lambda_init,
                 "lambda_growth": lambda_growth, "lambda_every": lambda_every, "mask_lr": mask_lr, "lora_lr": lora_lr,
                 "lora_rank": lora_rank, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout,
                 "post_tune_steps": post_tune_steps, "post_tune_done": post_tune_steps, "seq_len": seq_len,
-                "batch_size": batch_size, "scale": scale, "mask_dtype": "float32", "data": "packed blocks"}
+                "batch_size": batch_size, "scale": scale, "mask_dtype": "float32", "data": "packed blocks",
+                "max_grad_norm": None, "post_tune_optimizer": "continued", "size_unit": "materialized, LoRA merged",
+                "mask_blocks": int(mask_blocks.shape[0]), "post_tune_blocks": int(post_blocks.shape[0])}
     return AcipFit(peft_model, tok, score_map.scores, score_map.last_positive, sigmas, shapes, score_map.history,
                    settings)
+
+
+def split_blocks(tok, texts: list[str], seq_len: int, post_blocks: int, seed: int = 0):
+    """The block pool (every distinct ``seq_len`` block of ``texts``) split in two disjoint parts, seeded: the
+    post-tune's ``post_blocks`` and the mask phase's rest (which it cycles through, epoch after epoch, for as
+    many steps as it runs)."""
+    from air_ft.errors import DataError
+    from air_ft.train_data import text_blocks
+
+    pool = text_blocks(tok, texts, seq_len, None, seed)
+    pool = torch.unique(pool, dim=0)  # a short source is repeated in the pool: keep each block once
+    pool = pool[torch.randperm(pool.shape[0], generator=torch.Generator().manual_seed(seed))]
+    if post_blocks >= pool.shape[0]:
+        raise DataError(f"the texts hold {pool.shape[0]} blocks of {seq_len} tokens: too few to keep the "
+                        f"post-tune's {post_blocks} apart from the mask phase's; give more text or fewer "
+                        "acip.post_tune_steps")
+    return pool[post_blocks:], pool[:post_blocks]

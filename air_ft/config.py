@@ -338,8 +338,10 @@ class TrainConfig:
 class AcipConfig:
     """ACIP-style compression (air_ft.acip): the reference code's hyperparameters are the defaults."""
 
-    max_steps: int = _f(2000, "cap on mask-phase steps (it stops once the size ratio reaches stop_retention)")
-    stop_retention: float = _f(0.4, "size ratio that ends the mask phase; the lowest retention it can materialize")
+    max_steps: int | None = _f(None, "a bound on mask-phase steps; null (the reference) runs until the size ratio "
+                                     "reaches stop_retention; ending at the bound above it is an error")
+    stop_retention: float = _f(0.4, "size ratio (of the materialized model, merged LoRA included) that ends the "
+                                    "mask phase; the lowest retention it can materialize")
     lambda_init: float = _f(1e-3, "initial weight of the one-sided L1 penalty on the masks")
     lambda_growth: float = _f(1.01, "lambda is multiplied by this every lambda_every steps (faster: shorter phase, "
                                     "cruder ordering)")
@@ -359,8 +361,10 @@ class AcipConfig:
         if not 0.0 < self.stop_retention < 1.0:
             raise RecipeError(f"acip.stop_retention must lie strictly between 0 and 1, got {self.stop_retention!r}")
         for name in ("max_steps", "lambda_every", "lora_rank", "seq_len", "batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise RecipeError(f"acip.{name} must be an integer >= 1, got {getattr(self, name)!r}")
+            val = getattr(self, name)
+            if (val is not None or name != "max_steps") and (not isinstance(val, int) or val < 1):
+                raise RecipeError(f"acip.{name} must be an integer >= 1{' or null' * (name == 'max_steps')}, "
+                                  f"got {val!r}")
         if not isinstance(self.post_tune_steps, int) or self.post_tune_steps < 0:
             raise RecipeError(f"acip.post_tune_steps must be an integer >= 0, got {self.post_tune_steps!r}")
         for name in ("lambda_init", "mask_lr", "lora_lr", "lora_alpha", "scale"):

@@ -132,12 +132,13 @@ def _trainer_class(distill: bool):
 
 def build_trainer(model: nn.Module, tok, train_ds, eval_ds, cfg: TrainConfig, output_dir: str | Path,
                   callbacks: list | None = None, teacher: nn.Module | None = None, trainer_cls=None,
-                  trainer_kwargs: dict | None = None):
+                  trainer_kwargs: dict | None = None, args_overrides: dict | None = None):
     """TRL ``SFTTrainer`` on an already PEFT-wrapped model (``cfg.lr_scheduler`` with warm-up, fp32 on CPU).
 
     With ``cfg.distill > 0`` the training loss adds KL divergence to ``teacher`` (the dense model) over the same
     positions as the LM loss (:func:`distillation_loss`). ``trainer_cls`` (a subclass of ``SFTTrainer``) and its
-    extra ``trainer_kwargs`` replace that choice (ACIP's mask phase uses it).
+    extra ``trainer_kwargs`` replace that choice (ACIP's mask phase uses it); ``args_overrides`` set further
+    ``SFTConfig`` fields (ACIP: no gradient clipping).
     """
     from trl import SFTConfig
 
@@ -160,6 +161,7 @@ def build_trainer(model: nn.Module, tok, train_ds, eval_ds, cfg: TrainConfig, ou
         report_to="none", max_length=cfg.seq_len, packing=False, dataset_text_field="text",
         completion_only_loss=True if cfg.data_format == "instruction" else None,
         dataloader_num_workers=0, remove_unused_columns=True, weight_decay=0.0, disable_tqdm=not cfg.progress,
+        **(args_overrides or {}),
     )
     if cfg.gradient_checkpointing:
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks need an input that requires grad

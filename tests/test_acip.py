@@ -119,6 +119,59 @@ def test_the_mask_phase_shrinks_the_model_and_stops_at_the_stop_ratio(fit):
     assert result.tokens == (len(ratios) + 2) * 2 * 32
 
 
+def test_the_stop_rule_counts_the_merged_lora_as_materialize_does(fit):
+    """One size unit: the ratio the mask phase stops at is the materialized model's, LoRA included."""
+    _, result = fit
+    small = result.materialize(result.retention_reached)
+    assert parameter_counts(small)["retention"] == pytest.approx(result.retention_reached, abs=0.01)
+    live = {n: int((s > 0).sum()) for n, s in result.scores.items()}
+    assert size_ratio(live, result.shapes, result.lora_rank) == pytest.approx(result.retention_reached)
+    assert size_ratio(live, result.shapes) < result.retention_reached  # without LoRA it would stop later
+    assert 0 < result.lora_share(small) < 1
+
+
+class _Spy:
+    """Records every Trainer ACIP builds (mask phase, post-tune) and every gradient norm clip it asks for."""
+
+    def __init__(self, monkeypatch):
+        import air_ft.train as train
+
+        self.trainers, real = [], train.build_trainer
+
+        def build(*args, **kwargs):
+            trainer = real(*args, **kwargs)
+            self.trainers.append(trainer)
+            return trainer
+
+        monkeypatch.setattr(train, "build_trainer", build)
+
+
+ACIP_QUICK = dict(stop_retention=0.45, lambda_init=1e-3, lambda_growth=1.3, lambda_every=1, mask_lr=2e-3,
+                  lora_lr=1e-3, lora_rank=2, post_tune_steps=3, seq_len=32, batch_size=2, progress=False)
+
+
+def test_the_mask_phase_matches_the_reference_trainer(tokenizer, text, monkeypatch):
+    """No gradient clipping; no step cap unless set; the post-tune continues the optimizer on unseen blocks."""
+    spy = _Spy(monkeypatch)
+    fit = acip_fit(tiny_llama(vocab_size=len(tokenizer)), tokenizer, [text], **ACIP_QUICK)
+    mask, post = spy.trainers
+    assert mask.args.max_grad_norm in (0.0, None) and post.args.max_grad_norm in (0.0, None)
+    assert mask.args.max_steps >= 50_000  # unset: until the stop ratio, as the reference
+    adamw = post.optimizer.optimizer  # accelerate wraps it
+    assert adamw is mask.optimizer.optimizer  # the same AdamW, its state carried on
+    lora = next(p for n, p in post.model.named_parameters() if "lora_A" in n)
+    assert int(adamw.state[lora]["step"]) == len(fit.history) + 3
+    seen = {tuple(row) for row in mask.train_dataset["input_ids"]}
+    tuned = {tuple(row) for row in post.train_dataset["input_ids"]}
+    assert tuned and not seen & tuned  # disjoint data
+
+
+def test_a_bound_the_user_sets_ends_the_phase_with_a_clear_error(tokenizer, text):
+    with pytest.raises(RecipeError, match="raise acip.max_steps"):
+        acip_fit(tiny_llama(vocab_size=len(tokenizer)), tokenizer, [text], max_steps=2,
+                 **{**ACIP_QUICK, "stop_retention": 0.2})
+
+
 def test_materialize_hits_the_target_and_equals_the_masked_model(fit, tokenizer):
     _, result = fit
     small = result.materialize(0.6)
@@ -185,10 +238,11 @@ class _Kill(TrainerCallback):
 
 
 def test_a_killed_mask_phase_resumes_with_its_score_map(tokenizer, text, tmp_path):
-    kwargs = dict(max_steps=12, stop_retention=0.3, lambda_init=1e-3, lambda_growth=1.3, lambda_every=1,
+    kwargs = dict(stop_retention=0.93, lambda_init=1e-3, lambda_growth=1.3, lambda_every=1,
                   mask_lr=2e-3, lora_lr=1e-3, lora_rank=2, post_tune_steps=0, seq_len=32, batch_size=2,
                   progress=False)
     straight = acip_fit(tiny_llama(vocab_size=len(tokenizer)), tokenizer, [text], **kwargs)
+    assert len(straight.history) > 7  # long enough to be killed at step 7
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         acip_fit(tiny_llama(vocab_size=len(tokenizer)), tokenizer, [text], output_dir=out, callbacks=[_Kill(7)],

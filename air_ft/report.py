@@ -175,6 +175,13 @@ def _setup_lines(report: dict) -> list[str]:
                      + (" in all (a method that trained while compressing, such as ACIP-style, gets that many fewer "
                         "LoRA steps; the train tokens column has each row's total)"
                         if s.get("equal_tokens") and s.get("lora_train_tokens") else ""))
+    shares = [(r, r["compress"]["lora_share"]) for r in report["rows"]
+              if not r.get("lora") and (r.get("compress") or {}).get("lora_share") is not None]
+    if shares:
+        lines.append("- ACIP-style size: the parameters the materialized model has, its merged LoRA included (the "
+                     "reference counts the factorized layers without LoRA), so its rows have every other row's "
+                     "parameters at their retention; the merged LoRA's share of the factored layers: "
+                     + ", ".join(f"{share:.1%} at {r['retention']:.2f}" for r, share in shares))
     lines.append("- Versions: " + ", ".join(f"{k} {env[k]}" for k in ("air_ft", "torch", "transformers", "peft",
                                                                         "trl", "lm-eval") if env.get(k))
                  + (f"; commit {env['git_commit'][:10]}" if env.get("git_commit") else ""))

@@ -1,6 +1,6 @@
 """ACIP-style against AIR + LoRA as the training budget grows: does ACIP's deficit at small budgets close?
 
-    python benchmarks/acip_budget.py --threads 1 --multipliers 1 4       # CPU: 1x about 1.8 h, 4x about 2 h a method
+    python benchmarks/acip_budget.py --threads 1 --multipliers 1 4 --own-stop   # CPU: several hours
     python benchmarks/acip_budget.py --multipliers 1 4 16 --device cuda     # the whole curve on a GPU
 
 On two cores, ``--methods air`` and ``--methods acip`` in two processes side by side build the two halves of every
@@ -9,9 +9,12 @@ point (their stage directories are disjoint), and the plain command then reads b
 For every multiplier k this runs the study pipeline (``air_ft.pipeline.run_study`` on the study recipe's model, data
 and settings) with methods AIR and ACIP-style at one retention, both LoRA-recovered with equal total training tokens
 (``study.equal_tokens``): ``train.max_steps`` is ``--base-steps`` x k (64 x 2 x 512 = 65k tokens at k = 1, the
-study's CPU budget), and ACIP's reduced schedule is stretched by k: lambda grows by ``lambda_growth ** (1 / k)``
-a step, the mask phase may take up to 3/4 of the budget, the post-tune ``--post-tune-steps`` x k steps, and ACIP's
-LoRA fine-tune the rest. AIR's calibration tokens (64 x 512) are reported beside. Perplexity on the held-out texts
+study's CPU budget), and ACIP's reduced schedule is stretched as a whole by k: the masks' learning rate is divided by k
+and lambda grows by ``lambda_growth ** (1 / k)`` a step, so that the mask phase takes about k times the steps (it
+runs until its stop ratio, as the reference's does); the post-tune takes ``--post-tune-steps`` x k steps and ACIP's
+LoRA fine-tune the rest. ``--own-stop`` adds ACIP-style rows whose mask phase stopped at the retention itself
+(``x<k>-own-stop/``), beside the rows read at it from the map run to ``--stop-retention``. AIR's calibration
+tokens (64 x 512) are reported beside. Perplexity on the held-out texts
 (the six reasoning tasks with ``--tasks``, which costs about 13 min per model on one core). The schedule is the
 recipe's ``acip`` section (study.yaml's was chosen on the validation split, benchmarks/acip_schedule.py; the
 evaluation text played no part in it), with ``--schedule`` pairs on top.
@@ -54,13 +57,20 @@ def parse_schedule(text: str) -> dict:
     return out
 
 
-def overrides(args, k: int, schedule: dict) -> list[str]:
-    """The study recipe's overrides for multiplier ``k``."""
+def overrides(args, k: int, schedule: dict, own_stop: bool = False) -> list[str]:
+    """The study recipe's overrides for multiplier ``k``. The schedule scales as a whole: the masks' learning rate
+    falls and lambda grows ``k`` times slower, so that the mask phase takes about ``k`` times the steps (it runs
+    until its stop ratio, as the reference's does; what it spends comes off ACIP's LoRA steps). ``own_stop``: ACIP
+    alone, its mask phase stopped at ``--retention`` itself instead of read there from a map run to
+    ``--stop-retention``."""
     steps = args.base_steps * k
-    acip = {**schedule, "lambda_growth": schedule["lambda_growth"] ** (1.0 / k), "lambda_every": 1,
-            "max_steps": (3 * steps) // 4 - args.post_tune_steps * k, "post_tune_steps": args.post_tune_steps * k,
-            "stop_retention": args.stop_retention, "seq_len": args.seq_len, "batch_size": args.batch_size}
-    out = [f"output_dir={RESULTS / 'acip_budget_smollm2' / f'x{k}'}", f"study.methods=[{','.join(args.methods)}]",
+    acip = {**schedule, "mask_lr": schedule["mask_lr"] / k, "lambda_growth": schedule["lambda_growth"] ** (1.0 / k),
+            "lambda_every": 1, "max_steps": "null", "post_tune_steps": args.post_tune_steps * k,
+            "stop_retention": args.retention if own_stop else args.stop_retention, "seq_len": args.seq_len,
+            "batch_size": args.batch_size}
+    methods = ["acip"] if own_stop else args.methods
+    folder = RESULTS / "acip_budget_smollm2" / (f"x{k}-own-stop" if own_stop else f"x{k}")
+    out = [f"output_dir={folder}", f"study.methods=[{','.join(methods)}]",
            f"study.retentions=[{args.retention}]", "study.dense=false", "study.lora=true", "study.equal_tokens=true",
            f"train.max_steps={steps}", f"train.seq_len={args.seq_len}", f"train.batch_size={args.batch_size}",
            "train.grad_accum=1", "eval.efficiency=false", f"model.device={args.device}"]
@@ -80,10 +90,10 @@ def stage_seconds(stages, name: str) -> dict:
     return out
 
 
-def summarize(report: dict, k: int, stages=None) -> dict:
+def summarize(report: dict, k: int, stages=None, suffix: str = "") -> dict:
     rows = {}
     for r in report["rows"]:
-        label = {"air": "AIR", "acip": "ACIP-style"}[r["method"]] + (" + LoRA" if r["lora"] else "")
+        label = {"air": "AIR", "acip": "ACIP-style"}[r["method"]] + suffix + (" + LoRA" if r["lora"] else "")
         rows[label] = {"training_tokens": r["tokens"]["training"], "calibration_tokens": r["tokens"]["calibration"],
                        "retention_actual": r["compress"]["retention_actual"],
                        "perplexity": {n: v["ppl"] for n, v in r.get("perplexity", {}).items()},
@@ -93,7 +103,8 @@ def summarize(report: dict, k: int, stages=None) -> dict:
             rows[label]["stage_seconds"] = stage_seconds(stages, r["name"])
     acip = next((r["compress"] for r in report["rows"] if r["method"] == "acip" and not r["lora"]), {})
     return {"multiplier": k, "budget_tokens": report["setup"]["lora_train_tokens"], "rows": rows,
-            "acip_mask_steps": acip.get("mask_steps"), "acip_retention_reached": acip.get("retention_reached")}
+            "acip_mask_steps": acip.get("mask_steps"), "acip_retention_reached": acip.get("retention_reached"),
+            "acip_lora_share": acip.get("lora_share")}
 
 
 def plot(points: list[dict], path) -> None:
@@ -101,7 +112,8 @@ def plot(points: list[dict], path) -> None:
     fig, axes = subplots(1, len(texts), 5.0, 3.6)
     for ax, text in zip(axes[0], texts):
         for label, style in (("AIR", "C0--"), ("AIR + LoRA", "C0-o"), ("ACIP-style", "C3--"),
-                             ("ACIP-style + LoRA", "C3-o")):
+                             ("ACIP-style + LoRA", "C3-o"), ("ACIP-style, own stop", "C1--"),
+                             ("ACIP-style, own stop + LoRA", "C1-o")):
             xs = [p["budget_tokens"] for p in points if label in p["rows"]]
             ys = [p["rows"][label]["perplexity"][text] for p in points if label in p["rows"]]
             ax.plot(xs, ys, style, label=label)
@@ -129,6 +141,8 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", choices=["air", "acip"], default=["air", "acip"],
                     help="one half of every point (two processes side by side); the JSON and plot then show it alone")
     ap.add_argument("--tasks", nargs="*", default=[], help="zero-shot tasks too (default: perplexity only)")
+    ap.add_argument("--own-stop", action="store_true",
+                    help="also ACIP-style with its mask phase stopped at --retention itself (its own study per point)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--output", default="acip_budget_smollm2.json")
@@ -143,20 +157,25 @@ def main() -> None:
         ap.error("--retention must lie in [stop-retention, 1) and --stop-retention above 0")
     if min(args.base_steps, args.batch_size, args.seq_len - 1) < 1 or args.post_tune_steps < 0:
         ap.error("--base-steps and --batch-size must be >= 1, --seq-len >= 2, --post-tune-steps >= 0")
-    if 4 * args.post_tune_steps + 4 > 3 * args.base_steps:
-        ap.error("--post-tune-steps leaves no mask phase inside 3/4 of --base-steps")
     recipes = []
     try:  # every multiplier's recipe is checked before the first model loads
         for k in sorted(set(args.multipliers)):
-            recipes.append((k, load_recipe(args.recipe, overrides(args, k, schedule))))
+            recipes.append((k, load_recipe(args.recipe, overrides(args, k, schedule)),
+                            load_recipe(args.recipe, overrides(args, k, schedule, own_stop=True))
+                            if args.own_stop else None))
     except RecipeError as err:
         ap.error(str(err))
     set_threads(args.threads)
     points = []
-    for k, recipe in recipes:
+    for k, recipe, own in recipes:
         t0 = time.perf_counter()
-        points.append({**summarize(run_study(recipe), k, Path(recipe.output_dir) / "stages"),
-                       "wall_seconds": time.perf_counter() - t0})  # this run only: reused stages cost ~0
+        point = summarize(run_study(recipe), k, Path(recipe.output_dir) / "stages")
+        if own is not None:
+            extra = summarize(run_study(own), k, Path(own.output_dir) / "stages", suffix=", own stop")
+            point["rows"].update(extra["rows"])
+            point["own_stop"] = {key: extra[key] for key in ("acip_mask_steps", "acip_retention_reached",
+                                                             "acip_lora_share")}
+        points.append({**point, "wall_seconds": time.perf_counter() - t0})  # this run only: reused stages cost ~0
         p = points[-1]
         reached = ("" if p["acip_mask_steps"] is None else
                    f"ACIP reached {p['acip_retention_reached']:.3f} in {p['acip_mask_steps']} mask steps; ")

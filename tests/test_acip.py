@@ -293,6 +293,7 @@ def test_acip_is_one_more_method_of_the_study(tmp_path, tokenizer, text):
     assert len(fits) == 1
     md = (tmp_path / "out" / "report.md").read_text()
     assert "| ACIP-style |" in md and "train tokens" in md
+    assert all(0 < r["compress"]["lora_share"] < 1 for r in acip_rows) and "merged LoRA's share" in md
     assert json.loads((tmp_path / "out" / "report.json").read_text())["recipe"]["acip"]["lora_rank"] == 2
 
 

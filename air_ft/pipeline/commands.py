@@ -168,7 +168,7 @@ def acip_compress(model, tok, cal: list[str], recipe: Recipe):
         model_params_before=count_parameters(model), model_params_after=count_parameters(small),
         ranks={n: m.rank for n, m in small.named_modules() if hasattr(m, "rank")},
         extra={"retention_reached": fit.retention_reached, "mask_steps": len(fit.history),
-               "train_tokens": fit.tokens, "acip": fit.settings})
+               "train_tokens": fit.tokens, "acip": fit.settings, "lora_share": fit.lora_share(small)})
     return small, result
 
 

@@ -38,6 +38,8 @@ class Method:
         trains: it optimizes on training text while compressing (ACIP-style): the study runs it on the main
             process only, and its training tokens count against a recovered row's LoRA budget.
         calibrates: it reads calibration text at all (plain SVD does not).
+        revision: raised when the method's code changes what it produces for the same settings (0: never yet);
+            it keys the study's stages, so that a study redoes the method's rows instead of reusing stale ones.
     """
 
     name: str
@@ -48,6 +50,7 @@ class Method:
     influence: Callable[[Any], str | None] = lambda cfg: None
     trains: bool = False
     calibrates: bool = True
+    revision: int = 0
 
 
 def _svd(w, k, layer, cfg):
@@ -105,7 +108,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("fwsvd", "FWSVD", _fwsvd, influence=lambda cfg: "fisher"),
     Method("svdllm", "SVD-LLM(W)", _svdllm, needs_gram=True, whitened=True),
     Method("air", "AIR", _air, needs_gram=True, whitened=True, influence=_air_influence),
-    Method("acip", "ACIP-style", None, trains=True),
+    # revision 1: the mask phase as the reference runs it (no clip, no cap, the optimizer carried into the post-tune,
+    # disjoint blocks, the merged LoRA in the stop ratio)
+    Method("acip", "ACIP-style", None, trains=True, revision=1),
 )}
 
 

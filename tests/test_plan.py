@@ -69,6 +69,16 @@ def test_a_changed_field_rekeys_its_stage_and_everything_downstream_and_nothing_
         "train/air-r0.80", "eval/air-r0.80+lora", "train/acip-r0.80", "eval/acip-r0.80+lora",
         "train/air-r0.60", "eval/air-r0.60+lora", "train/acip-r0.60", "eval/acip-r0.60+lora",
         "efficiency/efficiency", "report/report"}
+    # a method's revision keys its rows only (its code changed what it makes for the same settings)
+    import air_ft.methods as methods
+
+    real = methods.METHODS["acip"]
+    methods.METHODS["acip"] = dataclasses.replace(real, revision=real.revision + 1)
+    try:
+        bumped = {i for i, k in _keys(_plan()).items() if k != base[i]}
+    finally:
+        methods.METHODS["acip"] = real
+    assert bumped and all("acip" in i or i.split("/")[0] in ("efficiency", "report") for i in bumped)
     # ACIP's own settings key its compression (they change what it produces), nobody else's
     assert {i.split("/")[1].split("+")[0] for i in changed("acip.lambda_growth=1.05")} >= {"acip-r0.80"}
     assert not any("air-" in i or "svdllm" in i for i in changed("acip.lambda_growth=1.05"))

@@ -149,7 +149,8 @@ def acip_compress(model, tok, cal: list[str], recipe: Recipe):
     from air_ft.efficiency import parameter_counts
     from air_ft.modeling import count_parameters
 
-    key = stage_key("acip", to_dict(recipe.model), recipe.data.calibration, to_dict(recipe.acip))
+    key = stage_key("acip", to_dict(recipe.model), recipe.data.calibration, to_dict(recipe.acip),
+                    METHODS["acip"].revision)
     folder = cache_root() / "acip" / key
     if (folder / "fit" / FIT_MARKER).exists():
         fit = AcipFit.load(folder / "fit")

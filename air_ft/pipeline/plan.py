@@ -102,6 +102,8 @@ def plan(recipe: Recipe) -> list[Stage]:
         parts = [model, data["calibration"], result_fields(rec.compress)]
         if method.trains:  # its own training settings change what it produces
             parts.append(result_fields(rec.acip))
+        if method.revision:
+            parts.append({"revision": method.revision})
         key = stage_key("compress", *parts)
         comp = Stage("compress", row, key, out / "compress" / row, (), not method.trains, rec)
         stages.append(comp)

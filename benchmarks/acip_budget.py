@@ -157,6 +157,8 @@ def main() -> None:
         ap.error("--retention must lie in [stop-retention, 1) and --stop-retention above 0")
     if min(args.base_steps, args.batch_size, args.seq_len - 1) < 1 or args.post_tune_steps < 0:
         ap.error("--base-steps and --batch-size must be >= 1, --seq-len >= 2, --post-tune-steps >= 0")
+    if 2 * args.post_tune_steps >= args.base_steps:
+        ap.error("--post-tune-steps must stay below half of --base-steps: ACIP's mask phase and LoRA need the rest")
     recipes = []
     try:  # every multiplier's recipe is checked before the first model loads
         for k in sorted(set(args.multipliers)):

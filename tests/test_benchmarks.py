@@ -27,7 +27,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
     ("acip_budget.py", ["--multipliers", "0"], "--multipliers must be integers >= 1"),
     ("acip_budget.py", ["--schedule", "lambda_every=2"], "use key=value"),
     ("acip_budget.py", ["--retention", "0.5"], "--retention must lie in [stop-retention"),
-    ("acip_budget.py", ["--post-tune-steps", "48"], "leaves no mask phase"),
+    ("acip_budget.py", ["--post-tune-steps", "48"], "below half of --base-steps"),
     ("acip_budget.py", ["--methods", "svdllm"], "invalid choice"),
     ("peak_memory.py", ["--repeats", "0"], "--tokens and --repeats must be >= 1"),
     ("peak_memory.py", ["--rank-maps", "no/such.json"], "--rank-maps: no such file no/such.json"),
@@ -104,8 +104,9 @@ def test_scale_benchmark_runs_on_a_tiny_shape(tmp_path):
 
 
 def test_acip_budget_curve_gives_every_point_equal_budgets(monkeypatch):
-    """benchmarks/acip_budget.py: at multiplier k both methods get k times the LoRA steps, ACIP's lambda grows k
-    times slower and its post-tune is k times longer, and every recipe passes the study's checks."""
+    """benchmarks/acip_budget.py: at multiplier k both methods get k times the LoRA steps; ACIP's schedule scales
+    as a whole (masks' lr k times lower, lambda growing k times slower, the phase running to its stop) and its
+    post-tune is k times longer; the own-stop rows stop at the retention itself; every recipe passes the checks."""
     import argparse
 
     monkeypatch.syspath_prepend(str(BENCH))
@@ -123,9 +124,15 @@ def test_acip_budget_curve_gives_every_point_equal_budgets(monkeypatch):
         check_study(recipe)
         assert recipe.train.max_steps == 64 * k and recipe.acip.post_tune_steps == 4 * k
         assert recipe.acip.lambda_growth ** k == pytest.approx(schedule["lambda_growth"]) == 1.1
-        assert recipe.acip.max_steps + recipe.acip.post_tune_steps == 48 * k  # a quarter is left for LoRA
+        assert recipe.acip.mask_lr * k == pytest.approx(schedule["mask_lr"]) and recipe.acip.max_steps is None
+        assert recipe.acip.lora_lr == schedule["lora_lr"]  # LoRA's own step is not ACIP's schedule
         assert recipe.study.methods == ["air", "acip"] and recipe.study.equal_tokens and recipe.eval.tasks == ["piqa"]
         assert recipe.output_dir.endswith(f"acip_budget_smollm2/x{k}")
+        own = load_recipe(str(BENCH.parent / "recipes" / "smollm2-135m" / "study.yaml"),
+                          acip_budget.overrides(args, k, schedule, own_stop=True))
+        check_study(own)
+        assert own.acip.stop_retention == 0.6 and own.study.methods == ["acip"]
+        assert own.output_dir.endswith(f"acip_budget_smollm2/x{k}-own-stop")
     args.methods = ["acip"]  # one half of the point, for a second process beside the first
     assert load_recipe(str(BENCH.parent / "recipes" / "smollm2-135m" / "study.yaml"),
                        acip_budget.overrides(args, 4, schedule)).study.methods == ["acip"]

@@ -60,6 +60,18 @@ def tiny_llama(vocab_size: int = 64, tie: bool = False, seed: int = 0, layers: i
     return LlamaForCausalLM(cfg).eval()
 
 
+def study_base(tmp_path, model, tokenizer, text: str) -> dict:
+    """Save ``model`` (with ``tokenizer``) and ``text`` under ``tmp_path``; return a recipe's model and data sections
+    for them (calibration: the first 80 % of the text, evaluation ``heldout``: the rest) and its output_dir."""
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    (tmp_path / "corpus.txt").write_text(text)
+    corpus = str(tmp_path / "corpus.txt")
+    return {"output_dir": str(tmp_path / "out"), "model": {"name_or_path": str(tmp_path / "base")},
+            "data": {"calibration": [{"source": corpus, "end": 0.8}],
+                     "evaluation": {"heldout": {"source": corpus, "start": 0.8}}}}
+
+
 @pytest.fixture
 def model(tokenizer):
     return tiny_llama(vocab_size=len(tokenizer))

@@ -21,7 +21,7 @@ from air_ft.acip import (
 from air_ft.config import RecipeError
 from air_ft.efficiency import parameter_counts
 
-from .conftest import tiny_llama
+from .conftest import study_base, tiny_llama
 
 
 def test_gate_is_binary_forward_and_passes_gradients_only_to_live_entries():
@@ -258,13 +258,7 @@ def _write_acip_study(tmp_path, tokenizer, text, study: dict, **sections) -> Non
     """A tiny saved model, a corpus and ``tmp_path/study.yaml``: SVD-LLM(W) and a quick ACIP-style schedule."""
     import yaml
 
-    model = tiny_llama(vocab_size=len(tokenizer))
-    model.save_pretrained(tmp_path / "base")
-    tokenizer.save_pretrained(tmp_path / "base")
-    (tmp_path / "corpus.txt").write_text(text)
-    recipe = {"output_dir": str(tmp_path / "out"), "model": {"name_or_path": str(tmp_path / "base")},
-              "data": {"calibration": [{"source": str(tmp_path / "corpus.txt"), "end": 0.8}],
-                       "evaluation": {"heldout": {"source": str(tmp_path / "corpus.txt"), "start": 0.8}}},
+    recipe = {**study_base(tmp_path, tiny_llama(vocab_size=len(tokenizer)), tokenizer, text),
               "compress": {"num_samples": 8, "seq_len": 32, "progress": False},
               "eval": {"seq_len": 32, "max_windows": 4, "efficiency": False},
               "acip": {"max_steps": 40, "stop_retention": 0.45, "lambda_init": 1e-3, "lambda_growth": 1.3,

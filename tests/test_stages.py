@@ -16,21 +16,14 @@ from air_ft.config import RecipeError, load_recipe
 from air_ft.pipeline import commands
 from air_ft.pipeline.execute import run_study
 
-from .conftest import save_piqa_like, tiny_llama
+from .conftest import save_piqa_like, study_base, tiny_llama
 
 
 @pytest.fixture
 def study(tmp_path, tokenizer, text):
-    model = tiny_llama(vocab_size=len(tokenizer), tie=True)
-    model.save_pretrained(tmp_path / "base")
-    tokenizer.save_pretrained(tmp_path / "base")
-    (tmp_path / "corpus.txt").write_text(text)
     save_piqa_like(tmp_path / "tasks", n=12)
     recipe = {
-        "output_dir": str(tmp_path / "out"),
-        "model": {"name_or_path": str(tmp_path / "base")},
-        "data": {"calibration": [{"source": str(tmp_path / "corpus.txt"), "end": 0.8}],
-                 "evaluation": {"heldout": {"source": str(tmp_path / "corpus.txt"), "start": 0.8}}},
+        **study_base(tmp_path, tiny_llama(vocab_size=len(tokenizer), tie=True), tokenizer, text),
         "compress": {"retention": 0.5, "num_samples": 8, "seq_len": 32, "progress": False},
         "eval": {"seq_len": 32, "max_windows": 4, "tasks": ["piqa"], "limit": 6, "task_batch_size": 4,
                  "task_data": str(tmp_path / "tasks"), "decode_batch_sizes": [1, 2]},

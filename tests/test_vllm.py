@@ -23,6 +23,8 @@ from air_ft.modeling import LowRankLinear, set_module  # noqa: E402
 from air_ft.serving import layout  # noqa: E402
 from air_ft.serving.measure import agreement, engine, greedy, reference_greedy  # noqa: E402
 
+from .conftest import study_base  # noqa: E402
+
 pytestmark = pytest.mark.slow
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model sends a function to the workers
 PROMPTS = [[3, 4, 5, 6], [7, 8, 9, 10, 11, 12], [20, 21, 5, 30, 31], [33, 2, 14, 15, 16, 17, 18, 19]]
@@ -176,13 +178,7 @@ def test_a_study_with_eval_serve_reports_vllm_figures_against_dense(tmp_path, to
 
     from air_ft.cli import main
 
-    base = tiny("llama", len(tokenizer))
-    base.save_pretrained(tmp_path / "base")
-    tokenizer.save_pretrained(tmp_path / "base")
-    (tmp_path / "corpus.txt").write_text(text)
-    recipe = {"output_dir": str(tmp_path / "out"), "model": {"name_or_path": str(tmp_path / "base")},
-              "data": {"calibration": [{"source": str(tmp_path / "corpus.txt"), "end": 0.8}],
-                       "evaluation": {"heldout": {"source": str(tmp_path / "corpus.txt"), "start": 0.8}}},
+    recipe = {**study_base(tmp_path, tiny("llama", len(tokenizer)), tokenizer, text),
               "compress": {"retention": 0.5, "num_samples": 8, "seq_len": 32, "progress": False},
               "eval": {"seq_len": 32, "max_windows": 2, "tasks": [], "efficiency": False, "serve": True,
                        "serve_batch_sizes": [2, 4], "serve_tokens": 8, "serve_prompt_len": 16, "serve_rounds": 1,

@@ -383,19 +383,11 @@ def check_eval(recipe: Recipe) -> None:
 
 
 def serve(recipe: Recipe, checkpoints: dict[str, Path | None], dense, eval_texts: dict[str, str], out: Path) -> dict:
-    """``eval.serve``: every checkpoint (``None``: the dense model, written to ``out/dense`` when it has no
-    servable directory) served with vLLM in turn; ``{name: figures}`` with ratios against dense."""
-    from air_ft.serving import measure
+    """``eval.serve``: every checkpoint (``None``: the dense model) served with vLLM in turn (see
+    :func:`air_ft.serving.measure.serve_recipe`); ``{name: figures}`` with ratios against dense."""
+    from air_ft.serving.measure import serve_recipe
 
-    model, tok = dense
-    ev, m = recipe.eval, recipe.model
-    paths = {name: path or measure.dense_directory(m.name_or_path, m.gguf_file, model, tok, out / "dense")
-             for name, path in checkpoints.items()}
-    prompts = measure.prompts_from_texts(tok, eval_texts, ev.serve_prompt_len)
-    return measure.serve_checkpoints(paths, prompts, reference="dense" if "dense" in paths else None, dtype=m.dtype,
-                                     tokens=ev.serve_tokens, batch_sizes=tuple(ev.serve_batch_sizes),
-                                     rounds=ev.serve_rounds, tensor_parallel_size=ev.serve_tensor_parallel,
-                                     engine_args=ev.serve_engine)
+    return serve_recipe(recipe, checkpoints, dense, eval_texts, out)
 
 
 def evaluate(recipe: Recipe, checkpoint: str | None = None) -> dict:

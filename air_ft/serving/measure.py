@@ -22,7 +22,7 @@ import torch
 from air_ft.serving import check_servable, require_vllm
 
 __all__ = ["start_engine", "engine", "greedy", "reference_greedy", "agreement", "speed", "weight_bytes", "kv_capacity",
-           "serve_checkpoints"]
+           "serve_checkpoints", "serve_recipe", "prompts_from_texts", "dense_directory"]
 
 
 def start_engine(path: str | Path, *, dtype: str = "float32", tensor_parallel_size: int = 1, seed: int = 0,
@@ -181,6 +181,20 @@ def serve_checkpoints(checkpoints: dict[str, str | Path], prompts: list[list[int
                 "prefill": fig["prefill_tokens_per_s"] / base["prefill_tokens_per_s"],
                 "weight_bytes": fig["weight_bytes"] / base["weight_bytes"]}
     return figures
+
+
+def serve_recipe(recipe, checkpoints: dict[str, Path | None], dense, eval_texts: dict[str, str], out: Path) -> dict:
+    """A study's ``eval.serve`` stage: :func:`serve_checkpoints` with the recipe's ``eval.serve_*`` settings, on
+    prompts drawn from its evaluation texts; a ``None`` checkpoint is the dense model, written to ``out/dense``
+    when it has no directory vLLM can read."""
+    model, tok = dense
+    ev, m = recipe.eval, recipe.model
+    paths = {name: path or dense_directory(m.name_or_path, m.gguf_file, model, tok, out / "dense")
+             for name, path in checkpoints.items()}
+    prompts = prompts_from_texts(tok, eval_texts, ev.serve_prompt_len)
+    return serve_checkpoints(paths, prompts, reference="dense" if "dense" in paths else None, dtype=m.dtype,
+                             tokens=ev.serve_tokens, batch_sizes=tuple(ev.serve_batch_sizes), rounds=ev.serve_rounds,
+                             tensor_parallel_size=ev.serve_tensor_parallel, engine_args=ev.serve_engine)
 
 
 def prompts_from_texts(tok, texts: dict[str, str], length: int, count: int = 16) -> list[list[int]]:

@@ -293,10 +293,10 @@ def _serve_lines(report: dict) -> list[str]:
              "divergence.", "",
              "| model | retention | decode b1 ms/token | " + " | ".join(f"tokens/s at {b}" for b in batches)
              + " | prefill tokens/s | weights | KV cache tokens | greedy equal | max abs logprob diff |",
-             "|" + "---|" * (7 + len(batches))]
+             "|" + "---|" * (8 + len(batches))]
 
-    def cell(value: float, base: float | None, fmt: str) -> str:
-        return format(value, fmt) + (f" ({value / base:.2f}x)" if base else "")
+    def cell(value: float, base: float | None, fmt: str, unit: str = "") -> str:
+        return format(value, fmt) + unit + (f" ({value / base:.2f}x)" if base else "")
 
     for r in rows:
         s = r["serve"]
@@ -307,7 +307,7 @@ def _serve_lines(report: dict) -> list[str]:
             cell(s["decode_s_per_token"] * 1e3, d and d["decode_s_per_token"] * 1e3, ".1f"),
             *(cell(s["throughput_tokens_per_s"][b], d and d["throughput_tokens_per_s"][b], ".0f") for b in batches),
             cell(s["prefill_tokens_per_s"], d and d["prefill_tokens_per_s"], ".0f"),
-            cell(s["weight_bytes"] / 2**20, d and d["weight_bytes"] / 2**20, ".0f") + " MiB",
+            cell(s["weight_bytes"] / 2**20, d and d["weight_bytes"] / 2**20, ".0f", " MiB"),
             str(s["kv_cache"]["tokens"]), f"{agree['equal']}/{agree['prompts']}",
             "n/a" if diff is None else f"{diff:.1e}"]) + " |")
     return lines + [""]

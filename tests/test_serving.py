@@ -61,3 +61,23 @@ def test_agreement_counts_matching_tokens_and_logprob_gaps():
     result = agreement(served, reference)
     assert result["equal"] == 1 and result["matched_tokens"] == [3, 1]
     assert result["max_logprob_diff"] == pytest.approx(0.5)  # the second prompt's first token; later ones unequal
+
+
+def test_the_committed_serving_report_renders_from_its_json():
+    """The report's vLLM table comes from report.json alone (``air-ft report`` re-renders it unchanged)."""
+    from pathlib import Path
+
+    from air_ft.report import markdown
+
+    out = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "serve_smollm2_cpu"
+    report = json.loads((out / "report.json").read_text())
+    md = markdown(report)
+    assert md == (out / "report.md").read_text()
+    table = md.split("## Served with vLLM")[1].split("\n\n")[2].splitlines()
+    assert len(table) == 2 + len(report["rows"]) and len({line.count("|") for line in table}) == 1
+    dense = next(r for r in report["rows"] if r["method"] == "dense")["serve"]
+    for row, line in zip(report["rows"], table[2:]):
+        s = row["serve"]
+        assert f"{s['decode_s_per_token'] * 1e3:.1f} ({s['decode_s_per_token'] / dense['decode_s_per_token']:.2f}x)" \
+            in line
+        assert f"{s['agreement']['equal']}/{s['agreement']['prompts']}" in line

@@ -44,7 +44,8 @@ def main() -> None:
     ap.add_argument("--schedule", action="append", required=True, help="key=value pairs of air_ft.acip_fit")
     ap.add_argument("--stop-retention", type=float, default=0.35)
     ap.add_argument("--retentions", type=float, nargs="+", default=[0.8, 0.6, 0.4])
-    ap.add_argument("--max-steps", type=int, default=96)
+    ap.add_argument("--max-steps", type=int, default=None,
+                    help="a bound on mask-phase steps (default: none, the phase runs until --stop-retention)")
     ap.add_argument("--post-tune-steps", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=2)
@@ -58,9 +59,13 @@ def main() -> None:
         ap.error(str(err))
     if not 0 < args.stop_retention < 1 or any(not args.stop_retention <= r < 1 for r in args.retentions):
         ap.error("--stop-retention must lie in (0, 1) and every --retentions in [stop-retention, 1)")
-    if min(args.max_steps, args.seq_len - 1, args.batch_size, args.val_windows) < 1 or args.post_tune_steps < 0:
-        ap.error("--max-steps, --batch-size and --val-windows must be >= 1, --seq-len >= 2, --post-tune-steps >= 0")
-    fixed = {k: v for k, v in vars(args).items() if k != "schedule"}
+    if args.max_steps is not None and args.max_steps < 1:
+        ap.error("--max-steps must be >= 1 (or left out: the phase then runs until --stop-retention)")
+    if min(args.seq_len - 1, args.batch_size, args.val_windows) < 1 or args.post_tune_steps < 0:
+        ap.error("--batch-size and --val-windows must be >= 1, --seq-len >= 2, --post-tune-steps >= 0")
+    # the trainer's revision is a setting too: runs of an earlier mask phase are not reused
+    fixed = {**{k: v for k, v in vars(args).items() if k != "schedule"},
+             "acip_revision": air_ft.methods.METHODS["acip"].revision}
     runs = previous_results(args.output, fixed, "runs")
     schedules = [s for s in schedules if s not in [r["schedule"] for r in runs]]
     set_threads(args.threads)

@@ -24,6 +24,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
     ("sequential.py", ["--retentions", "0"], "--retentions must lie strictly between 0 and 1"),
     ("acip_schedule.py", ["--schedule", "mask_lr"], "use key=value"),
     ("acip_schedule.py", ["--schedule", "mask_lr=1e-3", "--retentions", "0.3"], "--retentions in [stop-retention"),
+    ("acip_schedule.py", ["--schedule", "mask_lr=1e-3", "--max-steps", "0"], "--max-steps must be >= 1"),
     ("acip_budget.py", ["--multipliers", "0"], "--multipliers must be integers >= 1"),
     ("acip_budget.py", ["--schedule", "lambda_every=2"], "use key=value"),
     ("acip_budget.py", ["--retention", "0.5"], "--retention must lie in [stop-retention"),

@@ -42,7 +42,7 @@ from transformers import TrainerCallback
 
 from air_ft.checkpoint import record_factoring
 from air_ft.config import TrainConfig
-from air_ft.errors import AssetError, CheckpointError, RecipeError
+from air_ft.errors import AssetError, CheckpointError, DataError, RecipeError
 from air_ft.files import atomic_dir, atomic_file, write_json
 from air_ft.modeling import LowRankLinear, find_targets, prepare_model, set_module
 
@@ -449,7 +449,8 @@ def acip_fit(model: nn.Module, tok, texts: list[str], max_steps: int | None = No
 
     if not 0.0 < stop_retention < 1.0:
         raise RecipeError(f"stop_retention must lie strictly between 0 and 1, got {stop_retention!r}")
-    for name, val in (("max_steps", REFERENCE_STEP_CAP if max_steps is None else max_steps),
+    bound = REFERENCE_STEP_CAP if max_steps is None else max_steps
+    for name, val in (("max_steps", bound),
                       ("lambda_every", lambda_every), ("lora_rank", lora_rank), ("seq_len", seq_len),
                       ("batch_size", batch_size)):
         if not isinstance(val, int) or val < 1:
@@ -471,7 +472,6 @@ def acip_fit(model: nn.Module, tok, texts: list[str], max_steps: int | None = No
     def schedule(step: int) -> float:
         return lambda_init * lambda_growth ** (step // lambda_every)
 
-    bound = REFERENCE_STEP_CAP if max_steps is None else max_steps
     score_map = _ScoreMap(layers, shapes, stop_retention, schedule, {n: lora_rank for n in layers})
     # the reference does not clip: the penalty's gradient alone (lambda x sqrt(live entries)) would keep a clip
     # at 1.0 active for the whole phase and shrink every step
@@ -521,7 +521,6 @@ def split_blocks(tok, texts: list[str], seq_len: int, post_blocks: int, seed: in
     """The block pool (every distinct ``seq_len`` block of ``texts``) split in two disjoint parts, seeded: the
     post-tune's ``post_blocks`` and the mask phase's rest (which it cycles through, epoch after epoch, for as
     many steps as it runs)."""
-    from air_ft.errors import DataError
     from air_ft.train_data import text_blocks
 
     pool = text_blocks(tok, texts, seq_len, None, seed)

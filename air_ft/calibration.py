@@ -7,12 +7,14 @@ output receives ``dL/dy`` and forms the per-sample weight gradients ``g_d = dY_d
 as the weight gradient of a normal backward), from which it accumulates
 
 - ``wxg``:    ``sum_d |W * g_d|`` (absolute value per sample, docs/method.md section 3),
-- ``fisher``: ``sum_d g_d^2`` (element-wise empirical Fisher).
+- ``fisher``: ``sum_d g_d^2`` (element-wise empirical Fisher),
+- ``ograd``:  ``sum_t dy_t dy_t^T`` (float64, ``m x m``), the Gram of the layer's output gradient over every token:
+  the output-side weighting of the two-sided whitening (docs/method.md section 6).
 
 A second, optional pass measures the Fisher in the whitened coordinates the ALS works in (``W' = W S``): the
 gradient with respect to ``W'`` is ``g_d S^-T``, i.e. the weight gradient of whitened inputs ``x S^-T``, so the
 hook whitens each input once and forms the same per-sample products (``fisher_whitened``; it needs the Grams, hence
-the second pass).
+the second pass). Either backward pass also accumulates ``ograd``: it needs no whitening.
 
 Nothing per token is stored. Statistics are cached on disk, keyed by model, data and settings.
 """
@@ -35,9 +37,10 @@ from air_ft.files import atomic_file, write_text
 __all__ = ["CalibrationStats", "CalibrationError", "calibrate", "model_fingerprint", "stats_key", "load_stats",
            "save_stats"]
 
-SIGNALS = ("wxg", "fisher")
+SIGNALS = ("wxg", "fisher", "ograd")
 WHITENED = "fisher_whitened"
-CACHE_VERSION = 1
+OGRAD = "ograd"
+CACHE_VERSION = 2  # 2: every backward pass also holds the output-gradient Gram
 
 
 @dataclass
@@ -49,7 +52,8 @@ class CalibrationStats:
         abs_sum: float64 ``n``, ``sum_t |x_t|`` per distinct input (ASVD's scaling).
         group_of: target layer name -> key into ``grams``.
         tokens: number of calibration tokens.
-        influence: signal (``wxg``/``fisher``) -> layer name -> float32 ``m x n`` map (empty if not computed).
+        influence: signal (``wxg``/``fisher``/``fisher_whitened``) -> layer name -> float32 ``m x n`` map, and
+            ``ograd`` -> layer name -> float64 ``m x m`` output-gradient Gram (empty if no backward ran).
         seconds: wall time of the forward and backward work.
     """
 
@@ -86,7 +90,7 @@ class StatsHooks:
         self.group_of: dict[str, str] = {}
         self.grams: dict[str, torch.Tensor] = {}
         self.abs_sum: dict[str, torch.Tensor] = {}
-        signals = (WHITENED,) if unwhiten is not None else SIGNALS
+        signals = (WHITENED, OGRAD) if unwhiten is not None else SIGNALS
         self.imaps: dict[str, dict[str, torch.Tensor]] = {s: {} for s in signals} if self.influence else {}
         self._seen: dict[int, tuple[str, torch.Tensor]] = {}  # id(input) -> (leader, input) during the first batch
         self._whitened: dict[str, torch.Tensor] = {}  # group leader -> x S^-T for the current batch
@@ -144,12 +148,17 @@ class StatsHooks:
         else:
             acc[name] = val
 
+    def _output_gram(self, name: str, grad_out: torch.Tensor) -> None:
+        flat = grad_out.reshape(-1, grad_out.shape[-1]).to(torch.float64)
+        self._accumulate(OGRAD, name, flat.T @ flat)
+
     def _whitened_grad_hook(self, name: str, xw: torch.Tensor):
         def hook(grad_out: torch.Tensor) -> None:
             _check_finite(grad_out, "the output gradient", name)
             g = grad_out.to(torch.float32).reshape(grad_out.shape[0], -1, grad_out.shape[-1])
             xs = xw.reshape(xw.shape[0], -1, xw.shape[-1])
             self._accumulate(WHITENED, name, torch.bmm(g.transpose(1, 2), xs).square_().sum(0))
+            self._output_gram(name, grad_out)
 
         return hook
 
@@ -162,6 +171,7 @@ class StatsHooks:
             w = mod.weight.detach().to(torch.float32)
             self._accumulate("wxg", name, (per_sample * w).abs_().sum(0))
             self._accumulate("fisher", name, per_sample.square_().sum(0))
+            self._output_gram(name, grad_out)
 
         return hook
 
@@ -177,11 +187,11 @@ def calibrate(model: nn.Module, windows: torch.Tensor, targets: dict[str, nn.Lin
         model: a causal LM (any device/dtype); its parameters are left untouched, hooks are removed afterwards.
         windows: ``(N, T)`` token ids.
         targets: layers to observe (from :func:`air_ft.modeling.find_targets`).
-        influence: also run the backward pass for ``wxg``/``fisher`` maps.
+        influence: also run the backward pass for the ``wxg``/``fisher`` maps and the ``ograd`` Grams.
         batch_size: windows per forward pass.
         whitening: layer -> whitening factor ``S`` (``W' = W S``): instead of ``wxg``/``fisher``, measure
             ``fisher_whitened = sum_d (g_d S^-T)^2``, the Fisher of the whitened weight (a second pass: ``S``
-            comes from the Grams of a first one).
+            comes from the Grams of a first one), and ``ograd``.
         grams: accumulate the input Grams (an influence pass over a group of blocks whose Grams are known sets
             False).
         start: the module (a decoder block) at whose input the backward may stop: no layer before it is

@@ -7,6 +7,7 @@ a time (cached per block) -> per block and layer: factor (pure math in :mod:`air
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -16,8 +17,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from air_ft import dist, linalg
+from air_ft import curvature, dist, linalg
 from air_ft.calibration import (
+    OGRAD,
     WHITENED,
     CalibrationStats,
     calibrate,
@@ -143,6 +145,7 @@ def get_stats(model: nn.Module, tok, texts: list[str], targets: dict[str, nn.Lin
 
         extra = cached(f"{WHITENED}:{cfg.whitening}:{cfg.eps}", second_pass)
         base.influence[WHITENED] = extra.influence[WHITENED]
+        base.influence[OGRAD] = extra.influence[OGRAD]
         base.seconds += extra.seconds
         base.cached = base.cached and extra.cached
     return base
@@ -173,12 +176,15 @@ def compress(model: nn.Module, tok, texts: list[str] | None = None, method: str 
         on_block: called as ``on_block(block, layer_names)`` once a decoder block's layers are factored and swapped
             in (``block`` -1 and every layer at once on the all-at-once path): progress for a caller, or a probe.
         **options: any other :class:`~air_ft.config.CompressConfig` field (delta, influence, normalization,
-            sweeps, tol, include, exclude, als_dtype, als_backend, eps, batch_size, sequential, stats_memory_gb,
-            checkpointing, cache, progress, device).
+            sweeps, tol, include, exclude, als_dtype, als_backend, eps, batch_size, sequential, output_weight,
+            rank_allocation, rank_floor, rank_ceiling, refine_steps, refine_lr, stats_memory_gb, checkpointing,
+            cache, progress, device).
 
     Returns:
         A :class:`CompressResult`: ranks, rungs, per-layer ``objective`` (AIR), parameter counts, timings and,
-        for the streamed path, ``stream`` (blocks, influence passes, peak statistics / device / host memory).
+        for the streamed path, ``stream`` (blocks, influence passes, peak statistics / device / host memory, and
+        ``refine`` with block refinement); with ``rank_allocation: global`` also ``extra["uniform_ranks"]`` and
+        ``extra["allocation_seconds"]`` (counted in ``calibration_seconds``).
     """
     device = options.pop("device", None)
     prepare_model(model)
@@ -197,6 +203,7 @@ def compress(model: nn.Module, tok, texts: list[str] | None = None, method: str 
     if all(k is None for k in ranks.values()):
         raise RecipeError(f"retention {cfg.retention} saves nothing on any selected layer (rank*(m+n) >= m*n); "
                           "choose a lower retention")
+    uniform = dict(ranks)
     entry = METHODS[cfg.method]
     need_gram, need_infl = entry.needs_gram, entry.influence(cfg) is not None
     if windows is not None and (windows.dim() != 2 or windows.dtype not in (torch.long, torch.int) or
@@ -205,8 +212,21 @@ def compress(model: nn.Module, tok, texts: list[str] | None = None, method: str 
                           f"{tuple(windows.shape)} {windows.dtype}")
     if (need_gram or need_infl) and stats is None and not texts and windows is None:
         raise RecipeError(f"method {cfg.method!r} needs calibration texts (a non-empty list of strings)")
-    if stats is not None and need_infl and entry.influence(cfg) not in stats.influence:
-        raise RecipeError(f"calibration statistics hold no {entry.influence(cfg)!r} influence; recalibrate")
+    if stats is not None and cfg.refine_steps > 0:
+        raise RecipeError("refine_steps tunes each block while streaming the calibration windows; given statistics "
+                          "skip that stream: pass texts or windows instead of stats, or set refine_steps: 0")
+    for signal in (entry.influence(cfg) if need_infl else None, OGRAD if cfg.output_weight > 0 else None):
+        if stats is not None and signal is not None and signal not in stats.influence:
+            raise RecipeError(f"calibration statistics hold no {signal!r} influence; recalibrate")
+    allocation_seconds = 0.0
+    if cfg.rank_allocation == "global":
+        if windows is None and stats is None:
+            windows = sample_windows(tok, texts, cfg.num_samples, cfg.seq_len, cfg.seed)
+        t0 = time.perf_counter()
+        spectra = _loss_spectra(model, targets, uniform, windows, stats, cfg, device)
+        ranks = curvature.allocate_ranks(spectra, {n: tuple(m.weight.shape) for n, m in targets.items()}, uniform,
+                                      cfg.rank_floor, cfg.rank_ceiling, cfg.rank_multiple)
+        allocation_seconds = time.perf_counter() - t0
     params_before = count_parameters(model)
     # counted now: a layer's dense weight is released as soon as its factors replace it
     linear_before = sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0) for m in targets.values())
@@ -225,7 +245,8 @@ def compress(model: nn.Module, tok, texts: list[str] | None = None, method: str 
         if windows is None:
             windows = sample_windows(tok, texts, cfg.num_samples, cfg.seq_len, cfg.seed)
         whitened = need_infl and entry.influence(cfg) == WHITENED
-        kind = f"influence-{WHITENED}-{cfg.whitening}-{cfg.eps}" if whitened else "influence-wxg+fisher"
+        kind = (f"influence-{WHITENED}+{OGRAD}-{cfg.whitening}-{cfg.eps}" if whitened
+                else f"influence-wxg+fisher+{OGRAD}")
 
         def factor(names: list[str], st: CalibrationStats) -> Records:
             return _factor_layers(model, targets, names, ranks, st, cfg, math_device)
@@ -237,9 +258,43 @@ def compress(model: nn.Module, tok, texts: list[str] | None = None, method: str 
         method=cfg.method, retention=cfg.retention, ranks=dict(ranks), retention_actual=linear_after / linear_before,
         linear_params_before=linear_before, linear_params_after=linear_after, model_params_before=params_before,
         model_params_after=count_parameters(model), rungs=done.records.rungs, objective=done.records.objective,
-        config=dict(vars(cfg)), calibration_seconds=done.calibration_seconds,
+        config=dict(vars(cfg)), calibration_seconds=done.calibration_seconds + allocation_seconds,
         compression_seconds=done.compression_seconds, calibration_tokens=done.calibration_tokens,
-        calibration_cached=done.calibration_cached, stream=done.stream)
+        calibration_cached=done.calibration_cached, stream=done.stream,
+        extra={"uniform_ranks": uniform, "allocation_seconds": allocation_seconds}
+        if cfg.rank_allocation == "global" else {})
+
+
+def _loss_spectra(model: nn.Module, targets: dict[str, nn.Linear], uniform: dict, windows: torch.Tensor | None,
+                  stats: CalibrationStats | None, cfg: CompressConfig, device) -> dict[str, torch.Tensor]:
+    """Every factored layer's loss-weighted energies (:func:`air_ft.curvature.loss_spectrum`), from the dense model's
+    statistics: ``stats`` when given, else one streamed pass (Grams, then a backward for the output-gradient Grams;
+    both cached on disk for later runs on the same data). Nothing is factored."""
+    names = [n for n, k in uniform.items() if k is not None]
+    math_device = torch.device(device) if device else next(model.parameters()).device
+    spectra: dict[str, torch.Tensor] = {}
+
+    def spectrum(layer_names: list[str], st: CalibrationStats) -> Records:
+        roots: dict[str, torch.Tensor] = {}
+        for name in (n for n in layer_names if uniform.get(n) is not None):
+            group = st.group_of[name]
+            if group not in roots:
+                roots[group] = linalg.whitening_factor(st.grams[group].to(math_device), cfg.eps, cfg.whitening)[0]
+            w = targets[name].weight.detach().to(math_device, torch.float64)
+            spectra[name] = curvature.loss_spectrum(w, roots[group], st.influence[OGRAD][name].to(math_device),
+                                                 cfg.eps).cpu()
+        return Records()
+
+    if stats is not None:
+        if OGRAD not in stats.influence:
+            raise RecipeError("rank_allocation: global needs the output-gradient Grams ('ograd'), which these "
+                              "calibration statistics do not hold; recalibrate with influence")
+        spectrum(names, stats)
+        return spectra
+    dense = dataclasses.replace(cfg, sequential=False, refine_steps=0)  # ranked on the dense model's statistics
+    StreamCompressor(model, windows, targets, dense, spectrum, True, True, False, f"influence-wxg+fisher+{OGRAD}",
+                     {}, resume=False).run()
+    return spectra
 
 
 def _factor_layers(model: nn.Module, targets: dict[str, nn.Linear], names: list[str], ranks: dict,
@@ -305,6 +360,9 @@ def _layer_inputs(name: str, stats: CalibrationStats | None, cfg: CompressConfig
             whitening_cache[group] = linalg.whitening_factor(stats.grams[group].to(device), cfg.eps,
                                                                 cfg.whitening)
         out["whitening"] = whitening_cache[group]
+        if cfg.output_weight > 0:
+            out["output"] = curvature.output_factor(stats.influence[OGRAD][name].to(device), cfg.output_weight,
+                                                    cfg.eps)
     for sig, maps in stats.influence.items():
         if name in maps:
             out[sig] = maps[name].to(device)

@@ -19,6 +19,7 @@ import yaml
 from air_ft.errors import RecipeError
 from air_ft.linalg import ALS_BACKENDS
 from air_ft.methods import METHODS as METHOD_TABLE
+from air_ft.methods import neutral_settings
 
 __all__ = ["CompressConfig", "ModelConfig", "DataConfig", "EvalConfig", "TrainConfig", "LoraConfig", "StudyConfig",
            "AcipConfig", "Recipe",
@@ -30,7 +31,11 @@ INFLUENCES = ("wxg", "fisher", "fisher_whitened")
 NORMALIZATIONS = ("mean", "power", "rank")
 
 
-def _f(default: Any, help: str, *, keys: bool = True, stage: str | None = None) -> Any:  # noqa: A002
+_NONE = object()  # no neutral value
+
+
+def _f(default: Any, help: str, *, keys: bool = True, stage: str | None = None,  # noqa: A002
+       neutral: Any = _NONE) -> Any:
     """A documented recipe field.
 
     Args:
@@ -41,8 +46,12 @@ def _f(default: Any, help: str, *, keys: bool = True, stage: str | None = None) 
             work is done, never its result. New fields key by default: the safe direction.
         stage: the stage the field belongs to when not the section's own (the ``eval`` section's speed and size
             settings key the ``efficiency`` stage, not the evaluation).
+        neutral: for a keying field added after studies were recorded, the value that reproduces what they computed
+            without it, or a predicate on the section saying when the field plays no part (a lever's own settings
+            while the lever is off): then the field is left out of the key, so finished stages stay reusable
+            (whatever the default is or becomes).
     """
-    metadata = {"help": help, "keys": keys, "stage": stage}
+    metadata = {"help": help, "keys": keys, "stage": stage, "neutral": neutral}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -82,6 +91,29 @@ class CompressConfig:
                                   "available, the Triton kernels on CUDA when they build; else torch) | native "
                                   "(require the C kernel) | triton (require the GPU kernels) | torch (reference)")
     eps: float = _f(0.0, "initial damping added to the Gram diagonal before Cholesky")
+    output_weight: float = _f(0.0, "output-side weighting (svdllm, air): the error is measured through "
+                                   "(1 - w) I + w H, H the Gram of the layer's output gradient over the calibration "
+                                   "tokens (normalized to mean diagonal 1), as well as through the input Gram: a "
+                                   "closed-form two-sided whitening, and AIR's ALS starts from it; 0 is the "
+                                   "input-only solution (SVD-LLM(W) / AIR as published); needs a backward pass",
+                          neutral=0.0)
+    rank_allocation: str = _f("uniform", "'uniform': every layer keeps the retention's share of its own parameters; "
+                                         "'global': ranks chosen across all layers under the same total, by the "
+                                         "loss-weighted energy of each whitened singular direction (input and "
+                                         "output-gradient Grams of the dense model; one extra backward pass), "
+                                         "within rank_floor / rank_ceiling of the uniform rank",
+                              neutral="uniform")
+    rank_floor: float = _f(0.5, "rank_allocation global: no layer below this fraction of its uniform rank",
+                           neutral=lambda c: c.rank_allocation == "uniform")
+    rank_ceiling: float = _f(2.0, "rank_allocation global: no layer above this multiple of its uniform rank (nor "
+                                  "where factoring would stop saving parameters)",
+                             neutral=lambda c: c.rank_allocation == "uniform")
+    refine_steps: int = _f(0, "block refinement: Adam steps per decoder block on its factors only, after it is "
+                              "factored, so that it maps the inputs the compressed blocks before it produce to the "
+                              "dense model's exit states (batch_size windows a step; the best factors on the "
+                              "calibration data are kept; counted as calibration time); 0 off; needs sequential",
+                           neutral=0)
+    refine_lr: float = _f(1e-4, "block refinement: Adam learning rate", neutral=lambda c: c.refine_steps == 0)
     whitening: str = _f("cholesky", "square root of the Gram: 'cholesky' (the paper) or 'symmetric' (keeps AIR's "
                                     "element weights attached to input features); same SVD-LLM(W) result")
     asvd_alpha: float = _f(0.5, "ASVD scaling exponent")
@@ -137,6 +169,32 @@ class CompressConfig:
                 raise RecipeError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.max_ratio <= 1:
             raise RecipeError(f"max_ratio must be > 1, got {self.max_ratio}")
+        if isinstance(self.output_weight, bool) or not isinstance(self.output_weight, (int, float)) \
+                or not 0.0 <= self.output_weight <= 1.0:
+            raise RecipeError(f"output_weight must be a number from 0 to 1, got {self.output_weight!r}")
+        if self.output_weight > 0 and "output_weight" in neutral_settings(METHOD_TABLE[self.method]):
+            raise RecipeError(f"output_weight applies to the whitened methods "
+                              f"{[m.name for m in METHOD_TABLE.values() if m.whitened]}, not {self.method!r}; "
+                              "set output_weight: 0 or choose one of them")
+        if self.rank_allocation not in ("uniform", "global"):
+            raise RecipeError(f"rank_allocation must be 'uniform' or 'global', got {self.rank_allocation!r}")
+        if self.rank_allocation == "global" and "rank_allocation" in neutral_settings(METHOD_TABLE[self.method]):
+            raise RecipeError(f"rank_allocation: global ranks layers by calibration statistics, which method "
+                              f"{self.method!r} does not read; use rank_allocation: uniform or a calibrated method")
+        if not (isinstance(self.rank_floor, (int, float)) and isinstance(self.rank_ceiling, (int, float))
+                and 0 < self.rank_floor <= 1 <= self.rank_ceiling):
+            raise RecipeError(f"rank_floor and rank_ceiling must satisfy 0 < rank_floor <= 1 <= rank_ceiling, got "
+                              f"{self.rank_floor!r} and {self.rank_ceiling!r}")
+        if isinstance(self.refine_steps, bool) or not isinstance(self.refine_steps, int) or self.refine_steps < 0:
+            raise RecipeError(f"refine_steps must be an integer >= 0, got {self.refine_steps!r}")
+        if not isinstance(self.refine_lr, (int, float)) or not self.refine_lr > 0:
+            raise RecipeError(f"refine_lr must be a positive number, got {self.refine_lr!r}")
+        if self.refine_steps > 0 and "refine_steps" in neutral_settings(METHOD_TABLE[self.method]):
+            raise RecipeError(f"refine_steps tunes factors block by block while streaming calibration data, which "
+                              f"method {self.method!r} does not do; set refine_steps: 0")
+        if self.refine_steps > 0 and not self.sequential:
+            raise RecipeError("refine_steps needs sequential: true (each block is tuned on the inputs the compressed "
+                              "blocks before it produce); set sequential: true or refine_steps: 0")
         if isinstance(self.include, str):
             self.include = [self.include]
         if isinstance(self.exclude, str):
@@ -538,7 +596,15 @@ def result_fields(section: Any, stage: str | None = None) -> dict:
     what a study's stage cache is keyed by (see :func:`_f`)."""
     return {f.name: dataclasses.asdict(getattr(section, f.name)) if dataclasses.is_dataclass(getattr(section, f.name))
             else getattr(section, f.name)
-            for f in dataclasses.fields(section) if f.metadata["keys"] and f.metadata["stage"] == stage}
+            for f in dataclasses.fields(section) if f.metadata["keys"] and f.metadata["stage"] == stage
+            and not _neutral(section, f)}
+
+
+def _neutral(section: Any, f: dataclasses.Field) -> bool:
+    rule = f.metadata["neutral"]
+    if rule is _NONE:
+        return False
+    return bool(rule(section)) if callable(rule) else getattr(section, f.name) == rule
 
 
 def describe(section: str | None = None) -> str:

@@ -7,6 +7,8 @@ labels. Adding a method is one :class:`Method` entry here (and, for a one-shot m
 A factor function maps a float64 weight ``W`` (``m x n``), a rank ``k``, the layer's statistics and the compress
 config to factors ``U`` (``m x k``) and ``V`` (``k x n``) with ``W ~ U V``, plus a dict of per-layer records
 (``rung``, ``objective_start`` / ``objective_end``, ``sweeps``). The math itself lives in :mod:`air_ft.linalg`.
+The statistics a factor function reads: ``whitening`` (``(S, rung)``), ``output`` (``(L, rung)``, only with
+``output_weight > 0``), the influence maps by signal name, ``abs_sum`` and ``tokens``.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from typing import Any
 
 import torch
 
-from air_ft import linalg
+from air_ft import curvature, linalg
 
-__all__ = ["Method", "METHODS", "method"]
+OGRAD = "ograd"  # the output-gradient Gram (air_ft.calibration collects it in every backward pass)
+
+__all__ = ["Method", "METHODS", "method", "neutral_settings"]
 
 FactorFn = Callable[[torch.Tensor, int, dict, Any], tuple[torch.Tensor, torch.Tensor, dict]]
 
@@ -76,16 +80,24 @@ def _fwsvd(w, k, layer, cfg):
     return uf / f[:, None], vf, {}
 
 
+def _start(wp, k, layer):
+    """The rank-``k`` solution in whitened coordinates: the truncated SVD of ``W S``, or with ``output_weight`` the
+    two-sided one (the error seen through the output-gradient Gram as well)."""
+    if "output" in layer:
+        return curvature.output_weighted_svd(wp, layer["output"][0], k)
+    return linalg.truncated_svd(wp, k)
+
+
 def _svdllm(w, k, layer, cfg):
     s, rung = layer["whitening"]
-    u, sig, vh = linalg.truncated_svd(w @ s, k)
+    u, sig, vh = _start(w @ s, k, layer)
     return (*linalg.back_project(u, sig, vh, s), {"rung": rung})
 
 
 def _air(w, k, layer, cfg):
     s, rung = layer["whitening"]
     wp = w @ s
-    u, sig, vh = linalg.truncated_svd(wp, k)
+    u, sig, vh = _start(wp, k, layer)
     extra: dict = {"rung": rung}
     if cfg.delta > 0:
         imap = linalg.normalize_influence(layer[cfg.influence], cfg.normalization, cfg.max_ratio)
@@ -98,20 +110,38 @@ def _air(w, k, layer, cfg):
     return (*linalg.back_project(u, sig, vh, s), extra)
 
 
+def _output_influence(cfg) -> str | None:
+    return OGRAD if cfg.output_weight > 0 else None  # the output-gradient Gram needs a backward pass
+
+
 def _air_influence(cfg) -> str | None:
-    return cfg.influence if cfg.delta > 0 else None  # delta = 0 is SVD-LLM(W): no backward needed
+    # delta = 0 is SVD-LLM(W): no influence map needed (every backward pass also holds the output Gram)
+    return cfg.influence if cfg.delta > 0 else _output_influence(cfg)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("svd", "SVD", _svd, calibrates=False),
     Method("asvd", "ASVD", _asvd, needs_gram=True),
     Method("fwsvd", "FWSVD", _fwsvd, influence=lambda cfg: "fisher"),
-    Method("svdllm", "SVD-LLM(W)", _svdllm, needs_gram=True, whitened=True),
+    Method("svdllm", "SVD-LLM(W)", _svdllm, needs_gram=True, whitened=True, influence=_output_influence),
     Method("air", "AIR", _air, needs_gram=True, whitened=True, influence=_air_influence),
     # revision 1: the mask phase as the reference runs it (no clip, no cap, the optimizer carried into the post-tune,
     # disjoint blocks, the merged LoRA in the stop ratio)
     Method("acip", "ACIP-style", None, trains=True, revision=1),
 )}
+
+
+def neutral_settings(entry: Method) -> dict:
+    """The compress settings ``entry`` does not read, at their values that leave every result as it was: a study
+    sets them on that method's rows (so one study compares every method with a lever on), and a direct call that sets
+    them otherwise is refused."""
+    out: dict = {}
+    if not entry.whitened:  # no whitened coordinates: nothing for an output side to weight
+        out["output_weight"] = 0.0
+    if entry.trains or not entry.calibrates:  # ACIP-style learns its own ranks and factors; plain SVD streams no
+        out["rank_allocation"] = "uniform"      # calibration data to rank layers or to refine blocks on
+        out["refine_steps"] = 0
+    return out
 
 
 def method(name: str) -> Method:

@@ -326,7 +326,7 @@ class BlockCache:
 
     @classmethod
     def open(cls, model: nn.Module, windows: torch.Tensor, targets: dict, cfg, ranks: dict, kind: str,
-             n_blocks: int) -> BlockCache:
+             n_blocks: int, resume: bool = True) -> BlockCache:
         device = next(model.parameters()).device
         if not cfg.cache:
             return cls(None, None, kind, n_blocks, device)
@@ -335,8 +335,8 @@ class BlockCache:
         settings = {k: v for k, v in vars(cfg).items() if k not in ("progress", "cache", "device")}
         run_key = hashlib.sha256(json.dumps([stats.root.name, settings, ranks], sort_keys=True,
                                             default=str).encode()).hexdigest()[:24]
-        return cls(stats, BlockStore(cache_root() / "runs" / run_key, writer=dist.is_main()), kind, n_blocks,
-                   device)
+        run = BlockStore(cache_root() / "runs" / run_key, writer=dist.is_main()) if resume else None
+        return cls(stats, run, kind, n_blocks, device)
 
     @property
     def enabled(self) -> bool:

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from air_ft import dist, linalg
 from air_ft.calibration import CalibrationStats, StatsHooks, calibrate
 from air_ft.errors import RecipeError
+from air_ft.refine import refine_block
 from air_ft.stream import BlockCache, Records, capture_inputs, find_blocks, inject, passthrough, run_block
 
 __all__ = ["Records", "StreamCompressor", "StreamOutcome"]
@@ -68,11 +69,13 @@ class StreamCompressor:
             whitened: the influence is measured on the whitened weight (needs the Grams' roots first);
             kind: the cache name of the influence maps; ranks: the planned ranks (they key the resume files).
         on_block: called as ``on_block(block, names)`` after a block's layers are factored and its factors kept.
+        resume: keep each finished block's factors on disk so that a killed run resumes (off for a pass whose
+            callback only reads the statistics, such as the spectra of global rank allocation).
     """
 
     def __init__(self, model: nn.Module, windows: torch.Tensor, targets: dict[str, nn.Linear], cfg, factor: Factor,
                  need_gram: bool, need_infl: bool, whitened: bool, kind: str, ranks: dict,
-                 on_block: Callable[[int, list[str]], None] | None = None):
+                 on_block: Callable[[int, list[str]], None] | None = None, resume: bool = True):
         self.model, self.targets, self.cfg, self.factor, self.on_block = model, targets, cfg, factor, on_block
         self.need_gram, self.need_infl, self.whitened = need_gram, need_infl, whitened
         self.blocks = find_blocks(model, targets)
@@ -83,11 +86,13 @@ class StreamCompressor:
                               "or lower batch_size so that every process gets a batch")
         self.mine = dist.shard(batches) if cfg.data_parallel else batches
         self.tokens, self.n = int(windows.numel()), len(self.blocks)
-        self.cache = BlockCache.open(model, windows, targets, cfg, ranks, kind, self.n)
+        self.cache = BlockCache.open(model, windows, targets, cfg, ranks, kind, self.n, resume)
         self.records = Records()
         self.peak = {"stats": 0, "grams_computed": 0, "influence_passes": 0}
-        self.seconds = {"calibration": 0.0, "factoring": 0.0}
+        self.seconds = {"calibration": 0.0, "factoring": 0.0, "refine": 0.0}
         self.inputs = None
+        self.dense_trace = None  # with refinement: the dense model's hidden states, one block ahead of the factoring
+        self.refined: dict[int, dict] = {}
 
     def members(self, i: int) -> list[str]:
         return self.blocks.members(i, self.targets)
@@ -110,6 +115,12 @@ class StreamCompressor:
 
     def _factor(self, i: int, stats: CalibrationStats) -> None:
         records = self.factor(self.members(i), stats)
+        if self.dense_trace is not None:  # tune the block's factors to the dense exit (air_ft.refine)
+            rec = refine_block(self.blocks.modules[i], self.inputs.hidden, self.inputs.extra[i],
+                               self.dense_trace.hidden, self.cfg.refine_steps, self.cfg.refine_lr,
+                               sharded=self.cfg.data_parallel)
+            self.refined[i] = rec.to_json()
+            self.seconds["refine"] += rec.seconds
         self.records.add(records)
         self.cache.save_factors(i, self.model, self.members(i), records)
         if self.on_block is not None:
@@ -126,6 +137,8 @@ class StreamCompressor:
             (not self.need_gram or self.cache.has_grams(i)) and (not self.need_infl or self.cache.has_maps(i))
             for i in range(self.n) if self.members(i))
         self.inputs = None if lazy else capture_inputs(self.model, self.blocks, self.mine, self.device)
+        if self.cfg.refine_steps > 0:
+            self.dense_trace = self.inputs.fork()
         first = self._resume(lazy)
         self.seconds["calibration"] += time.perf_counter() - t0
         groups = self._groups(range(first, self.n))
@@ -150,6 +163,9 @@ class StreamCompressor:
         if first and not self.cfg.sequential and not lazy:  # the dense inputs of the first unfinished block
             for i in range(first):
                 run_block(self.blocks, i, self.inputs, update=True)
+        if first and self.dense_trace is not None:  # the dense states there, while those blocks are still dense
+            for i in range(first):
+                run_block(self.blocks, i, self.dense_trace, update=True)
         for i in range(first):
             if self.members(i):
                 self.records.add(self.cache.restore(i, self.model, self.targets))
@@ -182,6 +198,8 @@ class StreamCompressor:
         self.seconds["calibration"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         for i in ids:  # 3. factor the group's blocks
+            if self.dense_trace is not None:  # block i is still dense: its exit on the dense states is the target
+                run_block(self.blocks, i, self.dense_trace, update=True)
             if members[i]:
                 st = grams.get(i) or CalibrationStats({}, {}, {}, self.tokens)
                 if self.cfg.sequential and self.need_gram:  # the inputs the compressed blocks before produce
@@ -260,7 +278,8 @@ class StreamCompressor:
 
         def bytes_of(i: int) -> int:
             names = self.members(i)
-            maps = sum(self.targets[n].weight.numel() * 4 * (1 if self.whitened else 2) for n in names)
+            maps = sum(self.targets[n].weight.numel() * 4 * (1 if self.whitened else 2)
+                       + self.targets[n].out_features ** 2 * 8 for n in names)  # + the output-gradient Gram
             grams = sum(self.targets[n].in_features ** 2 * 8 for n in names)  # an upper bound: inputs are shared
             return maps + 2 * grams + (grams // 2 if self.whitened else 0)
 
@@ -288,7 +307,13 @@ class StreamCompressor:
                   "stats_dir": str(self.cache.stats.root) if self.cache.enabled else None,
                   "influence_of": ("the inputs the compressed blocks before each group produce"
                                    if self.cfg.sequential else "the dense model") if self.need_infl else None}
-        return StreamOutcome(self.records, self.seconds["calibration"], self.seconds["factoring"], self.tokens,
+        if self.dense_trace is not None:  # calibration cost: it reads the calibration data, it is not factoring
+            stream["refine"] = {"steps_per_block": self.cfg.refine_steps, "lr": self.cfg.refine_lr,
+                                "windows_per_step": self.cfg.batch_size, "seconds": self.seconds["refine"],
+                                "tokens": sum(r["tokens"] for r in self.refined.values()), "blocks": self.refined}
+        refine = self.seconds["refine"]
+        return StreamOutcome(self.records, self.seconds["calibration"] + refine, self.seconds["factoring"] - refine,
+                             self.tokens,
                              self.peak["grams_computed"] == 0 and self.peak["influence_passes"] == 0, stream)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import sys
@@ -61,6 +62,20 @@ def environment() -> dict:
             "python": sys.version.split()[0], "machine": platform.machine(), "cpus": os.cpu_count(),
             "threads": torch.get_num_threads(), "git_commit": commit,
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+VALIDATION, HELD_OUT = ("val_britannica", "val_plays"), ("britannica", "plays")  # a study report's text names
+
+
+def geo_mean(values) -> float:
+    """The geometric mean: one score over the two texts that no single text dominates."""
+    values = list(values)
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def perplexities(report: dict) -> dict[str, dict[str, float]]:
+    """``row name -> text -> perplexity`` of a study's ``report.json``."""
+    return {r["name"]: {t: v["ppl"] for t, v in r["perplexity"].items()} for r in report["rows"]}
 
 
 def write_json(name: str, obj: dict) -> Path:

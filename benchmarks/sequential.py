@@ -15,17 +15,20 @@ benchmarks/results/sequential_smollm2.json (+ .png).
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
-from common import RESULTS, ROOT, save_figure, set_threads, subplots, write_json
-
-VALIDATION, HELD_OUT = ("val_britannica", "val_plays"), ("britannica", "plays")
-
-
-def geo_mean(values) -> float:
-    values = list(values)
-    return math.exp(sum(math.log(v) for v in values) / len(values))
+from common import (
+    HELD_OUT,
+    RESULTS,
+    ROOT,
+    VALIDATION,
+    geo_mean,
+    perplexities,
+    save_figure,
+    set_threads,
+    subplots,
+    write_json,
+)
 
 
 def main() -> None:
@@ -47,7 +50,7 @@ def main() -> None:
     recipe = load_recipe(args.recipe, [f"output_dir={study_dir}", f"study.methods=[{','.join(args.methods)}]",
                                        f"study.retentions=[{','.join(map(str, args.retentions))}]"])
     report = run_study(recipe)
-    ppl = {r["name"]: {t: v["ppl"] for t, v in r["perplexity"].items()} for r in report["rows"]}
+    ppl = perplexities(report)
     rows = [{"method": r["method"], "retention": r["retention"], "sequential": r["variant"] == "sequential",
              "validation": {t: ppl[r["name"]][t] for t in VALIDATION},
              "evaluation": {t: ppl[r["name"]][t] for t in HELD_OUT},

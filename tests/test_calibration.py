@@ -65,6 +65,40 @@ def test_influence_equals_per_sample_autograd(model, tokenizer, text):
     assert not torch.allclose(summed, stats.influence["wxg"][name], rtol=1e-3)
 
 
+def test_output_gram_equals_the_sum_of_the_token_output_gradients_outer_products(model, tokenizer, text):
+    """ograd = sum_t dL/dy_t (dL/dy_t)^T over every calibration token, from either backward pass."""
+    from air_ft.linalg import whitening_factor
+
+    windows = sample_windows(tokenizer, [text], 3, 24, seed=1)
+    targets = find_targets(model)
+    grads, handles = {}, []
+
+    def keep(name):
+        def hook(mod, inputs, output):  # independent hooks: keep every output's gradient
+            output.register_hook(lambda g: grads.setdefault(name, []).append(g.reshape(-1, g.shape[-1]).double()))
+        return hook
+
+    for name, mod in targets.items():
+        handles.append(mod.register_forward_hook(keep(name)))
+    for p in model.parameters():
+        p.requires_grad_(True)
+    (model(input_ids=windows, labels=windows).loss * windows.shape[0]).backward()
+    for h in handles:
+        h.remove()
+    stats = calibrate(model, windows, targets, influence=True, batch_size=2, progress=False)
+    first = calibrate(model, windows, targets, influence=False, batch_size=2, progress=False)
+    whitening = {n: whitening_factor(first.gram(n))[0] for n in targets}
+    again = calibrate(model, windows, targets, influence=False, batch_size=2, progress=False, whitening=whitening)
+    for name in targets:
+        g = torch.cat(grads[name])
+        expected = g.T @ g
+        assert expected.shape == (targets[name].out_features,) * 2
+        for got in (stats.influence["ograd"][name], again.influence["ograd"][name]):
+            assert got.dtype == torch.float64
+            assert torch.allclose(got, expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max())), name
+    assert "ograd" not in first.influence
+
+
 def test_whitened_fisher_is_the_fisher_of_the_whitened_weight(model, tokenizer, text):
     """fisher_whitened = sum_d (g_d S^-T)^2: the per-sample gradient with respect to W' = W S."""
     from air_ft.linalg import whitening_factor
@@ -75,7 +109,7 @@ def test_whitened_fisher_is_the_fisher_of_the_whitened_weight(model, tokenizer, 
     factors = {g: whitening_factor(first.grams[g])[0] for g in set(first.group_of.values())}
     whitening = {n: factors[first.group_of[n]] for n in targets}
     stats = calibrate(model, windows, targets, influence=False, batch_size=2, progress=False, whitening=whitening)
-    assert set(stats.influence) == {"fisher_whitened"}
+    assert set(stats.influence) == {"fisher_whitened", "ograd"}
     expected = {n: torch.zeros_like(m.weight, dtype=torch.float64) for n, m in targets.items()}
     for d in range(windows.shape[0]):
         model.zero_grad()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import air_ft
-from air_ft import linalg, native
+from air_ft import curvature, linalg, native
 from air_ft.config import RecipeError
 from air_ft.modeling import LowRankLinear
 
@@ -131,6 +131,12 @@ def test_whitened_influence_runs_a_cached_second_pass(model, tokenizer, text):
     (dict(bogus_option=3), r"unknown key\(s\) \['compress.bogus_option'\]"),
     (dict(delta=-1.0), "delta must be >= 0"),
     (dict(num_samples=0), "num_samples must be an integer >= 1"),
+    (dict(output_weight=1.5), "output_weight must be a number from 0 to 1"),
+    (dict(method="asvd", output_weight=0.5), "output_weight applies to the whitened methods"),
+    (dict(rank_allocation="best"), "rank_allocation must be 'uniform' or 'global'"),
+    (dict(method="svd", rank_allocation="global"), "does not read; use rank_allocation: uniform"),
+    (dict(rank_floor=0.0), "0 < rank_floor <= 1 <= rank_ceiling"),
+    (dict(rank_ceiling=0.5), "0 < rank_floor <= 1 <= rank_ceiling"),
 ])
 def test_bad_input_is_rejected_before_work(model, tokenizer, text, kwargs, match):
     opts = {**KW, "method": "air", "retention": 0.6, **kwargs}
@@ -191,3 +197,90 @@ def test_compress_returns_a_typed_result_that_still_reads_as_the_old_dict(model,
     assert "objective" not in as_json and as_json["ranks"] == result.ranks and as_json["stream"]["blocks"] == 2
     with pytest.warns(DeprecationWarning, match="result.ranks"):
         assert result["ranks"] == result.ranks
+
+
+def test_output_weight_gives_the_two_sided_solution_and_air_starts_its_sweep_there(model, tokenizer, text):
+    """svdllm with output_weight lowers tr(H_w dW G dW^T) of every layer below SVD-LLM(W)'s (its closed form is that
+    metric's optimum); AIR's sweep starts from it and never raises its own objective."""
+    from air_ft.calibration import OGRAD
+    from air_ft.compress import get_stats
+    from air_ft.config import CompressConfig
+    from air_ft.modeling import find_targets
+
+    cfg = CompressConfig(method="svdllm", output_weight=0.5, **KW)
+    stats = get_stats(model, tokenizer, [text], find_targets(model), cfg, influence=True)
+    dense = {n: m.weight.detach().double().clone() for n, m in find_targets(model).items()}
+    one, two = copy.deepcopy(model), copy.deepcopy(model)
+    air_ft.compress(one, tokenizer, method="svdllm", retention=0.5, stats=stats, **KW)
+    air_ft.compress(two, tokenizer, method="svdllm", retention=0.5, stats=stats, output_weight=0.5, **KW)
+    for name, w in dense.items():
+        lf, _ = curvature.output_factor(stats.influence[OGRAD][name], 0.5)
+        h, g = lf @ lf.T, stats.gram(name)
+
+        d1, d2 = (w - m.get_submodule(name).weight_product.detach().double() for m in (one, two))
+        assert torch.trace(h @ d2 @ g @ d2.T) < torch.trace(h @ d1 @ g @ d1.T) * (1 - 1e-6), name
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    air = dict(method="air", retention=0.5, stats=stats, influence="fisher", **KW)  # the maps of this pass
+    plain = air_ft.compress(a, tokenizer, **air)
+    started = air_ft.compress(b, tokenizer, output_weight=0.5, **air)
+    for name, (start, end) in started.objective.items():
+        assert end <= start * (1 + 1e-6), name
+        assert start != plain.objective[name][0], name  # another starting point
+    zero = air_ft.compress(copy.deepcopy(model), tokenizer, output_weight=0.0, **air)
+    assert zero.objective == plain.objective  # 0 is the input-only problem, bit for bit
+    stale = copy.deepcopy(stats)
+    stale.influence.pop(OGRAD)
+    with pytest.raises(RecipeError, match="no 'ograd'"):
+        air_ft.compress(copy.deepcopy(model), tokenizer, method="svdllm", retention=0.5, stats=stale,
+                        output_weight=0.5, **KW)
+
+
+def test_global_rank_allocation_stays_in_budget_and_its_checkpoint_works_like_a_uniform_one(tokenizer, text,
+                                                                                          tmp_path):
+    """Heterogeneous ranks from the loss-weighted spectra: the uniform budget holds, the streamed pass gives the
+    ranks of the all-at-once statistics, and the model saves, reloads, merges LoRA, fuses and exports."""
+    from air_ft.checkpoint import export_dense, load_compressed, save_compressed
+    from air_ft.compress import get_stats
+    from air_ft.config import CompressConfig
+    from air_ft.lora import apply_lora, merge_lora
+    from air_ft.modeling import find_targets, fuse_shared_inputs
+
+    base = tiny_llama(vocab_size=len(tokenizer), layers=3)
+    uni = air_ft.compress(copy.deepcopy(base), tokenizer, [text], method="svdllm", retention=0.5, sequential=False,
+                          **KW)
+    model = copy.deepcopy(base)
+    info = air_ft.compress(model, tokenizer, [text], method="svdllm", retention=0.5, sequential=False,
+                           rank_allocation="global", **KW)
+    assert info.extra["uniform_ranks"] == uni.ranks
+    assert len(set(info.ranks.values())) > len(set(uni.ranks.values()))  # heterogeneous
+    assert info.linear_params_after <= uni.linear_params_after
+    for name, k in info.ranks.items():
+        assert -(-uni.ranks[name] // 2) <= k <= 2 * uni.ranks[name], name
+    ref = copy.deepcopy(base)
+    cfg = CompressConfig(method="svdllm", rank_allocation="global", sequential=False, **KW)
+    stats = get_stats(ref, tokenizer, [text], find_targets(ref), cfg, influence=True)
+    given = air_ft.compress(ref, tokenizer, method="svdllm", retention=0.5, stats=stats, rank_allocation="global",
+                            **KW)
+    assert given.ranks == info.ranks
+    ids = torch.arange(24).view(2, 12) % len(tokenizer)
+    with torch.no_grad():
+        logits = model(ids).logits
+    path = save_compressed(model, tokenizer, tmp_path / "ckpt")
+    loaded, _ = load_compressed(path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, logits)
+    assert {n: m.rank for n, m in loaded.named_modules() if isinstance(m, LowRankLinear)} == info.ranks
+    peft_model = apply_lora(loaded, "layer", rank=2, alpha=4.0)
+    merged = merge_lora(peft_model)
+    assert {n: m.rank for n, m in merged.named_modules() if isinstance(m, LowRankLinear)} == \
+        {n: k + 2 for n, k in info.ranks.items()}
+    with torch.no_grad():
+        before = merged(ids).logits
+        fuse_shared_inputs(merged, ids)
+        torch.testing.assert_close(merged(ids).logits, before, atol=1e-5, rtol=1e-5)
+    export_dense(model, tokenizer, tmp_path / "dense")
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, logits, atol=1e-4, rtol=1e-4)

@@ -264,3 +264,4 @@ def test_symmetric_root_whitens_like_cholesky_and_gives_the_same_svdllm_solution
     assert rung == "symmetric-clamped" and torch.isfinite(s_low).all()
     with pytest.raises(ValueError, match="unknown whitening"):
         linalg.whitening_factor(g, kind="qr")
+

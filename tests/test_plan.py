@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
 from air_ft.config import Recipe, load_recipe, result_fields
 from air_ft.errors import RecipeError
 from air_ft.methods import METHODS
+from air_ft.pipeline.cache import StageDir
 from air_ft.pipeline.plan import KINDS, check_study, lora_budget, plan
+
+ROOT = Path(__file__).resolve().parents[1]
 
 GRID = ["study.methods=[svdllm, air, acip]", "study.retentions=[0.8, 0.6]", "study.lora=[air, acip]",
         "output_dir=/tmp/x", "acip.post_tune_steps=2", "train.max_steps=100"]
@@ -104,6 +108,16 @@ def test_every_recipe_field_says_whether_it_keys_a_stage():
     fields = result_fields(Recipe().compress)
     assert "delta" in fields and "progress" not in fields and "cache" not in fields
     assert set(result_fields(Recipe().eval, "efficiency")) == {"decode_batch_sizes", "efficiency_rounds"}
+    # a field added later keys only off its neutral value (the earlier result), a lever's settings only while it is on
+    levers = {"output_weight", "rank_allocation", "rank_floor", "rank_ceiling", "refine_steps", "refine_lr"}
+    assert not levers & set(fields)
+    assert result_fields(dataclasses.replace(Recipe().compress, output_weight=0.5))["output_weight"] == 0.5
+    on = result_fields(dataclasses.replace(Recipe().compress, rank_allocation="global", refine_steps=8))
+    assert levers - {"output_weight"} <= set(on)
+    base = _keys(_plan())
+    again = _keys(_plan("compress.output_weight=0.5"))
+    changed = {i for i in base if base[i] != again[i]}  # the whitened methods' rows; not dense, not ACIP-style's
+    assert changed == {i for i in base if "svdllm" in i or "air" in i} | {"efficiency/efficiency", "report/report"}
     assert set(result_fields(Recipe().eval, "serve")) == {"serve_batch_sizes", "serve_tokens", "serve_prompt_len",
                                                           "serve_tensor_parallel", "serve_rounds", "serve_engine"}
 
@@ -184,3 +198,21 @@ def test_variants_make_one_row_per_setting_and_key_only_their_own_stages():
                          ("study.variants={x: {sequential: maybe}}", "true or false")):
         with pytest.raises(RecipeError, match=message):
             plan(load_recipe(None, [bad]))
+
+
+@pytest.mark.parametrize("recipe,study,overrides", [
+    ("study.yaml", "study_smollm2", ["study.methods=[svdllm,air,acip]"]),
+    ("sequential.yaml", "sequential_smollm2", []),
+    ("serve.yaml", "serve_smollm2_cpu", []),
+])
+def test_every_committed_stage_is_reused_under_todays_keys(recipe, study, overrides):
+    """A committed study's finished stages hold the keys today's plan gives them: a rerun of its command redoes
+    nothing, and a new recipe field or a key change that would silently redo (or misuse) them fails here."""
+    out = ROOT / "benchmarks" / "results" / study
+    stages = plan(load_recipe(ROOT / "recipes" / "smollm2-135m" / recipe, [f"output_dir={out}", *overrides]))
+    by_path = {s.path: s for s in stages}
+    markers = sorted((out / "stages").rglob("stage.json"))
+    assert markers
+    for marker in markers:
+        stage = by_path[marker.parent]
+        assert StageDir(stage.path, stage.key).cached() is not None, stage.id

@@ -20,6 +20,7 @@ from torch import nn
 import air_ft
 from air_ft.compress import get_stats
 from air_ft.config import CompressConfig, RecipeError
+from air_ft.methods import METHODS
 from air_ft.modeling import LowRankLinear, find_targets
 from air_ft.stream import find_blocks
 from tests.conftest import make_text, tiny_llama
@@ -40,12 +41,14 @@ def _same_state(a: nn.Module, b: nn.Module) -> float:
 
 
 @pytest.mark.parametrize("method,options", [("svdllm", {}), ("air", {}), ("air", {"influence": "wxg"}),
-                                            ("asvd", {}), ("fwsvd", {})])
+                                            ("asvd", {}), ("fwsvd", {}), ("svdllm", {"output_weight": 0.5}),
+                                            ("air", {"output_weight": 0.5})])
 def test_streaming_gives_the_factors_of_the_all_at_once_reference(tokenizer, text, method, options):
     base = tiny_llama(vocab_size=len(tokenizer), layers=3)
     ref = copy.deepcopy(base)
     cfg = CompressConfig(method=method, **SMALL, **options)
-    stats = get_stats(ref, tokenizer, [text], find_targets(ref), cfg, influence=method in ("air", "fwsvd"))
+    stats = get_stats(ref, tokenizer, [text], find_targets(ref), cfg,
+                      influence=METHODS[method].influence(cfg) is not None)
     air_ft.compress(ref, tokenizer, method=method, stats=stats, **SMALL, **options)
     streamed, info = _compressed(copy.deepcopy(base), tokenizer, text, method=method, **options)
     assert info.stream["blocks"] == 3
@@ -231,6 +234,21 @@ def test_two_processes_write_the_one_process_checkpoint(tmp_path, tiny_dir):
         torch.testing.assert_close(t, sharded["tensors"][k], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
+def test_two_processes_refine_blocks_as_one_process_does(tmp_path, tiny_dir):
+    refine = ("compress.method=svdllm", "compress.refine_steps=6", "compress.refine_lr=0.003")
+    one = _launch(tiny_dir, tmp_path / "one", 1, *refine)
+    shared = _launch(tiny_dir, tmp_path / "two", 2, "compress.data_parallel=false", *refine)
+    sharded = _launch(tiny_dir, tmp_path / "two-dp", 2, *refine)
+    assert one["stream"]["refine"]["tokens"] == shared["stream"]["refine"]["tokens"] == 3 * 6 * 2 * 32
+    # every process refining on every batch: the one-process factors, bit for bit
+    assert all(torch.equal(one["tensors"][k], shared["tensors"][k]) for k in one["tensors"])
+    # shares of the batches, gradients averaged: each step sees two batches, and every block still improves
+    assert sharded["stream"]["refine"]["tokens"] == 2 * one["stream"]["refine"]["tokens"]
+    for r in sharded["stream"]["refine"]["blocks"].values():
+        assert r["after"] < r["before"]
+
+
 def _arch(name: str):
     import transformers as T
 
@@ -316,3 +334,56 @@ def test_a_layers_dense_weight_is_freed_as_soon_as_its_factors_replace_it(tokeni
     freed_first, freed_last = seen[-1]
     assert len(freed_first) == 7 and all(freed_first.values()), freed_first
     assert not any(freed_last.values())  # the block still to be factored keeps its weights
+
+
+def _exit_error(model, base, ids) -> float:
+    """Relative squared error of the last hidden state against the dense model's."""
+    with torch.no_grad():
+        got = model(ids, output_hidden_states=True).hidden_states[-1]
+        want = base(ids, output_hidden_states=True).hidden_states[-1]
+    return float((got - want).square().sum() / want.square().sum())
+
+
+def test_block_refinement_tunes_only_the_factors_toward_the_dense_exit_and_resumes_exactly(tokenizer, text):
+    base = tiny_llama(vocab_size=len(tokenizer), layers=3)
+    opts = dict(method="svdllm", retention=0.4, sequential=True)
+    plain, _ = _compressed(copy.deepcopy(base), tokenizer, text, **opts)
+    tuned, info = _compressed(copy.deepcopy(base), tokenizer, text, refine_steps=24, refine_lr=3e-3, **opts)
+    record = info.stream["refine"]
+    assert record["steps_per_block"] == 24 and set(record["blocks"]) == {0, 1, 2}
+    assert record["tokens"] == 3 * 24 * 2 * 32  # blocks x steps x windows x tokens
+    for block, r in record["blocks"].items():
+        assert r["after"] < r["before"], block  # each block ends closer to the dense exit on calibration data
+    assert info.calibration_seconds >= record["seconds"] > 0
+    ids = torch.tensor([tokenizer.encode(text[5000:5600])[:48]])  # text the calibration windows need not contain
+    assert _exit_error(tuned, base, ids) < 0.97 * _exit_error(plain, base, ids)  # held out: 0.276 vs 0.294
+    ps, pt = plain.state_dict(), tuned.state_dict()
+    changed = {k for k in ps if not torch.equal(ps[k], pt[k])}
+    assert changed and all(k.endswith(("factor_u.weight", "factor_v.weight")) for k in changed)
+    # a killed run resumes to the same factors: the dense states are replayed up to the first unfinished block
+    calls = []
+
+    def dies_after_block_0(block, names):
+        calls.append(block)
+        if block == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _compressed(copy.deepcopy(base), tokenizer, text, refine_steps=24, refine_lr=3e-3, on_block=dies_after_block_0,
+                    **opts)
+    resumed, again = _compressed(copy.deepcopy(base), tokenizer, text, refine_steps=24, refine_lr=3e-3, **opts)
+    assert again.stream["resumed_blocks"] == 1 and set(again.stream["refine"]["blocks"]) == {1, 2}
+    assert _same_state(resumed, tuned) == 0.0
+
+
+@pytest.mark.parametrize("options,match", [
+    (dict(refine_steps=4, sequential=False), "refine_steps needs sequential: true"),
+    (dict(refine_steps=-1), "refine_steps must be an integer >= 0"),
+    (dict(refine_steps=4, refine_lr=0.0), "refine_lr must be a positive number"),
+    (dict(refine_steps=4, method="svd"), "set refine_steps: 0"),
+])
+def test_bad_refinement_settings_are_refused_before_any_work(tokenizer, text, options, match):
+    model = tiny_llama(vocab_size=len(tokenizer))
+    with pytest.raises(RecipeError, match=match):
+        air_ft.compress(model, tokenizer, [text], **{**SMALL, "sequential": True, **options})
+    assert not any(isinstance(m, LowRankLinear) for m in model.modules())

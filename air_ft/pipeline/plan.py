@@ -18,7 +18,7 @@ from pathlib import Path
 
 from air_ft.config import Recipe, result_fields, to_dict
 from air_ft.errors import RecipeError
-from air_ft.methods import METHODS
+from air_ft.methods import METHODS, neutral_settings
 from air_ft.pipeline.cache import stage_key
 
 __all__ = ["Stage", "Row", "plan", "check_study", "lora_budget", "KINDS"]
@@ -70,9 +70,11 @@ class Stage:
 
 def row_recipe(recipe: Recipe, method: str, retention: float, variant: dict | None = None) -> Recipe:
     """The study's recipe with one grid point's method, retention and variant settings in its ``compress``
-    section (validated as the section is)."""
-    return dataclasses.replace(recipe, compress=dataclasses.replace(recipe.compress, method=method,
-                                                                    retention=float(retention), **(variant or {})))
+    section (validated as the section is). The settings a method does not read are left neutral on its rows
+    (:func:`air_ft.methods.neutral_settings`), so one study compares every method with a lever on."""
+    settings = {"method": method, "retention": float(retention), **(variant or {}),
+                **neutral_settings(METHODS[method])}
+    return dataclasses.replace(recipe, compress=dataclasses.replace(recipe.compress, **settings))
 
 
 def plan(recipe: Recipe) -> list[Stage]:

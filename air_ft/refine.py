@@ -1,0 +1,115 @@
+"""Block refinement: a short local optimization of one decoder block's factors after the block is factored.
+
+With ``compress.refine_steps > 0`` and ``sequential`` streaming, each block's factors (the ``U`` and ``V`` of its
+factored layers, nothing else) are tuned by Adam so that the compressed block, fed the hidden states that the
+compressed blocks before it produce, reproduces the dense model's hidden states at the block's exit on the
+calibration windows (docs/method.md section 14): the block corrects its own truncation error and what the blocks
+before it left. The budget is fixed and stated (steps x windows per step x tokens per window); the best factors
+seen on the calibration data are kept, so a block's error never ends above the one its factoring gave.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from air_ft import dist
+from air_ft.modeling import LowRankLinear
+
+__all__ = ["RefineRecord", "refine_block"]
+
+
+@dataclass
+class RefineRecord:
+    """One block's refinement: relative squared error of its exit hidden states before and after, the steps and
+    tokens it took, its seconds."""
+
+    before: float
+    after: float
+    steps: int
+    tokens: int
+    seconds: float
+
+    def to_json(self) -> dict:
+        return {"before": self.before, "after": self.after, "steps": self.steps, "tokens": self.tokens,
+                "seconds": self.seconds}
+
+
+def _out(block: nn.Module, h: torch.Tensor, extra) -> torch.Tensor:
+    args, kwargs = extra
+    out = block(h, *args, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _error(block: nn.Module, hidden: list[torch.Tensor], extra: list, targets: list[torch.Tensor],
+           sharded: bool) -> float:
+    """sum_b ||block(h_b) - y_b||^2 / sum_b ||y_b||^2 over this process's batches (summed over the processes when
+    each holds its own share)."""
+    num = torch.zeros((), dtype=torch.float64)
+    den = torch.zeros((), dtype=torch.float64)
+    with torch.no_grad():
+        for b, (h, y) in enumerate(zip(hidden, targets)):
+            num += (_out(block, h, extra[b]).double() - y.double()).square().sum().cpu()
+            den += y.double().square().sum().cpu()
+    if sharded:
+        num, den = dist.all_reduce_sum(num), dist.all_reduce_sum(den)
+    return float(num / den)
+
+
+def refine_block(block: nn.Module, hidden: list[torch.Tensor], extra: list, targets: list[torch.Tensor],
+                 steps: int, lr: float, sharded: bool = True) -> RefineRecord:
+    """Tune the factors of ``block``'s :class:`~air_ft.modeling.LowRankLinear` layers in place.
+
+    Args:
+        block: a decoder block whose target layers are already factored.
+        hidden: its input hidden states, one tensor per calibration batch (this process's share).
+        extra: the other arguments the block receives per batch (``BlockInputs.extra[i]``).
+        targets: the dense model's hidden states at the block's exit, per batch.
+        steps: Adam steps; batch ``s mod len(hidden)`` at step ``s``.
+        lr: Adam's learning rate.
+        sharded: under several processes, each holds its own share of the batches (``data_parallel``): they step
+            together with gradients averaged over them. Otherwise every process holds every batch and steps alone,
+            to the same bits.
+    """
+    t0 = time.perf_counter()
+    params = [p for m in block.modules() if isinstance(m, LowRankLinear)
+              for p in (m.factor_u.weight, m.factor_v.weight)]
+    sharded = sharded and dist.world() > 1
+    before = _error(block, hidden, extra, targets, sharded)
+    if not params or steps == 0:
+        return RefineRecord(before, before, 0, 0, time.perf_counter() - t0)
+    flags = {id(p): p.requires_grad for p in block.parameters()}
+    for p in block.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    start = [p.detach().clone() for p in params]
+    opt = torch.optim.Adam(params, lr=lr)
+    world, tokens = (dist.world() if sharded else 1), 0
+    try:
+        with torch.enable_grad():
+            for step in range(steps):
+                b = step % len(hidden)
+                y = targets[b]
+                loss = (_out(block, hidden[b], extra[b]) - y).float().square().sum() / y.float().square().sum()
+                opt.zero_grad(set_to_none=False)
+                loss.backward()
+                if sharded:
+                    for p in params:
+                        p.grad = dist.all_reduce_sum(p.grad) / world
+                opt.step()
+                tokens += hidden[b].shape[0] * hidden[b].shape[1] * world
+        after = _error(block, hidden, extra, targets, sharded)
+        if not after < before:  # keep what factoring gave when the steps did not help
+            with torch.no_grad():
+                for p, s in zip(params, start):
+                    p.copy_(s)
+            after = before
+    finally:
+        for p in block.parameters():
+            p.requires_grad_(flags[id(p)])
+            p.grad = None
+    return RefineRecord(before, after, steps, tokens, time.perf_counter() - t0)

@@ -200,6 +200,12 @@ def test_variants_make_one_row_per_setting_and_key_only_their_own_stages():
             plan(load_recipe(None, [bad]))
 
 
+# Committed stages that a deliberate change made stale, with the reason; each entry goes once its rows are rerun.
+PENDING = {"study_smollm2": ({"compress", "train", "eval"}, "acip-", "efficiency/efficiency",
+                             "ACIP-style revision 1 (issue 24: the mask phase as the reference runs it): the rows and "
+                             "the speed table that reads them await a rerun")}
+
+
 @pytest.mark.parametrize("recipe,study,overrides", [
     ("study.yaml", "study_smollm2", ["study.methods=[svdllm,air,acip]"]),
     ("sequential.yaml", "sequential_smollm2", []),
@@ -213,6 +219,9 @@ def test_every_committed_stage_is_reused_under_todays_keys(recipe, study, overri
     by_path = {s.path: s for s in stages}
     markers = sorted((out / "stages").rglob("stage.json"))
     assert markers
-    for marker in markers:
-        stage = by_path[marker.parent]
-        assert StageDir(stage.path, stage.key).cached() is not None, stage.id
+    stale = {by_path[m.parent].id for m in markers
+             if StageDir(by_path[m.parent].path, by_path[m.parent].key).cached() is None}
+    kinds, prefix, also, _ = PENDING.get(study, (set(), None, None, ""))
+    pending = {by_path[m.parent].id for m in markers if by_path[m.parent].id == also or (
+        prefix and by_path[m.parent].kind in kinds and by_path[m.parent].name.startswith(prefix))}
+    assert stale == pending  # nothing else is stale, and a pending row that was rerun leaves this list

@@ -78,6 +78,49 @@ def perplexities(report: dict) -> dict[str, dict[str, float]]:
     return {r["name"]: {t: v["ppl"] for t, v in r["perplexity"].items()} for r in report["rows"]}
 
 
+def check_retentions(ap, retentions) -> None:
+    """Refuse (at parse time, through ``ap``) a retention outside (0, 1)."""
+    for r in retentions:
+        if not 0 < r < 1:
+            ap.error(f"--retentions must lie strictly between 0 and 1, got {r}")
+
+
+def study_recipe(ap, args, *overrides: str):
+    """``(recipe, study folder)`` of a benchmark that is a study: ``--retentions`` checked, ``--threads`` pinned,
+    ``--recipe`` loaded with its ``output_dir`` the folder named after ``--output`` and its retentions set."""
+    from air_ft.config import load_recipe
+
+    check_retentions(ap, args.retentions)
+    set_threads(args.threads)
+    study_dir = RESULTS / Path(args.output).stem
+    return load_recipe(args.recipe, [f"output_dir={study_dir}", *overrides,
+                                     f"study.retentions=[{','.join(map(str, args.retentions))}]"]), study_dir
+
+
+def text_scores(ppl: dict[str, float]) -> dict:
+    """One row's perplexities split into the validation slices, the held-out ones and the validation geo-mean (the
+    score a setting is chosen by)."""
+    return {"validation": {t: ppl[t] for t in VALIDATION}, "evaluation": {t: ppl[t] for t in HELD_OUT},
+            "validation_score": geo_mean(ppl[t] for t in VALIDATION)}
+
+
+def plot_held_out(rows: list[dict], dense: dict, series, path) -> None:
+    """Held-out perplexity against retention, one panel per text: ``series`` is ``(label, keep(row), style)``
+    with ``style`` matplotlib keyword arguments; dense as a grey line."""
+    fig, axes = subplots(1, 2, 4.5, 3.4)
+    for ax, split in zip(axes[0], HELD_OUT):
+        for label, keep, style in series:
+            pts = sorted((r["retention"], r["evaluation"][split]) for r in rows if keep(r))
+            if pts:
+                ax.plot(*zip(*pts), label=label, **style)
+        ax.axhline(dense["evaluation"][split], color="grey", lw=0.8, label="dense")
+        ax.set_yscale("log")
+        ax.set_xlabel("retention")
+        ax.set_ylabel(f"held-out perplexity, {split}")
+    axes[0][0].legend(fontsize=7)
+    save_figure(fig, path)
+
+
 def write_json(name: str, obj: dict) -> Path:
     """``obj`` as JSON in ``RESULTS / name``, atomically (air_ft's own helper)."""
     from air_ft import files

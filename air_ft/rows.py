@@ -7,7 +7,9 @@ import math
 from air_ft.methods import METHODS
 
 __all__ = ["METHOD_NAMES", "headline_metric", "mean_accuracy", "mean_accuracy_se", "task_gap", "label", "columns",
-           "fmt_ppl", "measurement_groups"]
+           "fmt_ppl", "measurement_groups", "above_chance_share", "QUALIFYING_MARGIN"]
+
+QUALIFYING_MARGIN = 0.10  # a task counts in the mean share where dense is at least this far above chance
 
 METHOD_NAMES = {name: entry.label for name, entry in METHODS.items()}
 
@@ -35,6 +37,36 @@ def task_gap(a: dict, b: dict) -> tuple[float, float]:
     """One task's headline accuracy of ``a`` minus ``b``, and the standard error of that difference (unpaired)."""
     k = headline_metric(a)
     return a[k] - b[k], math.hypot(a.get(f"{k}_stderr") or 0.0, b.get(f"{k}_stderr") or 0.0)
+
+
+def above_chance_share(row: dict, dense: dict) -> dict | None:
+    """The share of dense's above-chance accuracy ``row`` keeps, ``(acc - chance) / (dense - chance)``, per task
+    (headline metric, lm-eval's chance recorded with the result) and its mean over the tasks on which dense is at
+    least ``QUALIFYING_MARGIN`` above chance, each with a standard error (first order in both accuracies, the two
+    rows' errors taken as independent; the mean's from its tasks' errors). None where no task qualifies.
+
+    Returns ``{"tasks": {task: {"share", "se", "qualifies"}}, "mean", "mean_se", "qualifying": [task, ...]}``.
+    """
+    per_task = {}
+    for t, res in row.get("tasks", {}).items():
+        ref = dense.get("tasks", {}).get(t)
+        chance = res.get("chance")
+        if ref is None or chance is None or ref.get("chance") is None:
+            continue
+        k = headline_metric(res)
+        gap = ref[k] - chance
+        if gap <= 0:
+            per_task[t] = {"share": None, "se": None, "qualifies": False}
+            continue
+        share = (res[k] - chance) / gap
+        se = math.hypot(res.get(f"{k}_stderr") or 0.0, share * (ref.get(f"{k}_stderr") or 0.0)) / gap
+        per_task[t] = {"share": share, "se": se, "qualifies": gap >= QUALIFYING_MARGIN}
+    qualifying = [t for t, v in per_task.items() if v["qualifies"]]
+    if not qualifying:
+        return None
+    mean = sum(per_task[t]["share"] for t in qualifying) / len(qualifying)
+    mean_se = math.sqrt(sum(per_task[t]["se"] ** 2 for t in qualifying)) / len(qualifying)
+    return {"tasks": per_task, "mean": mean, "mean_se": mean_se, "qualifying": qualifying}
 
 
 def fmt_ppl(v: float) -> str:

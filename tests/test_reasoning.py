@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from air_ft.config import RecipeError
-from air_ft.reasoning import TaskError, evaluate_tasks, local_task_dirs, spread_indices
+from air_ft.reasoning import TaskError, evaluate_tasks, fill_chance, local_task_dirs, spread_indices
 
 from .conftest import save_piqa_like, tiny_llama
 
@@ -55,6 +55,20 @@ def test_evaluate_tasks_scores_the_saved_documents_with_lm_eval(task_data, token
         hits.append(int(max(range(2), key=lambda c: scores[c]) == rows["label"][i]))
     assert piqa["acc"] == pytest.approx(sum(hits) / len(hits))
     assert piqa["acc_stderr"] > 0 and "acc_norm" in piqa
+    assert piqa["chance"] == 0.5  # two solutions per goal
+
+
+def test_chance_levels_are_filled_from_the_same_documents_only(task_data, tokenizer):
+    root, _ = task_data
+    model = tiny_llama(vocab_size=len(tokenizer))
+    scored = evaluate_tasks(model, tokenizer, tasks=["piqa"], limit=8, batch_size=4, seed=0, data=str(root))["piqa"]
+    old = {k: v for k, v in scored.items() if k != "chance"}  # a result from before chance was recorded
+    moved = {**old, "documents_sha256": "0" * 16}  # scored on other documents than this split's spread
+    fake = {"acc": 0.5}  # no provenance (a hand-made row)
+    rows = [{"tasks": {"piqa": old}}, {"tasks": {"piqa": moved}}, {"tasks": {"piqa": fake}}]
+    assert fill_chance(rows, data=str(root)) == 1
+    assert old["chance"] == scored["chance"] == 0.5 and "chance" not in moved and "chance" not in fake
+    assert fill_chance(rows, data=str(root)) == 0  # nothing left to fill: no task is built
 
 
 def test_tied_head_changed_on_its_own_is_not_retied_by_lm_eval(task_data, tokenizer):

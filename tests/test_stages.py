@@ -367,3 +367,36 @@ def test_run_under_accelerate_launch(study):
     report = json.loads((tmp / "out" / "report.json").read_text())
     assert [r["name"] for r in report["rows"]] == ["dense", "svdllm-r0.50", "svdllm-r0.50+lora"]
     assert report["rows"][2]["train"]["global_step"] == 2
+
+
+def test_share_of_dense_above_chance_accuracy_with_its_standard_error():
+    from air_ft.report import above_chance, markdown
+    from air_ft.rows import above_chance_share
+
+    def task(acc, se, chance, norm=True):
+        key = "acc_norm" if norm else "acc"
+        return {"acc": acc, "acc_stderr": se, **({"acc_norm": acc, "acc_norm_stderr": se} if norm else {}),
+                key: acc, f"{key}_stderr": se, "chance": chance}
+
+    dense = {"name": "dense", "method": "dense", "retention": 1.0, "perplexity": {},
+             "tasks": {"piqa": task(0.70, 0.02, 0.5), "winogrande": task(0.55, 0.02, 0.5, norm=False),
+                       "arc_easy": task(0.55, 0.02, 0.25)}}
+    row = {"name": "air-r0.80", "method": "air", "retention": 0.8, "perplexity": {},
+           "tasks": {"piqa": task(0.60, 0.03, 0.5), "winogrande": task(0.52, 0.03, 0.5, norm=False),
+                     "arc_easy": task(0.40, 0.03, 0.25)}}
+    share = above_chance_share(row, dense)
+    # piqa: (0.60 - 0.5) / (0.70 - 0.5) = 0.5, SE hypot(0.03, 0.5 x 0.02) / 0.2; arc_easy: 0.15 / 0.30 = 0.5,
+    # SE hypot(0.03, 0.01) / 0.3; winogrande: dense only 5 points above chance, shown but not counted
+    assert share["qualifying"] == ["piqa", "arc_easy"] and not share["tasks"]["winogrande"]["qualifies"]
+    assert share["tasks"]["winogrande"]["share"] == pytest.approx(0.4)
+    assert share["tasks"]["piqa"]["se"] == pytest.approx(0.0316228 / 0.2, rel=1e-5)
+    assert share["mean"] == pytest.approx(0.5)
+    assert share["mean_se"] == pytest.approx(((0.0316228 / 0.2) ** 2 + (0.0316228 / 0.3) ** 2) ** 0.5 / 2, rel=1e-5)
+    assert above_chance_share({**row, "tasks": {"piqa": {**row["tasks"]["piqa"], "chance": None}}}, dense) is None
+    report = {"rows": [dense, row]}
+    assert above_chance(report)["air-r0.80"]["mean"] == pytest.approx(0.5)
+    md = markdown(report)
+    assert "## Share of dense's above-chance accuracy" in md and "winogrande (not counted)" in md
+    assert "| AIR | 0.80 | 0.50 ± 0.16 | 0.40 ± 0.62 | 0.50 ± 0.11 | 0.50 ± 0.10 |" in md
+    assert "| dense (points above chance) | 1.00 | +20.0 | +5.0 | +30.0 | |" in md
+    assert above_chance({"rows": [row]}) == {}  # no dense row: nothing to share

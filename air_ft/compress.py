@@ -117,6 +117,7 @@ def get_stats(model: nn.Module, tok, texts: list[str], targets: dict[str, nn.Lin
     ``cfg.influence == "fisher_whitened"`` adds a second pass that measures the Fisher of the whitened weight with
     the whitening factors of the first pass's Grams (the first pass then needs no backward).
     """
+    cfg = cfg.resolved()
     windows = sample_windows(tok, texts, cfg.num_samples, cfg.seq_len, cfg.seed)
     whitened = influence and METHODS[cfg.method].influence(cfg) == WHITENED
     fingerprint = model_fingerprint(model) if cfg.cache else None  # hashes every parameter byte: once
@@ -151,7 +152,7 @@ def get_stats(model: nn.Module, tok, texts: list[str], targets: dict[str, nn.Lin
     return base
 
 
-def compress(model: nn.Module, tok, texts: list[str] | None = None, method: str = "air", retention: float = 0.6,
+def compress(model: nn.Module, tok, texts: list[str] | None = None, method: str = "air2s", retention: float = 0.6,
              num_samples: int = 64, seq_len: int = 512, seed: int = 0, stats: CalibrationStats | None = None,
              windows: torch.Tensor | None = None, on_block: Callable[[int, list[str]], None] | None = None,
              **options) -> CompressResult:
@@ -167,7 +168,8 @@ def compress(model: nn.Module, tok, texts: list[str] | None = None, method: str 
         tok: its tokenizer.
         texts: raw calibration strings (windows are drawn from them, seeded); not needed for ``svd`` or when
             ``stats`` is given.
-        method: ``svd`` | ``asvd`` | ``fwsvd`` | ``svdllm`` | ``air``.
+        method: ``air2s`` (the default: AIR with the output side, global ranks, the two-sided sweep and block
+            refinement) | ``svd`` | ``asvd`` | ``fwsvd`` | ``svdllm`` | ``air`` (see ``air_ft.methods.METHODS``).
         retention: fraction of the compressed layers' parameters kept.
         stats: precomputed :class:`CalibrationStats` of every layer at once (the all-at-once reference path:
             skips calibration; benchmarks share one).
@@ -193,7 +195,7 @@ def compress(model: nn.Module, tok, texts: list[str] | None = None, method: str 
         raise RecipeError(f"method {method!r} trains masks and LoRA: use air_ft.acip_fit(model, tok, texts, ...)"
                           ".materialize(retention), or air-ft compress / run with compress.method=acip")
     cfg = build_dataclass(CompressConfig, dict(method=method, retention=retention, num_samples=num_samples,
-                                               seq_len=seq_len, seed=seed, **options), "compress")
+                                               seq_len=seq_len, seed=seed, **options), "compress").resolved()
     targets = find_targets(model, cfg.include, cfg.exclude)
     if not targets:
         raise RecipeError("no nn.Linear layer matches the include/exclude patterns "

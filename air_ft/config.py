@@ -18,8 +18,8 @@ import yaml
 
 from air_ft.errors import RecipeError
 from air_ft.linalg import ALS_BACKENDS
+from air_ft.methods import LEVERS_OFF, lever, neutral_settings
 from air_ft.methods import METHODS as METHOD_TABLE
-from air_ft.methods import neutral_settings
 
 __all__ = ["CompressConfig", "ModelConfig", "DataConfig", "EvalConfig", "TrainConfig", "LoraConfig", "StudyConfig",
            "AcipConfig", "Recipe",
@@ -71,7 +71,10 @@ class ModelConfig:
 class CompressConfig:
     """How ``air-ft compress`` (and every compressed row of a study) factors the decoder linear layers."""
 
-    method: str = _f("air", f"one of {METHODS} (acip trains masks and LoRA: see the acip section)")
+    method: str = _f("air2s", f"one of {METHODS}: air2s (the default) is AIR with the output side, global ranks, "
+                              "the sweep in two-sided coordinates and block refinement (its presets; any lever set "
+                              "here overrides them); svdllm and air are the published methods (acip trains masks "
+                              "and LoRA: see the acip section)")
     retention: float = _f(0.6, "fraction of the compressed linear layers' parameters kept, 0 < r < 1")
     rank_multiple: int = _f(1, "round every rank down to a multiple of this (8 for GPU: bf16 tensor-core kernels "
                                "want it; misaligned ranks trained at half the dense speed on an H100)")
@@ -91,30 +94,38 @@ class CompressConfig:
                                   "available, the Triton kernels on CUDA when they build; else torch) | native "
                                   "(require the C kernel) | triton (require the GPU kernels) | torch (reference)")
     eps: float = _f(0.0, "initial damping added to the Gram diagonal before Cholesky")
-    output_weight: float = _f(0.0, "output-side weighting (svdllm, air): the error is measured through "
-                                   "(1 - w) I + w H, H the Gram of the layer's output gradient over the calibration "
-                                   "tokens (normalized to mean diagonal 1), as well as through the input Gram: a "
-                                   "closed-form two-sided whitening, and AIR's ALS starts from it; 0 is the "
-                                   "input-only solution (SVD-LLM(W) / AIR as published); needs a backward pass",
-                          neutral=0.0)
-    rank_allocation: str = _f("uniform", "'uniform': every layer keeps the retention's share of its own parameters; "
-                                         "'global': ranks chosen across all layers under the same total, by the "
-                                         "loss-weighted energy of each whitened singular direction (input and "
-                                         "output-gradient Grams of the dense model; one extra backward pass), "
-                                         "within rank_floor / rank_ceiling of the uniform rank",
-                              neutral="uniform")
+    output_weight: float | None = _f(None, "output-side weighting (svdllm, air): the error is measured through "
+                                           "(1 - w) I + w H, H the Gram of the layer's output gradient over the "
+                                           "calibration tokens (normalized to mean diagonal 1), as well as through "
+                                           "the input Gram: a closed-form two-sided whitening, and AIR's ALS starts "
+                                           "from it; 0 is the input-only solution (SVD-LLM(W) / AIR as published); "
+                                           "needs a backward pass; unset: the method's preset, else 0",
+                                     neutral=lambda c: c.setting("output_weight") == 0.0)
+    als_output_side: bool | None = _f(None, "air with output_weight > 0: the ALS sweep weights the error in the "
+                                            "two-sided coordinates L^T W S (after the output-side weighting as "
+                                            "well), where its start is optimal, instead of in W S; the influence map "
+                                            "is the one measured on W S; unset: the method's preset, else false",
+                                      neutral=lambda c: not c.setting("als_output_side"))
+    rank_allocation: str | None = _f(None, "'uniform': every layer keeps the retention's share of its own "
+                                           "parameters; 'global': ranks chosen across all layers under the same "
+                                           "total, by the loss-weighted energy of each whitened singular direction "
+                                           "(input and output-gradient Grams of the dense model; one extra backward "
+                                           "pass), within rank_floor / rank_ceiling of the uniform rank; unset: the "
+                                           "method's preset, else uniform",
+                                     neutral=lambda c: c.setting("rank_allocation") == "uniform")
     rank_floor: float = _f(0.5, "rank_allocation global: no layer below this fraction of its uniform rank",
-                           neutral=lambda c: c.rank_allocation == "uniform")
+                           neutral=lambda c: c.setting("rank_allocation") == "uniform")
     rank_ceiling: float = _f(2.0, "rank_allocation global: no layer above this multiple of its uniform rank (nor "
                                   "where factoring would stop saving parameters)",
-                             neutral=lambda c: c.rank_allocation == "uniform")
-    refine_steps: int = _f(0, "block refinement: Adam steps per decoder block on its factors only, after it is "
-                              "factored, so that it maps the inputs the compressed blocks before it produce to the "
-                              "dense model's exit states (batch_size windows a step; the best factors on the "
-                              "calibration data are kept; counted as calibration time); 0 off; needs sequential",
-                           neutral=0)
+                             neutral=lambda c: c.setting("rank_allocation") == "uniform")
+    refine_steps: int | None = _f(None, "block refinement: Adam steps per decoder block on its factors only, after "
+                                        "it is factored, so that it maps the inputs the compressed blocks before it "
+                                        "produce to the dense model's exit states (batch_size windows a step; the "
+                                        "best factors on the calibration data are kept; counted as calibration "
+                                        "time); 0 off; needs sequential; unset: the method's preset, else 0",
+                                  neutral=lambda c: c.setting("refine_steps") == 0)
     refine_lr: float = _f(3e-4, "block refinement: Adam learning rate (3e-4 chosen on validation; 1e-3 overfits)",
-                          neutral=lambda c: c.refine_steps == 0)
+                          neutral=lambda c: c.setting("refine_steps") == 0)
     whitening: str = _f("cholesky", "square root of the Gram: 'cholesky' (the paper) or 'symmetric' (keeps AIR's "
                                     "element weights attached to input features); same SVD-LLM(W) result")
     asvd_alpha: float = _f(0.5, "ASVD scaling exponent")
@@ -170,36 +181,52 @@ class CompressConfig:
                 raise RecipeError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.max_ratio <= 1:
             raise RecipeError(f"max_ratio must be > 1, got {self.max_ratio}")
-        if isinstance(self.output_weight, bool) or not isinstance(self.output_weight, (int, float)) \
-                or not 0.0 <= self.output_weight <= 1.0:
-            raise RecipeError(f"output_weight must be a number from 0 to 1, got {self.output_weight!r}")
-        if self.output_weight > 0 and "output_weight" in neutral_settings(METHOD_TABLE[self.method]):
+        levers = {name: self.setting(name) for name in LEVERS_OFF}
+        neutral = neutral_settings(METHOD_TABLE[self.method])
+        weight = levers["output_weight"]
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight <= 1.0:
+            raise RecipeError(f"output_weight must be a number from 0 to 1, got {weight!r}")
+        if weight > 0 and "output_weight" in neutral:
             raise RecipeError(f"output_weight applies to the whitened methods "
                               f"{[m.name for m in METHOD_TABLE.values() if m.whitened]}, not {self.method!r}; "
                               "set output_weight: 0 or choose one of them")
-        if self.rank_allocation not in ("uniform", "global"):
-            raise RecipeError(f"rank_allocation must be 'uniform' or 'global', got {self.rank_allocation!r}")
-        if self.rank_allocation == "global" and "rank_allocation" in neutral_settings(METHOD_TABLE[self.method]):
+        if not isinstance(levers["als_output_side"], bool):
+            raise RecipeError(f"als_output_side must be true or false, got {levers['als_output_side']!r}")
+        if levers["als_output_side"] and "als_output_side" in neutral:
+            raise RecipeError(f"als_output_side chooses the coordinates of AIR's ALS sweep, which method "
+                              f"{self.method!r} does not run; set als_output_side: false or method: air")
+        if levers["rank_allocation"] not in ("uniform", "global"):
+            raise RecipeError(f"rank_allocation must be 'uniform' or 'global', got {levers['rank_allocation']!r}")
+        if levers["rank_allocation"] == "global" and "rank_allocation" in neutral:
             raise RecipeError(f"rank_allocation: global ranks layers by calibration statistics, which method "
                               f"{self.method!r} does not read; use rank_allocation: uniform or a calibrated method")
         if not (isinstance(self.rank_floor, (int, float)) and isinstance(self.rank_ceiling, (int, float))
                 and 0 < self.rank_floor <= 1 <= self.rank_ceiling):
             raise RecipeError(f"rank_floor and rank_ceiling must satisfy 0 < rank_floor <= 1 <= rank_ceiling, got "
                               f"{self.rank_floor!r} and {self.rank_ceiling!r}")
-        if isinstance(self.refine_steps, bool) or not isinstance(self.refine_steps, int) or self.refine_steps < 0:
-            raise RecipeError(f"refine_steps must be an integer >= 0, got {self.refine_steps!r}")
+        steps = levers["refine_steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise RecipeError(f"refine_steps must be an integer >= 0, got {steps!r}")
         if not isinstance(self.refine_lr, (int, float)) or not self.refine_lr > 0:
             raise RecipeError(f"refine_lr must be a positive number, got {self.refine_lr!r}")
-        if self.refine_steps > 0 and "refine_steps" in neutral_settings(METHOD_TABLE[self.method]):
+        if steps > 0 and "refine_steps" in neutral:
             raise RecipeError(f"refine_steps tunes factors block by block while streaming calibration data, which "
                               f"method {self.method!r} does not do; set refine_steps: 0")
-        if self.refine_steps > 0 and not self.sequential:
+        if steps > 0 and not self.sequential:
             raise RecipeError("refine_steps needs sequential: true (each block is tuned on the inputs the compressed "
                               "blocks before it produce); set sequential: true or refine_steps: 0")
         if isinstance(self.include, str):
             self.include = [self.include]
         if isinstance(self.exclude, str):
             self.exclude = [self.exclude]
+
+    def setting(self, name: str):
+        """A lever's value for this method: the recipe's, else the method's preset, else off (``LEVERS_OFF``)."""
+        return lever(self, name)
+
+    def resolved(self) -> CompressConfig:
+        """This section with every lever at the value the method uses (what the compression reads)."""
+        return dataclasses.replace(self, **{name: self.setting(name) for name in LEVERS_OFF})
 
 
 SOURCE_KEYS = ("source", "start", "end", "split", "max_docs", "drop_lines")
@@ -457,7 +484,8 @@ class StudyConfig:
     variants: dict[str, dict] = _f({}, "named settings of the compress section to compare as well, e.g. {seq: {}, "
                                        "dense-stats: {sequential: false}}: every method x retention row is made once "
                                        "per variant, named <method>-r<retention>-<variant> (empty: one row each, "
-                                       "with the compress section as it is)", keys=False)
+                                       "with the compress section as it is); a variant's 'methods: [...]' limits it "
+                                       "to those of study.methods", keys=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.variants, dict) or not all(
@@ -467,7 +495,11 @@ class StudyConfig:
         for name, overrides in self.variants.items():
             if not name.replace("-", "").replace("_", "").isalnum():
                 raise RecipeError(f"study.variants name {name!r}: use letters, digits, - and _ (it names rows)")
-            unknown = sorted(set(overrides) - known)
+            only = overrides.get("methods", self.methods)
+            if isinstance(only, str) or not isinstance(only, list) or set(only) - set(self.methods):
+                raise RecipeError(f"study.variants.{name}.methods {only!r} must be a list of study.methods "
+                                  f"{self.methods!r}")
+            unknown = sorted(set(overrides) - known - {"methods"})
             if unknown:
                 raise RecipeError(f"study.variants.{name} sets {unknown}, which are not compress settings (method "
                                   "and retention are the grid's own axes); valid: " + ", ".join(sorted(known)))

@@ -15,7 +15,7 @@ import torch
 from air_ft.errors import WhiteningError
 from air_ft.linalg import truncated_svd, whitening_factor
 
-__all__ = ["output_factor", "output_weighted_svd", "loss_spectrum", "allocate_ranks"]
+__all__ = ["output_factor", "output_weighted_svd", "from_output_side", "loss_spectrum", "allocate_ranks"]
 
 
 def output_factor(gram: torch.Tensor, weight: float, eps: float = 0.0,
@@ -50,13 +50,18 @@ def output_weighted_svd(wp: torch.Tensor, lf: torch.Tensor, k: int) -> tuple[tor
     """The rank-``k`` ``A`` minimizing ``||L^T (W' - A)||_F`` (``W' = W S``, the whitened weight), in SVD form.
 
     ``L`` is invertible, so ``B = L^T A`` ranges over every rank-``k`` matrix: ``B*`` is the truncated SVD of
-    ``L^T W'`` (Eckart-Young) and ``A* = L^{-T} B*``. The result is returned as ``(U, sigma, Vh)`` with orthonormal
-    ``U`` and ``Vh`` (a QR of ``L^{-T} U_B diag(sigma_B)`` and an SVD of its ``k x k`` triangle), so that AIR's ALS
-    can start from it and :func:`back_project` splits it as any other solution. ``L = I`` gives the truncated SVD
-    of ``W'`` itself.
+    ``L^T W'`` (Eckart-Young) and ``A* = L^{-T} B*`` (:func:`from_output_side`), returned with orthonormal ``U`` and
+    ``Vh`` so that AIR's ALS can start from it and :func:`back_project` splits it as any other solution. ``L = I``
+    gives the truncated SVD of ``W'`` itself.
     """
-    ub, sb, vhb = truncated_svd(lf.T.to(wp.dtype) @ wp, k)
-    lt = lf.T.to(wp.dtype)
+    return from_output_side(lf, *truncated_svd(lf.T.to(wp.dtype) @ wp, k))
+
+
+def from_output_side(lf: torch.Tensor, ub: torch.Tensor, sb: torch.Tensor, vhb: torch.Tensor) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``L^{-T} U_B diag(sigma_B) Vh_B`` in SVD form (a QR of ``L^{-T} U_B diag(sigma_B)`` and an SVD of its
+    ``k x k`` triangle): a rank-``k`` matrix of the two-sided coordinates ``L^T W S`` taken back to ``W S``."""
+    lt = lf.T.to(ub.dtype)
     if torch.equal(lt, lt.triu()):
         a = torch.linalg.solve_triangular(lt, ub * sb, upper=True)
     else:

@@ -14,7 +14,7 @@ The statistics a factor function reads: ``whitening`` (``(S, rung)``), ``output`
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,7 +22,7 @@ import torch
 from air_ft import curvature, linalg
 from air_ft.calibration import OGRAD  # the output-gradient Gram, collected in every backward pass
 
-__all__ = ["Method", "METHODS", "method", "neutral_settings"]
+__all__ = ["Method", "METHODS", "LEVERS_OFF", "method", "lever", "neutral_settings"]
 
 FactorFn = Callable[[torch.Tensor, int, dict, Any], tuple[torch.Tensor, torch.Tensor, dict]]
 
@@ -41,6 +41,10 @@ class Method:
         trains: it optimizes on training text while compressing (ACIP-style): the study runs it on the main
             process only, and its training tokens count against a recovered row's LoRA budget.
         calibrates: it reads calibration text at all (plain SVD does not).
+        sweeps: it refines its start with AIR's ALS sweep on an influence map (``als_output_side`` applies).
+        presets: the lever settings (keys of :data:`LEVERS_OFF`) it uses where a recipe leaves them unset (``None``),
+            each a value or a function of the compress section; every other lever is off. The published methods
+            have none; changing them needs a new ``revision``.
         revision: raised when the method's code changes what it produces for the same settings (0: never yet);
             it keys the study's stages, so that a study redoes the method's rows instead of reusing stale ones.
     """
@@ -53,6 +57,8 @@ class Method:
     influence: Callable[[Any], str | None] = lambda cfg: None
     trains: bool = False
     calibrates: bool = True
+    sweeps: bool = False
+    presets: dict = field(default_factory=dict)
     revision: int = 0
 
 
@@ -96,7 +102,13 @@ def _svdllm(w, k, layer, cfg):
 def _air(w, k, layer, cfg):
     s, rung = layer["whitening"]
     wp = w @ s
-    u, sig, vh = _start(wp, k, layer)
+    two_sided = lever(cfg, "als_output_side") and "output" in layer and cfg.delta > 0
+    if two_sided:  # sweep in L^T W S, where the two-sided start is the truncated SVD
+        lf = layer["output"][0]
+        wp = lf.T.to(wp.dtype) @ wp
+        u, sig, vh = linalg.truncated_svd(wp, k)
+    else:
+        u, sig, vh = _start(wp, k, layer)
     extra: dict = {"rung": rung}
     if cfg.delta > 0:
         imap = linalg.normalize_influence(layer[cfg.influence], cfg.normalization, cfg.max_ratio)
@@ -106,11 +118,13 @@ def _air(w, k, layer, cfg):
                                backend=cfg.als_backend)
         u, sig, vh = res.u.to(wp.dtype), res.sigma.to(wp.dtype), res.vh.to(wp.dtype)
         extra.update(objective_start=res.objective[0], objective_end=res.objective[-1], sweeps=res.sweeps)
+    if two_sided:
+        u, sig, vh = curvature.from_output_side(lf, u, sig, vh)
     return (*linalg.back_project(u, sig, vh, s), extra)
 
 
 def _output_influence(cfg) -> str | None:
-    return OGRAD if cfg.output_weight > 0 else None  # the output-gradient Gram needs a backward pass
+    return OGRAD if lever(cfg, "output_weight") > 0 else None  # the output-gradient Gram needs a backward pass
 
 
 def _air_influence(cfg) -> str | None:
@@ -123,11 +137,28 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("asvd", "ASVD", _asvd, needs_gram=True),
     Method("fwsvd", "FWSVD", _fwsvd, influence=lambda cfg: "fisher"),
     Method("svdllm", "SVD-LLM(W)", _svdllm, needs_gram=True, whitened=True, influence=_output_influence),
-    Method("air", "AIR", _air, needs_gram=True, whitened=True, influence=_air_influence),
+    Method("air", "AIR", _air, needs_gram=True, whitened=True, influence=_air_influence, sweeps=True),
+    # the default: AIR with every lever that won on validation (benchmarks/README.md, "Compression levers")
+    Method("air2s", "AIR-2S", _air, needs_gram=True, whitened=True, influence=_air_influence, sweeps=True,
+           presets={"output_weight": 0.5, "rank_allocation": "global", "als_output_side": True,
+                    "refine_steps": lambda cfg: 16 if cfg.sequential else 0}),  # refinement streams sequentially
     # revision 1: the mask phase as the reference runs it (no clip, no cap, the optimizer carried into the post-tune,
     # disjoint blocks, the merged LoRA in the stop ratio)
     Method("acip", "ACIP-style", None, trains=True, revision=1),
 )}
+
+
+LEVERS_OFF = {"output_weight": 0.0, "rank_allocation": "uniform", "refine_steps": 0, "als_output_side": False}
+"""The compress settings that a method may preset (:attr:`Method.presets`), at their values that turn them off."""
+
+
+def lever(cfg, name: str):
+    """Lever ``name`` of a compress section ``cfg``: its value, else its method's preset, else off."""
+    value = getattr(cfg, name)
+    if value is not None:
+        return value
+    preset = METHODS[cfg.method].presets.get(name, LEVERS_OFF[name])
+    return preset(cfg) if callable(preset) else preset
 
 
 def neutral_settings(entry: Method) -> dict:
@@ -136,10 +167,12 @@ def neutral_settings(entry: Method) -> dict:
     them otherwise is refused."""
     out: dict = {}
     if not entry.whitened:  # no whitened coordinates: nothing for an output side to weight
-        out["output_weight"] = 0.0
+        out["output_weight"] = LEVERS_OFF["output_weight"]
     if entry.trains or not entry.calibrates:  # ACIP-style learns its own ranks and factors; plain SVD streams no
-        out["rank_allocation"] = "uniform"      # calibration data to rank layers or to refine blocks on
-        out["refine_steps"] = 0
+        out["rank_allocation"] = LEVERS_OFF["rank_allocation"]  # calibration data to rank layers or refine blocks on
+        out["refine_steps"] = LEVERS_OFF["refine_steps"]
+    if not entry.sweeps:  # no ALS sweep whose coordinates to choose
+        out["als_output_side"] = LEVERS_OFF["als_output_side"]
     return out
 
 

@@ -97,6 +97,27 @@ def study_recipe(ap, args, *overrides: str):
                                      f"study.retentions=[{','.join(map(str, args.retentions))}]"]), study_dir
 
 
+def study_subset(ap, args, recipe, reference: tuple[str, str]):
+    """``recipe`` with only ``--methods`` and ``--variants`` of its study (a part of its grid at a time), the
+    ``reference`` row's method and variant always kept; unknown names refused through ``ap``."""
+    import dataclasses
+
+    method, variant = reference
+    if variant not in recipe.study.variants or method not in recipe.study.methods:
+        ap.error(f"the recipe must hold method {method!r} and a variant {variant!r} (the reference)")
+    for name, chosen, known in (("--methods", args.methods, recipe.study.methods),
+                                ("--variants", args.variants, list(recipe.study.variants))):
+        if chosen and set(chosen) - set(known):
+            ap.error(f"{name} {sorted(set(chosen) - set(known))} not in the recipe's {known}")
+    methods = [m for m in recipe.study.methods if not args.methods or m in (*args.methods, method)]
+    variants = {}
+    for v, s in recipe.study.variants.items():  # a variant limited to some methods keeps those still run
+        only = [m for m in s.get("methods", methods) if m in methods]
+        if only and (not args.variants or v in (*args.variants, variant)):
+            variants[v] = {**s, "methods": only} if "methods" in s else s
+    return dataclasses.replace(recipe, study=dataclasses.replace(recipe.study, variants=variants, methods=methods))
+
+
 def text_scores(ppl: dict[str, float]) -> dict:
     """One row's perplexities split into the validation slices, the held-out ones and the validation geo-mean (the
     score a setting is chosen by)."""

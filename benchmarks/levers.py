@@ -18,7 +18,6 @@ there.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from common import (
     perplexities,
     plot_held_out,
     study_recipe,
+    study_subset,
     text_scores,
     write_json,
 )
@@ -50,17 +50,9 @@ def main() -> None:
     recipe, study_dir = study_recipe(ap, args)
     from air_ft.pipeline import run_study
 
-    if REFERENCE[1] not in recipe.study.variants or REFERENCE[0] not in recipe.study.methods:
-        ap.error(f"the recipe must hold method {REFERENCE[0]!r} and a variant {REFERENCE[1]!r} (the reference)")
-    for name, chosen, known in (("--methods", args.methods, recipe.study.methods),
-                                ("--variants", args.variants, list(recipe.study.variants))):
-        if chosen and set(chosen) - set(known):
-            ap.error(f"{name} {sorted(set(chosen) - set(known))} not in the recipe's {known}")
     every_variant = dict(recipe.study.variants)
-    variants = {v: s for v, s in recipe.study.variants.items() if not args.variants or v in (*args.variants,
-                                                                                                REFERENCE[1])}
-    methods = [m for m in recipe.study.methods if not args.methods or m in (*args.methods, REFERENCE[0])]
-    recipe = dataclasses.replace(recipe, study=dataclasses.replace(recipe.study, variants=variants, methods=methods))
+    recipe = study_subset(ap, args, recipe, REFERENCE)
+    variants = recipe.study.variants
     report = run_study(recipe)
     ppl = perplexities(report)
     rows = []
@@ -69,7 +61,7 @@ def main() -> None:
         mine = ppl[r["name"]]
         rows.append({
             "method": r["method"], "variant": r["variant"], "retention": r["retention"],
-            "settings": variants[r["variant"]], **text_scores(mine),
+            "settings": _settings(variants[r["variant"]]), **text_scores(mine),
             "ratio_to_svdllm": {t: mine[t] / ref[t] for t in (*VALIDATION, *HELD_OUT)},
             "calibration_seconds": r["compress"]["calibration_seconds"],
             "compression_seconds": r["compress"]["compression_seconds"],
@@ -104,6 +96,11 @@ def main() -> None:
     print(f"wrote {path} and the study's report in {study_dir}")
 
 
+def _settings(variant: dict) -> dict:
+    """A variant's compress settings (without ``methods``, the rows it applies to)."""
+    return {k: v for k, v in variant.items() if k != "methods"}
+
+
 def _with_earlier_rows(rows: list[dict], output: str, study: str, variants: dict) -> list[dict]:
     """``rows`` and the rows an earlier run of the same study wrote to ``output`` that this run did not redo (a part
     of the grid at a time), as long as their variant's settings are still the recipe's."""
@@ -115,7 +112,7 @@ def _with_earlier_rows(rows: list[dict], output: str, study: str, variants: dict
         return rows
     done = {(r["method"], r["variant"], r["retention"]) for r in rows}
     kept = [r for r in old["rows"] if (r["method"], r["variant"], r["retention"]) not in done
-            and variants.get(r["variant"]) == r["settings"]]
+            and _settings(variants.get(r["variant"], {})) == r["settings"]]
     return kept + rows
 
 

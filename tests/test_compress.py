@@ -137,6 +137,8 @@ def test_whitened_influence_runs_a_cached_second_pass(model, tokenizer, text):
     (dict(method="svd", rank_allocation="global"), "does not read; use rank_allocation: uniform"),
     (dict(rank_floor=0.0), "0 < rank_floor <= 1 <= rank_ceiling"),
     (dict(rank_ceiling=0.5), "0 < rank_floor <= 1 <= rank_ceiling"),
+    (dict(method="svdllm", output_weight=0.5, als_output_side=True), "does not run; set als_output_side: false"),
+    (dict(als_output_side="yes"), "als_output_side must be true or false"),
 ])
 def test_bad_input_is_rejected_before_work(model, tokenizer, text, kwargs, match):
     opts = {**KW, "method": "air", "retention": 0.6, **kwargs}
@@ -284,3 +286,22 @@ def test_global_rank_allocation_stays_in_budget_and_its_checkpoint_works_like_a_
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
     with torch.no_grad():
         torch.testing.assert_close(plain(ids).logits, logits, atol=1e-4, rtol=1e-4)
+
+
+def test_the_default_is_air_with_every_lever_that_won_and_it_reloads(model, tokenizer, text, tmp_path):
+    """compress() with no method: AIR-2S, i.e. AIR with the output side, global ranks, the sweep in two-sided
+    coordinates and block refinement (sequential); its heterogeneous checkpoint reloads to the same logits."""
+    from air_ft.checkpoint import load_compressed, save_compressed
+
+    info = air_ft.compress(model, tokenizer, [text], retention=0.5, **KW)
+    cfg = info.config
+    assert (cfg["method"], cfg["output_weight"], cfg["rank_allocation"], cfg["als_output_side"], cfg["refine_steps"],
+            cfg["sequential"]) == ("air2s", 0.5, "global", True, 16, True)
+    assert info.extra["uniform_ranks"] and info.ranks != info.extra["uniform_ranks"]  # ranks moved between layers
+    assert info.stream["refine"]["steps_per_block"] == 16 and info.stream["refine"]["tokens"] > 0
+    assert info.objective and all(v[-1] <= v[0] for v in info.objective.values())  # the sweep never raised it
+    ids = torch.arange(24).view(2, 12) % len(tokenizer)
+    with torch.no_grad():
+        logits = model(ids).logits
+        loaded, _ = load_compressed(save_compressed(model, tokenizer, tmp_path / "ckpt"))
+        assert torch.allclose(loaded(ids).logits, logits, atol=1e-5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,9 @@ def test_there_are_recipes():
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_shipped_recipe_loads(path):
     recipe = load_recipe(str(path))
-    assert recipe.compress.method in ("svd", "asvd", "fwsvd", "svdllm", "air")
+    from air_ft.methods import METHODS
+
+    assert recipe.compress.method in METHODS and not METHODS[recipe.compress.method].trains
     if "tiny" not in path.parts:  # tiny recipes get their model and text from overrides in tests
         assert recipe.data.calibration or getattr(recipe.train, "data", None), "every recipe names its text"
     assert recipe.output_dir
@@ -139,7 +142,28 @@ def test_a_study_refuses_a_repeated_method_or_retention(override, message):
 
 def test_defaults_are_valid():
     cfg = CompressConfig()
-    assert cfg.method == "air" and cfg.delta > 0 and cfg.sweeps == 1
+    assert cfg.method == "air2s" and cfg.delta > 0 and cfg.sweeps == 1
+
+
+def test_the_default_method_presets_its_levers_and_the_published_methods_keep_theirs_off():
+    from air_ft.config import result_fields
+
+    levers = ("output_weight", "rank_allocation", "als_output_side", "refine_steps")
+    default = CompressConfig().resolved()
+    assert [getattr(default, n) for n in levers] == [0.5, "global", True, 16] and default.sequential
+    for method in ("air", "svdllm"):  # as published: every lever off
+        assert [getattr(CompressConfig(method=method).resolved(), n) for n in levers] == [0.0, "uniform", False, 0]
+    # a lever the recipe sets wins over the preset, and a switched method is not left with the other's presets
+    assert CompressConfig(output_weight=0.0, refine_steps=4).resolved().output_weight == 0.0
+    assert dataclasses.replace(CompressConfig(), method="svdllm").resolved().rank_allocation == "uniform"
+    # the published methods' keys hold no lever, set or unset (their finished stages stay reusable)
+    assert result_fields(CompressConfig(method="air")) == result_fields(
+        CompressConfig(method="air", output_weight=0.0, rank_allocation="uniform", refine_steps=0))
+    assert not set(levers) & set(result_fields(CompressConfig(method="air")))
+    # refinement streams sequentially: the default refines only then; asked for without it, it is refused
+    assert CompressConfig(sequential=False).resolved().refine_steps == 0
+    with pytest.raises(RecipeError, match="refine_steps needs sequential: true"):
+        CompressConfig(sequential=False, refine_steps=16)
 
 
 def test_text_slices_do_not_overlap(tmp_path):

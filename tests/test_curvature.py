@@ -110,3 +110,38 @@ def test_global_allocation_keeps_the_budget_floors_and_ceilings_and_follows_the_
     assert curvature.allocate_ranks(spectra, shapes, {**uniform, "c": None})["c"] is None
     with pytest.raises(ValueError, match="floor"):
         curvature.allocate_ranks(spectra, shapes, uniform, floor=1.5)
+
+
+def test_air_sweep_in_two_sided_coordinates_starts_at_the_two_sided_solution_and_never_increases_its_objective():
+    from types import SimpleNamespace
+
+    from air_ft.methods import METHODS
+
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(24, 16, generator=g, dtype=torch.float64)
+    s, _ = linalg.whitening_factor(_gram(16, seed=8))
+    lf, _ = curvature.output_factor(_gram(24, seed=9), 0.5)
+    imap = torch.rand(24, 16, generator=g, dtype=torch.float64) ** 4  # a peaked influence map
+    cfg = SimpleNamespace(delta=2.0, influence="fisher_whitened", normalization="mean", max_ratio=100.0, sweeps=3,
+                          tol=0.0, als_dtype="float64", als_backend="torch", als_output_side=True)
+    layer = {"whitening": (s, "cholesky"), "output": (lf, "cholesky"), "fisher_whitened": imap}
+    k = 5
+    c = 1.0 + 2.0 * linalg.normalize_influence(imap, "mean", 100.0)
+
+    def objective(uf, vf):  # AIR's weighted error in L^T W S
+        return float((c * (lf.T @ (w - uf @ vf) @ s) ** 2).sum())
+
+    start = linalg.back_project(*curvature.output_weighted_svd(w @ s, lf, k), s)
+    uf, vf, extra = METHODS["air"].factor(w, k, layer, cfg)
+    assert uf.shape == (24, k) and vf.shape == (k, 16)
+    assert objective(uf, vf) < objective(*start)  # the sweep lowers the two-sided weighted error from the start
+    assert extra["objective_end"] <= extra["objective_start"]
+    # in W S coordinates instead (the default), the same start and map give another solution
+    other = METHODS["air"].factor(w, k, layer, SimpleNamespace(**{**vars(cfg), "als_output_side": False}))
+    assert not torch.allclose(uf @ vf, other[0] @ other[1])
+    # L = I: both coordinates are the same problem
+    eye = torch.eye(24, dtype=torch.float64)
+    same = [METHODS["air"].factor(w, k, {**layer, "output": (eye, "identity")},
+                                  SimpleNamespace(**{**vars(cfg), "als_output_side": side}))
+            for side in (True, False)]
+    assert torch.allclose(same[0][0] @ same[0][1], same[1][0] @ same[1][1], atol=1e-10)

@@ -109,10 +109,12 @@ def test_every_recipe_field_says_whether_it_keys_a_stage():
     assert "delta" in fields and "progress" not in fields and "cache" not in fields
     assert set(result_fields(Recipe().eval, "efficiency")) == {"decode_batch_sizes", "efficiency_rounds"}
     # a field added later keys only off its neutral value (the earlier result), a lever's settings only while it is on
-    levers = {"output_weight", "rank_allocation", "rank_floor", "rank_ceiling", "refine_steps", "refine_lr"}
-    assert not levers & set(fields)
-    assert result_fields(dataclasses.replace(Recipe().compress, output_weight=0.5))["output_weight"] == 0.5
-    on = result_fields(dataclasses.replace(Recipe().compress, rank_allocation="global", refine_steps=8))
+    levers = {"output_weight", "rank_allocation", "rank_floor", "rank_ceiling", "refine_steps", "refine_lr",
+              "als_output_side"}
+    air = dataclasses.replace(Recipe().compress, method="air")  # as published: every lever off
+    assert not levers & set(result_fields(air))
+    assert result_fields(dataclasses.replace(air, output_weight=0.5))["output_weight"] == 0.5
+    on = result_fields(dataclasses.replace(air, rank_allocation="global", refine_steps=8, als_output_side=True))
     assert levers - {"output_weight"} <= set(on)
     base = _keys(_plan())
     again = _keys(_plan("compress.output_weight=0.5"))
@@ -146,14 +148,15 @@ def test_a_study_that_serves_without_vllm_is_refused_before_any_work(monkeypatch
 
 
 def test_methods_are_entries_that_the_config_and_the_plan_read():
-    assert tuple(METHODS) == ("svd", "asvd", "fwsvd", "svdllm", "air", "acip")
+    assert tuple(METHODS) == ("svd", "asvd", "fwsvd", "svdllm", "air", "air2s", "acip")
     assert [m for m in METHODS.values() if m.trains] == [METHODS["acip"]]
     assert all((m.factor is None) == m.trains for m in METHODS.values())
     assert not METHODS["svd"].calibrates and METHODS["air"].whitened and METHODS["asvd"].needs_gram
-    # AIR needs a backward only when its influence is on
-    cfg = Recipe().compress
+    # AIR needs a backward only when its influence is on; the default also for its output side
+    cfg = dataclasses.replace(Recipe().compress, method="air")
     assert METHODS["air"].influence(cfg) == cfg.influence
     assert METHODS["air"].influence(dataclasses.replace(cfg, delta=0.0)) is None
+    assert METHODS["air2s"].influence(dataclasses.replace(cfg, method="air2s", delta=0.0)) == "ograd"
     with pytest.raises(RecipeError, match="choose one of"):
         load_recipe(None, ["compress.method=nope"])
 
@@ -194,7 +197,19 @@ def test_variants_make_one_row_per_setting_and_key_only_their_own_stages():
     # an empty variant is the compress section as it is: the same compression as the study without variants
     assert by_id["compress/air-r0.60-seq"].key == plain["compress/air-r0.60"]
     assert by_id["compress/air-r0.60-dense-stats"].key != plain["compress/air-r0.60"]
+    # the output side weights whitened coordinates, which plain SVD has not: one SVD row, not two equal ones
+    lever = plan(load_recipe(None, ["study.methods=[svd, svdllm]", "study.lora=false", "study.retentions=[0.6]",
+                                    "study.variants={input: {}, output: {output_weight: 0.5}}"]))
+    assert sorted(s.id for s in lever if s.kind == "compress") == [
+        "compress/svd-r0.60-input", "compress/svdllm-r0.60-input", "compress/svdllm-r0.60-output"]
+    # a variant limited to some methods makes rows of those only
+    only = plan(load_recipe(None, ["study.methods=[svdllm, air]", "study.lora=false", "study.retentions=[0.6]",
+                                   "study.variants={a: {}, b: {delta: 1.0, methods: [air]}}"]))
+    assert sorted(s.id for s in only if s.kind == "compress") == [
+        "compress/air-r0.60-a", "compress/air-r0.60-b", "compress/svdllm-r0.60-a"]
+    assert next(s for s in only if s.id == "compress/air-r0.60-b").recipe.compress.delta == 1.0
     for bad, message in (("study.variants={x: {retention: 0.5}}", "grid's own axes"),
+                         ("study.variants={x: {methods: [svd]}}", "must be a list of study.methods"),
                          ("study.variants={x: {sequential: maybe}}", "true or false")):
         with pytest.raises(RecipeError, match=message):
             plan(load_recipe(None, [bad]))
@@ -210,6 +225,8 @@ PENDING = {"study_smollm2": ({"compress", "train", "eval"}, "acip-", "efficiency
     ("study.yaml", "study_smollm2", ["study.methods=[svdllm,air,acip]"]),
     ("sequential.yaml", "sequential_smollm2", []),
     ("serve.yaml", "serve_smollm2_cpu", []),
+    ("levers.yaml", "levers_smollm2", []),
+    ("levers.yaml", "levers_refine_smollm2", []),
 ])
 def test_every_committed_stage_is_reused_under_todays_keys(recipe, study, overrides):
     """A committed study's finished stages hold the keys today's plan gives them: a rerun of its command redoes

@@ -81,7 +81,9 @@ def plan(recipe: Recipe) -> list[Stage]:
     """Every stage of the study in ``recipe``, in an order that runs each after the stages it reads.
 
     The rows: dense (``study.dense``), then for every retention, method (and ``study.variants`` entry) a
-    compressed row and, where ``study.lora`` recovers the method, its LoRA-recovered row. Every row is evaluated
+    compressed row and, where ``study.lora`` recovers the method, its LoRA-recovered row (a variant whose settings
+    leave a method's compression as an earlier variant's, such as the output weight for plain SVD, adds no row of
+    that method). Every row is evaluated
     alike; with ``eval.efficiency`` one stage measures speed and size of every distinct layer shape, with
     ``eval.serve`` one stage serves every row's checkpoint with vLLM; the report comes last.
     """
@@ -97,9 +99,11 @@ def plan(recipe: Recipe) -> list[Stage]:
     if recipe.study.dense:
         evaluate(Row("dense", "dense", 1.0, False), None, stage_key("dense", model), recipe)
     variants = recipe.study.variants or {"": {}}
+    made: set[str] = set()  # compress keys: a variant that changes nothing a method reads is not a new row of it
     for retention, name, variant in ((r, m, v) for r in recipe.study.retentions for m in recipe.study.methods
-                                     for v in variants):
-        method, rec = METHODS[name], row_recipe(recipe, name, retention, variants[variant])
+                                     for v in variants if m in variants[v].get("methods", [m])):
+        settings = {k: v for k, v in variants[variant].items() if k != "methods"}
+        method, rec = METHODS[name], row_recipe(recipe, name, retention, settings)
         row = f"{name}-r{float(retention):.2f}" + (f"-{variant}" if variant else "")
         parts = [model, data["calibration"], result_fields(rec.compress)]
         if method.trains:  # its own training settings change what it produces
@@ -107,6 +111,9 @@ def plan(recipe: Recipe) -> list[Stage]:
         if method.revision:
             parts.append({"revision": method.revision})
         key = stage_key("compress", *parts)
+        if key in made:
+            continue
+        made.add(key)
         comp = Stage("compress", row, key, out / "compress" / row, (), not method.trains, rec)
         stages.append(comp)
         evaluate(Row(row, name, float(retention), False, variant), comp, comp.key, rec)

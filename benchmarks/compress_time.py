@@ -3,18 +3,22 @@
     python benchmarks/compress_time.py --threads 2                 # 0.6, 32 windows x 512 tokens
     python benchmarks/compress_time.py --retention 0.4 --num-samples 64
 
-Each method compresses a fresh copy of SmolLM2-135M-Instruct from the same calibration windows with the statistics
-cache off (``cache: false``), one after the other in this process: SVD-LLM(W) and AIR with the paper's protocol
-(``sequential: false``: every statistic from the dense model) and the library's default, ``air_ft.compress(model,
-tok, texts, retention=r)`` with nothing else given. Calibration (forward and backward passes, the spectra of
-global allocation, block refinement) and factoring are reported apart, with their sum and its ratio to
-SVD-LLM(W)'s. Writes benchmarks/results/compress_time_smollm2_cpu.json.
+Each method compresses a fresh copy of SmolLM2-135M-Instruct from the same calibration windows with a cold
+statistics cache (``--cache cold``: an empty ``AIR_FT_CACHE`` folder of its own, what a first run costs; the default
+reads the dense model's statistics of its rank-allocation pass back from it instead of computing them twice) or
+none (``--cache off``: ``cache: false``), one after the other in this process: SVD-LLM(W) and AIR with the
+paper's protocol (``sequential: false``: every statistic from the dense model) and the library's default,
+``air_ft.compress(model, tok, texts, retention=r)`` with nothing else given. Calibration (forward and backward
+passes, the spectra of global allocation, block refinement) and factoring are reported apart, with their sum and
+its ratio to SVD-LLM(W)'s. Writes benchmarks/results/compress_time_smollm2_cpu.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
+import tempfile
 import time
 
 from common import MODEL, check_retentions, environment, load_split, set_threads, write_json
@@ -26,27 +30,34 @@ def main() -> None:
     ap.add_argument("--num-samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--cache", choices=["cold", "off"], default="cold")
+    ap.add_argument("--runs", nargs="+", choices=["svdllm", "air", "default"], default=["svdllm", "air", "default"],
+                    help="which runs (the ratio needs svdllm)")
     ap.add_argument("--output", default="compress_time_smollm2_cpu.json")
     args = ap.parse_args()
     check_retentions(ap, [args.retention])
     if args.num_samples < 1 or args.seq_len < 2:
         ap.error("--num-samples must be >= 1 and --seq-len >= 2")
+    if "svdllm" not in args.runs:
+        ap.error("--runs must include svdllm (the reference of the ratio)")
     set_threads(args.threads)
     import air_ft
     from air_ft.config import CompressConfig
 
     model, tok = air_ft.load_model(MODEL)
     texts = load_split("calibration")
-    runs = {"SVD-LLM(W), paper protocol": {"method": "svdllm", "sequential": False},
-            "AIR, paper protocol": {"method": "air", "sequential": False},
-            f"default ({CompressConfig().method})": {}}
+    runs = {"svdllm": ("SVD-LLM(W), paper protocol", {"method": "svdllm", "sequential": False}),
+            "air": ("AIR, paper protocol", {"method": "air", "sequential": False}),
+            "default": (f"default ({CompressConfig().method})", {})}
     rows = []
-    for label, options in runs.items():
+    for label, options in (runs[r] for r in runs if r in args.runs):  # SVD-LLM(W) first: the reference
         work = copy.deepcopy(model)
-        t0 = time.perf_counter()
-        info = air_ft.compress(work, tok, texts, retention=args.retention, num_samples=args.num_samples,
-                               seq_len=args.seq_len, cache=False, progress=False, **options)
-        wall = time.perf_counter() - t0
+        with tempfile.TemporaryDirectory() as cold:
+            os.environ["AIR_FT_CACHE"] = cold  # the model and texts are loaded: only statistics land here
+            t0 = time.perf_counter()
+            info = air_ft.compress(work, tok, texts, retention=args.retention, num_samples=args.num_samples,
+                                   seq_len=args.seq_len, cache=args.cache == "cold", progress=False, **options)
+            wall = time.perf_counter() - t0
         rows.append({"run": label, "options": options, "config": info.config, "wall_seconds": wall,
                      "calibration_seconds": info.calibration_seconds,
                      "compression_seconds": info.compression_seconds, "calibration_tokens": info.calibration_tokens,
@@ -61,7 +72,7 @@ def main() -> None:
     for r in rows:
         print(f"| {r['run']} | {r['calibration_seconds']:.0f} | {r['compression_seconds']:.0f} | "
               f"{r['wall_seconds']:.0f} | {r['ratio_to_svdllm']:.2f} |")
-    path = write_json(args.output, {"retention": args.retention, "num_samples": args.num_samples,
+    path = write_json(args.output, {"retention": args.retention, "num_samples": args.num_samples, "cache": args.cache,
                                     "seq_len": args.seq_len, "rows": rows, "environment": environment()})
     print(f"wrote {path}")
 

@@ -55,3 +55,37 @@ def test_an_inference_quantized_model_is_refused_with_what_to_do(model, tokenize
                  lambda: air_ft.perplexity(model, tokenizer, text[:500], seq_len=16)):
         with pytest.raises(RecipeError, match=r"quantized with 'bitsandbytes'.*load it unquantized"):
             call()
+
+
+def test_qwen2_qkv_biases_survive_compression_lora_merge_and_checkpoint(tmp_path, tokenizer, text):
+    """Qwen2.5's q/k/v projections carry biases (o_proj and the MLP do not): the default compression keeps each bias
+    on the factored layer's output, LoRA trains beside it and merges without touching it, the checkpoint reloads it."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=128)).eval()
+    with torch.no_grad():  # random but non-zero biases, so that losing one shows
+        for layer in model.model.layers:
+            for p in ("q_proj", "k_proj", "v_proj"):
+                getattr(layer.self_attn, p).bias.normal_()
+    names = [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "k_proj", "v_proj")]
+    biases = {n: model.get_submodule(n).bias.detach().clone() for n in names}
+    assert model.model.layers[0].self_attn.o_proj.bias is None
+    air_ft.compress(model, tokenizer, [text], retention=0.6, num_samples=4, seq_len=32, seed=0, progress=False)
+    for n in names:
+        layer = model.get_submodule(n)
+        assert isinstance(layer, LowRankLinear) and torch.equal(layer.factor_u.bias, biases[n]), n
+        assert layer.factor_v.bias is None
+    tuned = air_ft.finetune(model, tokenizer, [text], max_steps=2, lora_rank=2, learning_rate=1e-3, seq_len=32,
+                            batch_size=2, seed=0, progress=False)
+    for n in names:  # LoRA adapts the factors, never the bias
+        assert torch.equal(tuned.get_submodule(n).factor_u.bias, biases[n]), n
+    air_ft.save_compressed(tuned, tokenizer, tmp_path / "ckpt")
+    loaded, _ = air_ft.load_compressed(tmp_path / "ckpt")
+    ids = torch.randint(0, len(tokenizer), (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, tuned(ids).logits, atol=1e-5)
+    for n in names:
+        assert torch.equal(loaded.get_submodule(n).factor_u.bias, biases[n]), n

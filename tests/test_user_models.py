@@ -78,8 +78,8 @@ def test_qwen2_qkv_biases_survive_compression_lora_merge_and_checkpoint(tmp_path
         layer = model.get_submodule(n)
         assert isinstance(layer, LowRankLinear) and torch.equal(layer.factor_u.bias, biases[n]), n
         assert layer.factor_v.bias is None
-    tuned = air_ft.finetune(model, tokenizer, [text], max_steps=2, lora_rank=2, learning_rate=1e-3, seq_len=32,
-                            batch_size=2, seed=0, progress=False)
+    tuned, _ = air_ft.finetune(model, tokenizer, [text], max_steps=2, lora_rank=2, learning_rate=1e-3, seq_len=32,
+                               batch_size=2, seed=0, progress=False, return_summary=True)
     for n in names:  # LoRA adapts the factors, never the bias
         assert torch.equal(tuned.get_submodule(n).factor_u.bias, biases[n]), n
     air_ft.save_compressed(tuned, tokenizer, tmp_path / "ckpt")

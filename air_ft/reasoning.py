@@ -258,22 +258,19 @@ def fill_chance(rows: list[dict], data: str = "auto") -> int:
     """Add ``chance`` to the task results of report ``rows`` scored before it was recorded, from the same
     documents (the task's split, ``n`` of ``of`` spread with ``seed``, checked against ``documents_sha256``);
     results without that provenance are left as they are. Returns how many results were filled."""
-    todo = [res for r in rows for res in r.get("tasks", {}).values()
+    todo = [(name, res) for r in rows for name, res in r.get("tasks", {}).items()
             if "chance" not in res and res.get("documents_sha256") and res.get("seed") is not None]
     if not todo:
         return 0
-    names = sorted({t for r in rows for t, res in r.get("tasks", {}).items() if res in todo})
-    built, _ = build_tasks(names, *task_data_root(data))
+    built, _ = build_tasks(sorted({name for name, _ in todo}), *task_data_root(data))
     filled = 0
-    for r in rows:
-        for name, res in r.get("tasks", {}).items():
-            if not any(res is t for t in todo):
-                continue
-            indices = spread_indices(len(built[name].eval_docs), res["n"], res["seed"])
-            if len(built[name].eval_docs) != res.get("of") or _documents_sha(indices) != res["documents_sha256"]:
-                continue  # other documents than the ones scored: no chance level rather than a wrong one
-            res["chance"] = chance_level(built[name], indices)
-            filled += 1
+    for name, res in todo:
+        docs = built[name].eval_docs
+        indices = spread_indices(len(docs), res["n"], res["seed"])
+        if len(docs) != res.get("of") or _documents_sha(indices) != res["documents_sha256"]:
+            continue  # other documents than the ones scored: no chance level rather than a wrong one
+        res["chance"] = chance_level(built[name], indices)
+        filled += 1
     return filled
 
 

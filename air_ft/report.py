@@ -372,16 +372,10 @@ def render_report(out_dir: str | os.PathLike) -> Path:
         raise AssetError(f"{path} does not exist; run `air-ft run --recipe ...` with output_dir={out_dir} "
                                 "first")
     report = json.loads(path.read_text())
-    if _needs_chance(report):  # scored before chance levels were recorded: read them from the same documents
-        from air_ft.reasoning import fill_chance
+    from air_ft.reasoning import fill_chance  # results scored before chance levels were recorded get them
 
-        fill_chance(report["rows"], data=(report.get("recipe") or {}).get("eval", {}).get("task_data", "auto"))
+    fill_chance(report["rows"], data=(report.get("recipe") or {}).get("eval", {}).get("task_data", "auto"))
     return write_report(report, out_dir)
-
-
-def _needs_chance(report: dict) -> bool:
-    return any("chance" not in res and res.get("documents_sha256")
-               for r in report["rows"] for res in r.get("tasks", {}).values())
 
 
 

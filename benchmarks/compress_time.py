@@ -49,7 +49,7 @@ def main() -> None:
     runs = {"svdllm": ("SVD-LLM(W), paper protocol", {"method": "svdllm", "sequential": False}),
             "air": ("AIR, paper protocol", {"method": "air", "sequential": False}),
             "default": (f"default ({CompressConfig().method})", {})}
-    rows = []
+    rows, before = [], os.environ.get("AIR_FT_CACHE")
     for label, options in (runs[r] for r in runs if r in args.runs):  # SVD-LLM(W) first: the reference
         work = copy.deepcopy(model)
         with tempfile.TemporaryDirectory() as cold:
@@ -58,6 +58,10 @@ def main() -> None:
             info = air_ft.compress(work, tok, texts, retention=args.retention, num_samples=args.num_samples,
                                    seq_len=args.seq_len, cache=args.cache == "cold", progress=False, **options)
             wall = time.perf_counter() - t0
+        if before is None:
+            del os.environ["AIR_FT_CACHE"]
+        else:
+            os.environ["AIR_FT_CACHE"] = before
         rows.append({"run": label, "options": options, "config": info.config, "wall_seconds": wall,
                      "calibration_seconds": info.calibration_seconds,
                      "compression_seconds": info.compression_seconds, "calibration_tokens": info.calibration_tokens,

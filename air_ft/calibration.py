@@ -81,16 +81,19 @@ class StatsHooks:
     """Forward/backward hooks that accumulate Grams and influence for a set of target linears."""
 
     def __init__(self, targets: dict[str, nn.Linear], influence: bool,
-                 unwhiten: dict[str, torch.Tensor] | None = None, grams: bool = True) -> None:
+                 unwhiten: dict[str, torch.Tensor] | None = None, grams: bool = True, maps: bool = True) -> None:
+        if unwhiten is not None and not maps:
+            raise ValueError("a whitened pass measures element-wise maps: maps=False takes no whitening")
         self.targets = targets
         self.influence = influence
         self.unwhiten = unwhiten  # layer -> S^-T: measure the Fisher in whitened coordinates only
+        self.maps = maps  # False: the output-gradient Grams alone (no m x n map per layer)
         self.want_grams = grams and unwhiten is None  # the whitened pass already has its Grams
         self.in_backward = False  # forwards run by activation checkpointing's recomputation are not new data
         self.group_of: dict[str, str] = {}
         self.grams: dict[str, torch.Tensor] = {}
         self.abs_sum: dict[str, torch.Tensor] = {}
-        signals = (WHITENED, OGRAD) if unwhiten is not None else SIGNALS
+        signals = (WHITENED, OGRAD) if unwhiten is not None else SIGNALS if maps else (OGRAD,)
         self.imaps: dict[str, dict[str, torch.Tensor]] = {s: {} for s in signals} if self.influence else {}
         self._seen: dict[int, tuple[str, torch.Tensor]] = {}  # id(input) -> (leader, input) during the first batch
         self._whitened: dict[str, torch.Tensor] = {}  # group leader -> x S^-T for the current batch
@@ -131,7 +134,9 @@ class StatsHooks:
                 self.grams[name].addmm_(flat.T, flat)
                 self.abs_sum[name] += flat.abs().sum(0)
             if self.influence and output.requires_grad:
-                if self.unwhiten is not None:
+                if not self.maps:
+                    output.register_hook(self._ograd_hook(name))
+                elif self.unwhiten is not None:
                     leader = self.group_of[name]
                     if leader not in self._whitened:  # whiten once per input, shared by q/k/v and gate/up
                         self._whitened[leader] = x.to(torch.float32) @ self.unwhiten[name]
@@ -151,6 +156,13 @@ class StatsHooks:
     def _output_gram(self, name: str, grad_out: torch.Tensor) -> None:
         flat = grad_out.reshape(-1, grad_out.shape[-1]).to(torch.float64)
         self._accumulate(OGRAD, name, flat.T @ flat)
+
+    def _ograd_hook(self, name: str):
+        def hook(grad_out: torch.Tensor) -> None:
+            _check_finite(grad_out, "the output gradient", name)
+            self._output_gram(name, grad_out)
+
+        return hook
 
     def _whitened_grad_hook(self, name: str, xw: torch.Tensor):
         def hook(grad_out: torch.Tensor) -> None:
@@ -180,7 +192,7 @@ def calibrate(model: nn.Module, windows: torch.Tensor, targets: dict[str, nn.Lin
               batch_size: int = 4, progress: bool = True,
               whitening: dict[str, torch.Tensor] | None = None, grams: bool = True,
               start: nn.Module | None = None, checkpointing: bool = False, desc: str | None = None,
-              tokens: int | None = None) -> CalibrationStats:
+              tokens: int | None = None, maps: bool = True) -> CalibrationStats:
     """Run the calibration windows through ``model`` once and collect :class:`CalibrationStats`.
 
     Args:
@@ -199,6 +211,8 @@ def calibrate(model: nn.Module, windows: torch.Tensor, targets: dict[str, nn.Lin
         checkpointing: recompute block activations in the backward (Hugging Face gradient checkpointing):
             memory of one block's activations instead of all of them, for one more forward.
         tokens: calibration tokens to record (default ``windows.numel()``; a process of several holds a shard).
+        maps: with ``influence``, also the element-wise maps; False: the backward accumulates the ``ograd`` Grams
+            alone (what global rank allocation reads; much less work per token).
     """
     device = next(model.parameters()).device
     unwhiten = None
@@ -210,7 +224,7 @@ def calibrate(model: nn.Module, windows: torch.Tensor, targets: dict[str, nn.Lin
                 inverse[id(s)] = torch.linalg.inv(s.to(device, torch.float64)).T.to(torch.float32).contiguous()
             unwhiten[name] = inverse[id(s)]
         influence = True
-    hooks = StatsHooks(targets, influence, unwhiten, grams=grams)
+    hooks = StatsHooks(targets, influence, unwhiten, grams=grams, maps=maps)
     saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
     was_training = model.training
     model.eval()

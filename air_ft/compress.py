@@ -7,6 +7,7 @@ a time (cached per block) -> per block and layer: factor (pure math in :mod:`air
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 import warnings
@@ -196,6 +197,8 @@ def compress(model: nn.Module, tok, texts: list[str] | None = None, method: str 
                           ".materialize(retention), or air-ft compress / run with compress.method=acip")
     cfg = build_dataclass(CompressConfig, dict(method=method, retention=retention, num_samples=num_samples,
                                                seq_len=seq_len, seed=seed, **options), "compress").resolved()
+    if cfg.delta == "auto":
+        return _auto_delta(model, tok, texts, windows, stats, cfg, device, on_block)
     targets = find_targets(model, cfg.include, cfg.exclude)
     if not targets:
         raise RecipeError("no nn.Linear layer matches the include/exclude patterns "
@@ -220,12 +223,20 @@ def compress(model: nn.Module, tok, texts: list[str] | None = None, method: str 
     for signal in (entry.influence(cfg) if need_infl else None, OGRAD if cfg.output_weight > 0 else None):
         if stats is not None and signal is not None and signal not in stats.influence:
             raise RecipeError(f"calibration statistics hold no {signal!r} influence; recalibrate")
+    # what the backward measures, and the name its maps are cached under
+    signal = entry.influence(cfg) if need_infl else None
+    whitened, maps = signal == WHITENED, signal not in (None, OGRAD)  # OGRAD alone: no element-wise maps
+    kind = (f"influence-{WHITENED}+{OGRAD}-{cfg.whitening}-{cfg.eps}" if whitened
+            else f"influence-wxg+fisher+{OGRAD}" if maps else f"influence-{OGRAD}")
     allocation_seconds = 0.0
     if cfg.rank_allocation == "global":
         if windows is None and stats is None:
             windows = sample_windows(tok, texts, cfg.num_samples, cfg.seq_len, cfg.seed)
         t0 = time.perf_counter()
-        spectra = _loss_spectra(model, targets, uniform, windows, stats, cfg, device)
+        # with the disk cache, the pass measures what the compression's first (dense) group reads, which then
+        # finds it on disk: one backward of the dense model in all, not two
+        shared = (whitened, kind, maps) if need_infl and cfg.cache else None
+        spectra = _loss_spectra(model, targets, uniform, windows, stats, cfg, device, shared)
         ranks = curvature.allocate_ranks(spectra, {n: tuple(m.weight.shape) for n, m in targets.items()}, uniform,
                                       cfg.rank_floor, cfg.rank_ceiling, cfg.rank_multiple)
         allocation_seconds = time.perf_counter() - t0
@@ -246,15 +257,12 @@ def compress(model: nn.Module, tok, texts: list[str] | None = None, method: str 
     else:
         if windows is None:
             windows = sample_windows(tok, texts, cfg.num_samples, cfg.seq_len, cfg.seed)
-        whitened = need_infl and entry.influence(cfg) == WHITENED
-        kind = (f"influence-{WHITENED}+{OGRAD}-{cfg.whitening}-{cfg.eps}" if whitened
-                else f"influence-wxg+fisher+{OGRAD}")
 
         def factor(names: list[str], st: CalibrationStats) -> Records:
             return _factor_layers(model, targets, names, ranks, st, cfg, math_device)
 
         done = StreamCompressor(model, windows, targets, cfg, factor, need_gram, need_infl, whitened, kind,
-                                ranks, on_block).run()
+                                ranks, on_block, maps=maps).run()
     record_factoring(model, cfg.method, cfg.retention)
     return CompressResult(
         method=cfg.method, retention=cfg.retention, ranks=dict(ranks), retention_actual=linear_after / linear_before,
@@ -267,11 +275,71 @@ def compress(model: nn.Module, tok, texts: list[str] | None = None, method: str 
         if cfg.rank_allocation == "global" else {})
 
 
+def held_out_windows(n: int) -> torch.Tensor:
+    """Which of ``n`` calibration windows ``delta: auto`` holds out: every 8th (the last one when fewer than 8),
+    so that every source of a mixed calibration set is among them."""
+    if n < 2:
+        raise RecipeError("delta: auto holds out calibration windows to choose delta and calibrates on the others: "
+                          f"it needs num_samples >= 2, got {n}; raise num_samples or set delta to a number")
+    idx = torch.arange(n)
+    return idx % 8 == 7 if n >= 8 else idx == n - 1
+
+
+@torch.no_grad()
+def _mean_loss(model: nn.Module, windows: torch.Tensor, batch_size: int) -> float:
+    """Mean next-token loss of ``model`` over ``windows`` (every window has the same length)."""
+    device = next(model.parameters()).device
+    total = 0.0
+    for batch in windows.split(batch_size):
+        batch = batch.to(device)
+        total += float(model(input_ids=batch, labels=batch, use_cache=False).loss) * batch.shape[0]
+    return total / windows.shape[0]
+
+
+def _auto_delta(model: nn.Module, tok, texts, windows, stats, cfg: CompressConfig, device, on_block
+                ) -> CompressResult:
+    """``delta: auto``: compress a copy of the dense model with each of ``cfg.delta_candidates`` from the dense
+    model's statistics of the fit windows (the first candidate calibrates, the cache serves the others; no
+    sequential statistics, no refinement: the cheap form of the method), keep the candidate with the lowest loss on
+    the held-out windows (:func:`held_out_windows`; ties to the earlier candidate), then compress ``model`` as
+    configured with it on the fit windows. The result's ``extra["delta_auto"]`` holds every candidate's loss."""
+    if stats is not None:
+        raise RecipeError("delta: auto compresses trial copies from calibration windows; pass texts or windows "
+                          "instead of stats, or set delta to a number")
+    if windows is None:
+        if not texts:
+            raise RecipeError(f"method {cfg.method!r} needs calibration texts (a non-empty list of strings)")
+        windows = sample_windows(tok, texts, cfg.num_samples, cfg.seq_len, cfg.seed)
+    held_mask = held_out_windows(windows.shape[0])
+    fit, held = windows[~held_mask], windows[held_mask]
+    options = {k: v for k, v in vars(cfg).items() if k not in ("delta", "delta_candidates")}
+    trial_options = {**options, "sequential": False, "refine_steps": 0, "progress": False}
+    losses: dict[float, float] = {}
+    bar = tqdm(cfg.delta_candidates, desc="delta: auto", disable=not cfg.progress)
+    for d in bar:
+        trial = copy.deepcopy(model)
+        compress(trial, tok, None, windows=fit, delta=float(d), device=device, **trial_options)
+        losses[float(d)] = _mean_loss(trial, held, cfg.batch_size)
+        del trial
+        bar.set_postfix(delta=d, loss=f"{losses[float(d)]:.4f}")
+    chosen = min(losses, key=losses.get)
+    result = compress(model, tok, None, windows=fit, delta=chosen, device=device, on_block=on_block, **options)
+    result.extra["delta_auto"] = {"candidates": losses, "chosen": chosen, "fit_windows": int(fit.shape[0]),
+                                  "held_out_windows": int(held.shape[0]),
+                                  "trial": "dense-model statistics, no sequential statistics, no refinement"}
+    return result
+
+
 def _loss_spectra(model: nn.Module, targets: dict[str, nn.Linear], uniform: dict, windows: torch.Tensor | None,
-                  stats: CalibrationStats | None, cfg: CompressConfig, device) -> dict[str, torch.Tensor]:
+                  stats: CalibrationStats | None, cfg: CompressConfig, device,
+                  shared: tuple[bool, str, bool] | None = None) -> dict[str, torch.Tensor]:
     """Every factored layer's loss-weighted energies (:func:`air_ft.curvature.loss_spectrum`), from the dense model's
     statistics: ``stats`` when given, else one streamed pass (Grams, then a backward for the output-gradient Grams;
-    both cached on disk for later runs on the same data). Nothing is factored."""
+    both cached on disk for later runs on the same data). Nothing is factored.
+
+    ``shared = (whitened, kind, maps)``: the backward measures what the compression that follows reads (cache name
+    ``kind``), which then reads it back instead of a second backward of the dense model; None: the backward
+    accumulates the output-gradient Grams alone."""
     math_device = torch.device(device) if device else next(model.parameters()).device
     spectra: dict[str, torch.Tensor] = {}
 
@@ -293,8 +361,9 @@ def _loss_spectra(model: nn.Module, targets: dict[str, nn.Linear], uniform: dict
         spectrum(list(targets), stats)  # the callback skips the layers that stay dense
         return spectra
     dense = dataclasses.replace(cfg, sequential=False, refine_steps=0)  # ranked on the dense model's statistics
-    StreamCompressor(model, windows, targets, dense, spectrum, True, True, False, f"influence-wxg+fisher+{OGRAD}",
-                     {}, resume=False).run()
+    whitened, kind, maps = shared if shared is not None else (False, f"influence-{OGRAD}", False)
+    StreamCompressor(model, windows, targets, dense, spectrum, True, True, whitened, kind, {}, resume=False,
+                     maps=maps).run()
     return spectra
 
 

@@ -82,7 +82,13 @@ class CompressConfig:
     seq_len: int = _f(512, "tokens per calibration window")
     seed: int = _f(0, "seed for drawing calibration windows")
     batch_size: int = _f(4, "calibration windows per forward/backward pass (memory vs speed)")
-    delta: float = _f(2.0, "AIR influence strength in C = 1 + delta * I; 0 gives SVD-LLM(W) exactly")
+    delta: float | str = _f(2.0, "AIR influence strength in C = 1 + delta * I; 0 gives SVD-LLM(W) exactly; 'auto': "
+                                 "the candidate (delta_candidates) whose compression has the lowest loss on every "
+                                 "8th calibration window, held out, with the other windows calibrating (the "
+                                 "candidates are compressed from the dense model's statistics, without sequential "
+                                 "or refinement; then the compression runs as configured with the winner)")
+    delta_candidates: list[float] = _f([0.5, 1.0, 2.0, 4.0], "delta: auto: the values tried",
+                                       neutral=lambda c: c.delta != "auto")
     influence: str = _f("fisher_whitened", f"AIR influence signal: {INFLUENCES} (fisher_whitened: the Fisher of the "
                         "whitened weight W S, from a second calibration pass; best on validation)")
     normalization: str = _f("mean", f"per-matrix influence normalization: {NORMALIZATIONS}")
@@ -176,8 +182,18 @@ class CompressConfig:
         for name in ("sequential", "checkpointing", "data_parallel", "cache", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise RecipeError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.delta == "auto":
+            if not METHOD_TABLE[self.method].sweeps:
+                raise RecipeError(f"delta: auto chooses the influence strength of AIR's sweep, which method "
+                                  f"{self.method!r} does not run; set a number or choose air / air2s")
+            cands = self.delta_candidates
+            if not isinstance(cands, list) or not cands or any(
+                    isinstance(d, bool) or not isinstance(d, (int, float)) or d < 0 for d in cands):
+                raise RecipeError(f"delta_candidates must be a non-empty list of numbers >= 0, got {cands!r}")
+        elif isinstance(self.delta, bool) or not isinstance(self.delta, (int, float)):
+            raise RecipeError(f"delta must be a number >= 0 or 'auto', got {self.delta!r}")
         for name in ("delta", "tol", "eps"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) != "auto" and getattr(self, name) < 0:
                 raise RecipeError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.max_ratio <= 1:
             raise RecipeError(f"max_ratio must be > 1, got {self.max_ratio}")

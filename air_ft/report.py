@@ -185,7 +185,7 @@ def _setup_lines(report: dict) -> list[str]:
                      + ", ".join(f"{share:.1%} at {r['retention']:.2f}" for r, share in shares))
     lines.append("- Versions: " + ", ".join(f"{k} {env[k]}" for k in ("air_ft", "torch", "transformers", "peft",
                                                                         "trl", "lm-eval") if env.get(k))
-                 + (f"; commit {env['git_commit'][:10]}" if env.get("git_commit") else ""))
+                 + (f"; commit {_short(env['git_commit'])}" if env.get("git_commit") else ""))
     return lines + [""]
 
 
@@ -378,4 +378,7 @@ def render_report(out_dir: str | os.PathLike) -> Path:
     return write_report(report, out_dir)
 
 
-
+def _short(commit: str) -> str:
+    """A commit as a report shows it: ten hex digits, and ``+dirty`` when the code differed from it."""
+    sha, _, flag = commit.partition("+")
+    return sha[:10] + (f"+{flag}" if flag else "")

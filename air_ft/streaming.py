@@ -71,13 +71,15 @@ class StreamCompressor:
         on_block: called as ``on_block(block, names)`` after a block's layers are factored and its factors kept.
         resume: keep each finished block's factors on disk so that a killed run resumes (off for a pass whose
             callback only reads the statistics, such as the spectra of global rank allocation).
+        maps: the backward measures the element-wise influence maps; False: the output-gradient Grams alone
+            (``ograd``, what global rank allocation reads), a much cheaper backward.
     """
 
     def __init__(self, model: nn.Module, windows: torch.Tensor, targets: dict[str, nn.Linear], cfg, factor: Factor,
                  need_gram: bool, need_infl: bool, whitened: bool, kind: str, ranks: dict,
-                 on_block: Callable[[int, list[str]], None] | None = None, resume: bool = True):
+                 on_block: Callable[[int, list[str]], None] | None = None, resume: bool = True, maps: bool = True):
         self.model, self.targets, self.cfg, self.factor, self.on_block = model, targets, cfg, factor, on_block
-        self.need_gram, self.need_infl, self.whitened = need_gram, need_infl, whitened
+        self.need_gram, self.need_infl, self.whitened, self.maps = need_gram, need_infl, whitened, maps
         self.blocks = find_blocks(model, targets)
         self.device = next(model.parameters()).device
         batches = list(windows.split(cfg.batch_size))
@@ -202,8 +204,9 @@ class StreamCompressor:
                 run_block(self.blocks, i, self.dense_trace, update=True)
             if members[i]:
                 st = grams.get(i) or CalibrationStats({}, {}, {}, self.tokens)
-                if self.cfg.sequential and self.need_gram:  # the inputs the compressed blocks before produce
-                    st = self._grams(i, self.inputs, update=False)
+                compressed_before = any(self.members(j) for j in range(i))
+                if self.cfg.sequential and self.need_gram and (compressed_before or i not in grams):
+                    st = self._grams(i, self.inputs, update=False)  # the inputs the compressed blocks produce
                 st.influence = maps.get(i, {})
                 self._factor(i, st)
             if self.cfg.sequential and i < self.n - 1:
@@ -260,7 +263,7 @@ class StreamCompressor:
         with passthrough(self.blocks, start, self.inputs.returns_tuple), inject(module, self.inputs.hidden):
             st = calibrate(self.model, torch.cat(self.mine), group, influence=True, batch_size=self.cfg.batch_size,
                            progress=self.cfg.progress, whitening=whitening, grams=False, start=module,
-                           checkpointing=self.cfg.checkpointing, desc=label, tokens=self.tokens)
+                           checkpointing=self.cfg.checkpointing, desc=label, tokens=self.tokens, maps=self.maps)
         self.peak["influence_passes"] += 1
         out = {}
         for i in todo:

@@ -62,20 +62,29 @@ def main() -> None:
             del os.environ["AIR_FT_CACHE"]
         else:
             os.environ["AIR_FT_CACHE"] = before
+        stream = info.stream or {}
         rows.append({"run": label, "options": options, "config": info.config, "wall_seconds": wall,
                      "calibration_seconds": info.calibration_seconds,
                      "compression_seconds": info.compression_seconds, "calibration_tokens": info.calibration_tokens,
-                     "retention_actual": info.retention_actual})
-        print(f"{label}: {wall:.0f} s (calibration {info.calibration_seconds:.0f} s, factoring "
-              f"{info.compression_seconds:.0f} s)", flush=True)
+                     "retention_actual": info.retention_actual,
+                     # parts of calibration_seconds: the allocation pass (its own forward and backward of the
+                     # dense model) and block refinement
+                     "allocation_seconds": info.extra.get("allocation_seconds", 0.0),
+                     "refine_seconds": stream.get("refine", {}).get("seconds", 0.0),
+                     "influence_passes": stream.get("influence_passes")})
+        print(f"{label}: {wall:.0f} s (calibration {info.calibration_seconds:.0f} s, of which allocation "
+              f"{rows[-1]['allocation_seconds']:.0f} s and refinement {rows[-1]['refine_seconds']:.0f} s; "
+              f"factoring {info.compression_seconds:.0f} s)", flush=True)
         del work
     ref = rows[0]["wall_seconds"]
     for r in rows:
         r["ratio_to_svdllm"] = r["wall_seconds"] / ref
-    print("\n| run | calibration s | factoring s | total s | ratio to SVD-LLM(W) |\n|---|---|---|---|---|")
+    print("\n| run | calibration s | of which allocation s | of which refinement s | factoring s | total s | "
+          "ratio to SVD-LLM(W) |\n|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['run']} | {r['calibration_seconds']:.0f} | {r['compression_seconds']:.0f} | "
-              f"{r['wall_seconds']:.0f} | {r['ratio_to_svdllm']:.2f} |")
+        print(f"| {r['run']} | {r['calibration_seconds']:.0f} | {r['allocation_seconds']:.0f} | "
+              f"{r['refine_seconds']:.0f} | {r['compression_seconds']:.0f} | {r['wall_seconds']:.0f} | "
+              f"{r['ratio_to_svdllm']:.2f} |")
     path = write_json(args.output, {"retention": args.retention, "num_samples": args.num_samples, "cache": args.cache,
                                     "seq_len": args.seq_len, "rows": rows, "environment": environment()})
     print(f"wrote {path}")

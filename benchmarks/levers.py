@@ -65,7 +65,8 @@ def main() -> None:
             "ratio_to_svdllm": {t: mine[t] / ref[t] for t in (*VALIDATION, *HELD_OUT)},
             "calibration_seconds": r["compress"]["calibration_seconds"],
             "compression_seconds": r["compress"]["compression_seconds"],
-            "calibration_cached": r["compress"].get("calibration_cached")})
+            "calibration_cached": r["compress"].get("calibration_cached"),
+            **({"delta_auto": r["compress"]["delta_auto"]} if "delta_auto" in r["compress"] else {})})
     dense = {k: v for k, v in text_scores(ppl["dense"]).items() if k != "validation_score"}
     rows = _with_earlier_rows(rows, args.output, study_dir.name, every_variant)
     best = {}  # per retention: the method and variant best on validation

@@ -89,11 +89,13 @@ def test_output_gram_equals_the_sum_of_the_token_output_gradients_outer_products
     first = calibrate(model, windows, targets, influence=False, batch_size=2, progress=False)
     whitening = {n: whitening_factor(first.gram(n))[0] for n in targets}
     again = calibrate(model, windows, targets, influence=False, batch_size=2, progress=False, whitening=whitening)
+    alone = calibrate(model, windows, targets, influence=True, batch_size=2, progress=False, maps=False)
+    assert set(alone.influence) == {"ograd"}  # the backward of global rank allocation measures nothing else
     for name in targets:
         g = torch.cat(grads[name])
         expected = g.T @ g
         assert expected.shape == (targets[name].out_features,) * 2
-        for got in (stats.influence["ograd"][name], again.influence["ograd"][name]):
+        for got in (stats.influence["ograd"][name], again.influence["ograd"][name], alone.influence["ograd"][name]):
             assert got.dtype == torch.float64
             assert torch.allclose(got, expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max())), name
     assert "ograd" not in first.influence

@@ -139,6 +139,11 @@ def test_whitened_influence_runs_a_cached_second_pass(model, tokenizer, text):
     (dict(rank_ceiling=0.5), "0 < rank_floor <= 1 <= rank_ceiling"),
     (dict(method="svdllm", output_weight=0.5, als_output_side=True), "does not run; set als_output_side: false"),
     (dict(als_output_side="yes"), "als_output_side must be true or false"),
+    (dict(delta="often"), "delta must be a number >= 0 or 'auto'"),
+    (dict(method="svdllm", delta="auto"), "which method 'svdllm' does not run; set a number"),
+    (dict(delta="auto", delta_candidates=[]), "delta_candidates must be a non-empty list"),
+    (dict(delta="auto", delta_candidates=[1.0, -2.0]), "delta_candidates must be a non-empty list"),
+    (dict(delta="auto", num_samples=1), "it needs num_samples >= 2"),
 ])
 def test_bad_input_is_rejected_before_work(model, tokenizer, text, kwargs, match):
     opts = {**KW, "method": "air", "retention": 0.6, **kwargs}
@@ -305,3 +310,33 @@ def test_the_default_is_air_with_every_lever_that_won_and_it_reloads(model, toke
         logits = model(ids).logits
         loaded, _ = load_compressed(save_compressed(model, tokenizer, tmp_path / "ckpt"))
         assert torch.allclose(loaded(ids).logits, logits, atol=1e-5)
+
+
+def test_delta_auto_keeps_the_candidate_with_the_lowest_loss_on_held_out_calibration_windows(tokenizer, text):
+    """Every candidate's loss on the held-out windows is what its compression from the fit windows gives (recomputed
+    here by hand), the lowest wins, and the model is that candidate's compression."""
+    from air_ft.data import sample_windows
+
+    base = tiny_llama(vocab_size=len(tokenizer), layers=2)
+    windows = sample_windows(tokenizer, [text], 16, 32, 0)
+    opts = dict(method="air", retention=0.5, sequential=False, batch_size=4, progress=False)
+    model = copy.deepcopy(base)
+    info = air_ft.compress(model, tokenizer, windows=windows, delta="auto", delta_candidates=[0.0, 1.0, 16.0], **opts)
+    auto = info.extra["delta_auto"]
+    assert (auto["fit_windows"], auto["held_out_windows"]) == (14, 2)
+    fit, held = windows[[i for i in range(16) if i % 8 != 7]], windows[[7, 15]]
+    by_hand = {}
+    for d in (0.0, 1.0, 16.0):
+        trial = copy.deepcopy(base)
+        air_ft.compress(trial, tokenizer, windows=fit, delta=d, **opts)
+        with torch.no_grad():
+            by_hand[d] = float(trial(input_ids=held, labels=held).loss)
+    assert auto["candidates"] == pytest.approx(by_hand, rel=1e-5)
+    assert len({round(v, 6) for v in by_hand.values()}) == 3  # the candidates do differ
+    assert auto["chosen"] == min(by_hand, key=by_hand.get) == info.config["delta"]
+    same = copy.deepcopy(base)
+    air_ft.compress(same, tokenizer, windows=fit, delta=auto["chosen"], **opts)
+    for (n, a), b in zip(model.state_dict().items(), same.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=n)
+    with pytest.raises(RecipeError, match="pass texts or windows instead of stats"):
+        air_ft.compress(copy.deepcopy(base), tokenizer, stats=object(), delta="auto", **opts)

@@ -222,7 +222,7 @@ PENDING = {"study_smollm2": ({"compress", "train", "eval"}, "acip-", "efficiency
 
 
 @pytest.mark.parametrize("recipe,study,overrides", [
-    ("study.yaml", "study_smollm2", ["study.methods=[svdllm,air,acip]"]),
+    ("study.yaml", "study_smollm2", ["study.methods=[svdllm,air,air2s,acip]"]),
     ("sequential.yaml", "sequential_smollm2", []),
     ("serve.yaml", "serve_smollm2_cpu", []),
     ("levers.yaml", "levers_smollm2", []),

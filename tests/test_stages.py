@@ -400,3 +400,28 @@ def test_share_of_dense_above_chance_accuracy_with_its_standard_error():
     assert "| AIR | 0.80 | 0.50 ± 0.16 | 0.40 ± 0.62 | 0.50 ± 0.11 | 0.50 ± 0.10 |" in md
     assert "| dense (points above chance) | 1.00 | +20.0 | +5.0 | +30.0 | |" in md
     assert above_chance({"rows": [row]}) == {}  # no dense row: nothing to share
+
+
+def test_the_recorded_commit_says_when_the_package_differs_from_it(tmp_path):
+    """Figures from uncommitted code carry ``+dirty``: a commit alone would claim code that no commit holds."""
+    import subprocess
+
+    from air_ft.pipeline.provenance import git_commit
+    from air_ft.report import _short
+
+    pkg = tmp_path / "repo" / "air_ft"
+    pkg.mkdir(parents=True)
+    (pkg / "m.py").write_text("x = 1\n")
+    (tmp_path / "repo" / "results.json").write_text("{}\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path / "repo")]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "one"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    assert git_commit(pkg) == head
+    (tmp_path / "repo" / "results.json").write_text('{"a": 1}\n')  # results written beside: still the commit
+    assert git_commit(pkg) == head
+    (pkg / "m.py").write_text("x = 2\n")
+    assert git_commit(pkg) == head + "+dirty"
+    assert _short(head + "+dirty") == head[:10] + "+dirty" and _short(head) == head[:10]
+    assert git_commit(tmp_path) == ""  # outside a checkout

@@ -311,6 +311,29 @@ def test_sequential_reuses_the_first_groups_statistics_and_only_those(tokenizer,
     assert _same_state(fresh, seq) < 1e-6 and _same_state(plain, seq) > 1e-4
 
 
+@pytest.mark.parametrize("method,options,signals", [
+    ("air", dict(output_weight=0.5, als_output_side=True), {"influence-fisher_whitened+ograd-cholesky-0.0"}),
+    ("air", dict(influence="wxg"), {"influence-wxg+fisher+ograd"}),
+    ("svdllm", dict(output_weight=0.5), {"influence-ograd"})])
+def test_global_allocation_and_compression_share_one_backward_of_the_dense_model(tokenizer, text, method, options,
+                                                                                 signals):
+    """Global rank allocation ranks on the dense model's statistics and the compression's first group reads the
+    dense model's too: with the cache, the allocation pass measures what the compression reads (or, for a method
+    without influence, the output-gradient Grams alone) and the compression reads it back: one backward in all,
+    and the factors of a run without the cache."""
+    base = tiny_llama(vocab_size=len(tokenizer), layers=3)
+    model, backward_batches = copy.deepcopy(base), []
+    model.lm_head.register_full_backward_hook(lambda *a: backward_batches.append(1))
+    opts = dict(method=method, rank_allocation="global", sequential=True, **options)
+    _, info = _compressed(model, tokenizer, text, **opts)
+    assert len(backward_batches) == SMALL["num_samples"] // SMALL["batch_size"]  # one pass over the windows
+    assert info.stream["influence_passes"] == 0 and len(set(info.ranks.values())) > 1
+    (stats_dir,) = (Path(os.environ["AIR_FT_CACHE"]) / "stats").glob("blocks-*")
+    assert {p.name.rsplit("-", 1)[0] for p in stats_dir.glob("influence-*.json")} == signals
+    fresh, off = _compressed(copy.deepcopy(base), tokenizer, text, cache=False, **opts)
+    assert off.ranks == info.ranks and _same_state(fresh, model) < 1e-6
+
+
 def test_a_layers_dense_weight_is_freed_as_soon_as_its_factors_replace_it(tokenizer, text):
     """When the last decoder block runs (for its own statistics), the first block's dense weights must already be
     gone: memory then holds the factors of the finished blocks and the weights of the others, never both."""

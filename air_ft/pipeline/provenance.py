@@ -19,11 +19,18 @@ __all__ = ["run_metadata", "git_commit", "save_resolved", "study_provenance"]
 PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "lm-eval")
 
 
-def git_commit() -> str:
-    """The git commit of the package's checkout ('' outside one)."""
+def git_commit(package: Path | None = None) -> str:
+    """The git commit of the package's checkout, with ``+dirty`` when the package's files differ from it (the
+    figures then come from code no commit holds); '' outside a checkout."""
+    package = Path(package) if package is not None else Path(__file__).resolve().parents[1]
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                              text=True, timeout=10).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=package, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        if not head:
+            return ""
+        changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "."], cwd=package, capture_output=True,
+                                 timeout=10).returncode == 1
+        return head + ("+dirty" if changed else "")
     except (OSError, subprocess.SubprocessError):
         return ""
 

@@ -24,10 +24,20 @@ from air_ft.rows import task_gap as _task_gap
 __all__ = ["write_report", "render_report", "headline_metric", "head_to_head", "above_chance", "markdown",
            "METHOD_NAMES"]
 
-def head_to_head(report: dict, method: str = "air") -> list[dict]:
-    """``method`` against every other compressed method at the same retention (and variant), without and with LoRA: the
-    perplexity change (%) per text, the mean-accuracy difference with its (unpaired) standard error, each task's
-    difference in standard errors, and both rows' training tokens."""
+def focal_method(report: dict) -> str:
+    """The method a report sets against the others: the library's default (``air2s``) where the study has its rows,
+    else AIR (the reports of studies that predate the default)."""
+    from air_ft.config import CompressConfig
+
+    default = CompressConfig().method
+    return default if any(r["method"] == default for r in report["rows"]) else "air"
+
+
+def head_to_head(report: dict, method: str | None = None) -> list[dict]:
+    """``method`` (default :func:`focal_method`) against every other compressed method at the same retention (and
+    variant), without and with LoRA: the perplexity change (%) per text, the mean-accuracy difference with its
+    (unpaired) standard error, each task's difference in standard errors, and both rows' training tokens."""
+    method = method or focal_method(report)
     rows = [r for r in report["rows"] if r["method"] != "dense"]
     out = []
     for a in (r for r in rows if r["method"] == method):
@@ -54,12 +64,13 @@ def _head_to_head_lines(report: dict) -> list[str]:
     if not pairs:
         return []
     rows = {r["name"]: r for r in report["rows"]}
-    lines = ["## AIR against each method", "",
-             "At equal retention, without and with LoRA. Perplexity: AIR's change against the other row (negative: "
-             "AIR is better). Mean accuracy: AIR minus the other row, in points, +- one standard error (the tasks' "
-             "standard errors combined, the two rows taken as independent). Train tokens: AIR's / the other row's "
-             "(ACIP-style spends its mask phase and post-tune from the same budget).", "",
-             "| retention | AIR row | against | " + " | ".join(f"ppl {t}" for t in pairs[0]["ppl_change_pct"])
+    name = METHOD_NAMES.get(focal_method(report), "AIR")
+    lines = [f"## {name} against each method", "",
+             f"At equal retention, without and with LoRA. Perplexity: {name}'s change against the other row "
+             f"(negative: {name} is better). Mean accuracy: {name} minus the other row, in points, +- one standard "
+             f"error (the tasks' standard errors combined, the two rows taken as independent). Train tokens: "
+             f"{name}'s / the other row's (ACIP-style spends its mask phase and post-tune from the same budget).", "",
+             f"| retention | {name} row | against | " + " | ".join(f"ppl {t}" for t in pairs[0]["ppl_change_pct"])
              + " | mean acc (points) | largest task gap (SE) | train tokens |",
              "|" + "---|" * (6 + len(pairs[0]["ppl_change_pct"]))]
     for p in pairs:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -425,3 +426,17 @@ def test_the_recorded_commit_says_when_the_package_differs_from_it(tmp_path):
     assert git_commit(pkg) == head + "+dirty"
     assert _short(head + "+dirty") == head[:10] + "+dirty" and _short(head) == head[:10]
     assert git_commit(tmp_path) == ""  # outside a checkout
+
+
+@pytest.mark.parametrize("study", sorted(p.parent.name for p in (Path(__file__).resolve().parents[1] / "benchmarks"
+                                                                  / "results").glob("*/report.json")))
+def test_every_committed_report_is_what_its_json_renders(study):
+    """``air-ft report DIR`` re-renders a committed report unchanged: its markdown and its derived tables come from
+    its report.json alone (a change of the renderer that would alter a published report fails here)."""
+    from air_ft.report import above_chance, head_to_head, markdown
+
+    out = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / study
+    report = json.loads((out / "report.json").read_text())
+    assert markdown(report) == (out / "report.md").read_text()
+    assert json.loads(json.dumps(head_to_head(report))) == report["head_to_head"]
+    assert json.loads(json.dumps(above_chance(report))) == report["above_chance"]

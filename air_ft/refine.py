@@ -11,7 +11,7 @@ seen on the calibration data are kept, so a block's error never ends above the o
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -25,13 +25,15 @@ __all__ = ["RefineRecord", "refine_block"]
 @dataclass
 class RefineRecord:
     """One block's refinement: relative squared error of its exit hidden states before and after, the steps and
-    tokens it took, its seconds."""
+    tokens it took, its seconds; ``outputs``: the block's exit hidden states with the factors it keeps, per batch
+    (the next block's inputs, so the stream need not run the block again), or None where they were not kept."""
 
     before: float
     after: float
     steps: int
     tokens: int
     seconds: float
+    outputs: list[torch.Tensor] | None = field(default=None, repr=False)
 
     def to_json(self) -> dict:
         return {"before": self.before, "after": self.after, "steps": self.steps, "tokens": self.tokens,
@@ -45,15 +47,18 @@ def _out(block: nn.Module, h: torch.Tensor, extra) -> torch.Tensor:
 
 
 def _error(block: nn.Module, hidden: list[torch.Tensor], extra: list, targets: list[torch.Tensor],
-           sharded: bool) -> float:
+           sharded: bool, outputs: list | None = None) -> float:
     """sum_b ||block(h_b) - y_b||^2 / sum_b ||y_b||^2 over this process's batches (summed over the processes when
-    each holds its own share)."""
+    each holds its own share); the block's outputs are appended to ``outputs`` when given."""
     num = torch.zeros((), dtype=torch.float64)
     den = torch.zeros((), dtype=torch.float64)
     with torch.no_grad():
         for b, (h, y) in enumerate(zip(hidden, targets)):
-            num += (_out(block, h, extra[b]).double() - y.double()).square().sum().cpu()
+            out = _out(block, h, extra[b])
+            num += (out.double() - y.double()).square().sum().cpu()
             den += y.double().square().sum().cpu()
+            if outputs is not None:
+                outputs.append(out)
     if sharded:
         num, den = dist.all_reduce_sum(num), dist.all_reduce_sum(den)
     return float(num / den)
@@ -78,9 +83,11 @@ def refine_block(block: nn.Module, hidden: list[torch.Tensor], extra: list, targ
     params = [p for m in block.modules() if isinstance(m, LowRankLinear)
               for p in (m.factor_u.weight, m.factor_v.weight)]
     sharded = sharded and dist.world() > 1
-    before = _error(block, hidden, extra, targets, sharded)
+    first: list[torch.Tensor] = []
+    before = _error(block, hidden, extra, targets, sharded, first)
     if not params or steps == 0:
-        return RefineRecord(before, before, 0, 0, time.perf_counter() - t0)
+        return RefineRecord(before, before, 0, 0, time.perf_counter() - t0, first)
+    del first  # the steps change the factors: the outputs are measured again after them
     flags = {id(p): p.requires_grad for p in block.parameters()}
     for p in block.parameters():
         p.requires_grad_(False)
@@ -102,14 +109,15 @@ def refine_block(block: nn.Module, hidden: list[torch.Tensor], extra: list, targ
                         p.grad = dist.all_reduce_sum(p.grad) / world
                 opt.step()
                 tokens += hidden[b].shape[0] * hidden[b].shape[1] * world
-        after = _error(block, hidden, extra, targets, sharded)
+        outputs: list[torch.Tensor] | None = []
+        after = _error(block, hidden, extra, targets, sharded, outputs)
         if not after < before:  # keep what factoring gave when the steps did not help
             with torch.no_grad():
                 for p, s in zip(params, start):
                     p.copy_(s)
-            after = before
+            after, outputs = before, None
     finally:
         for p in block.parameters():
             p.requires_grad_(flags[id(p)])
             p.grad = None
-    return RefineRecord(before, after, steps, tokens, time.perf_counter() - t0)
+    return RefineRecord(before, after, steps, tokens, time.perf_counter() - t0, outputs)

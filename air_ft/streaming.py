@@ -95,6 +95,7 @@ class StreamCompressor:
         self.inputs = None
         self.dense_trace = None  # with refinement: the dense model's hidden states, one block ahead of the factoring
         self.refined: dict[int, dict] = {}
+        self.exit_states: list[torch.Tensor] | None = None  # the last refined block's outputs (its next inputs)
 
     def members(self, i: int) -> list[str]:
         return self.blocks.members(i, self.targets)
@@ -123,6 +124,7 @@ class StreamCompressor:
                                sharded=self.cfg.data_parallel)
             self.refined[i] = rec.to_json()
             self.seconds["refine"] += rec.seconds
+            self.exit_states = rec.outputs
         self.records.add(records)
         self.cache.save_factors(i, self.model, self.members(i), records)
         if self.on_block is not None:
@@ -209,8 +211,12 @@ class StreamCompressor:
                     st = self._grams(i, self.inputs, update=False)  # the inputs the compressed blocks produce
                 st.influence = maps.get(i, {})
                 self._factor(i, st)
-            if self.cfg.sequential and i < self.n - 1:
-                run_block(self.blocks, i, self.inputs, update=True)  # the compressed block makes the next inputs
+            if self.cfg.sequential and i < self.n - 1:  # the compressed block makes the next inputs
+                if self.exit_states is not None:  # refinement measured them with the factors the block keeps
+                    self.inputs.hidden[:] = self.exit_states
+                else:
+                    run_block(self.blocks, i, self.inputs, update=True)
+            self.exit_states = None
         if not self.cfg.sequential:
             self.inputs = exit_inputs  # 4. the dense exit is the next group's input
         elif exit_inputs is not None:

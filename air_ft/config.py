@@ -476,6 +476,9 @@ class AcipConfig:
             raise RecipeError(f"acip.lambda_growth must be >= 1, got {self.lambda_growth!r}")
 
 
+VARIANT_SECTIONS = {"train": TrainConfig, "lora": LoraConfig, "acip": AcipConfig}  # what a study variant may set
+
+
 @dataclass
 class StudyConfig:
     """The grid of ``air-ft run``: every method at every retention, optionally LoRA-recovered, beside dense."""
@@ -497,11 +500,14 @@ class StudyConfig:
                                   "batch_size x grad_accum x seq_len): a method that trains while compressing "
                                   "(ACIP's mask phase and post-tune) gets that many fewer LoRA steps; false: every "
                                   "method gets train.max_steps on top of its own")
-    variants: dict[str, dict] = _f({}, "named settings of the compress section to compare as well, e.g. {seq: {}, "
-                                       "dense-stats: {sequential: false}}: every method x retention row is made once "
-                                       "per variant, named <method>-r<retention>-<variant> (empty: one row each, "
-                                       "with the compress section as it is); a variant's 'methods: [...]' limits it "
-                                       "to those of study.methods", keys=False)
+    variants: dict[str, dict] = _f({}, "named settings to compare as well, e.g. {seq: {}, dense-stats: {sequential: "
+                                       "false}, fast: {train: {learning_rate: 0.003}}}: every method x retention row "
+                                       "is made once per variant, named <method>-r<retention>-<variant> (empty: one "
+                                       "row each, the sections as they are); a variant's plain keys are compress "
+                                       "settings, its train / lora / acip maps override those sections (variants "
+                                       "that compress alike share one compression, and one training where they "
+                                       "train alike); 'methods: [...]' limits it to those of study.methods",
+                                keys=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.variants, dict) or not all(
@@ -515,10 +521,20 @@ class StudyConfig:
             if isinstance(only, str) or not isinstance(only, list) or set(only) - set(self.methods):
                 raise RecipeError(f"study.variants.{name}.methods {only!r} must be a list of study.methods "
                                   f"{self.methods!r}")
-            unknown = sorted(set(overrides) - known - {"methods"})
+            for section, cls in VARIANT_SECTIONS.items():
+                given = overrides.get(section, {})
+                if not isinstance(given, dict):
+                    raise RecipeError(f"study.variants.{name}.{section} must map {section} settings to values, got "
+                                      f"{given!r}")
+                wrong = sorted(set(given) - {f.name for f in dataclasses.fields(cls)})
+                if wrong:
+                    raise RecipeError(f"study.variants.{name}.{section} sets {wrong}, which are not {section} "
+                                      "settings (air-ft options " + section + " lists them)")
+            unknown = sorted(set(overrides) - known - {"methods", *VARIANT_SECTIONS})
             if unknown:
                 raise RecipeError(f"study.variants.{name} sets {unknown}, which are not compress settings (method "
-                                  "and retention are the grid's own axes); valid: " + ", ".join(sorted(known)))
+                                  "and retention are the grid's own axes) nor a section of "
+                                  f"{sorted(VARIANT_SECTIONS)}; valid: " + ", ".join(sorted(known)))
         if isinstance(self.methods, str):
             self.methods = [self.methods]
         bad = [m for m in self.methods if m not in METHODS]

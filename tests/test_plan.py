@@ -210,9 +210,35 @@ def test_variants_make_one_row_per_setting_and_key_only_their_own_stages():
     assert next(s for s in only if s.id == "compress/air-r0.60-b").recipe.compress.delta == 1.0
     for bad, message in (("study.variants={x: {retention: 0.5}}", "grid's own axes"),
                          ("study.variants={x: {methods: [svd]}}", "must be a list of study.methods"),
-                         ("study.variants={x: {sequential: maybe}}", "true or false")):
+                         ("study.variants={x: {sequential: maybe}}", "true or false"),
+                         ("study.variants={x: {train: {bogus: 1}}}", r"x.train sets \['bogus'\], which are not"),
+                         ("study.variants={x: {lora: 8}}", "x.lora must map lora settings to values"),
+                         ("study.variants={x: {lora: {placement: everywhere}}}", "placement")):
         with pytest.raises(RecipeError, match=message):
             plan(load_recipe(None, [bad]))
+
+
+def test_variants_of_the_training_share_the_compression_and_key_their_own_recovery():
+    """A variant that sets only train / lora settings is the same compression (one stage) recovered its own way; one
+    that sets acip settings is a compression of its own (ACIP-style trains while compressing)."""
+    grid = ["study.methods=[air, acip]", "study.lora=true", "study.retentions=[0.6]",
+            "study.variants={base: {}, fast: {train: {learning_rate: 0.003}}, layer: {lora: {placement: layer}}, "
+            "masks: {acip: {mask_lr: 0.001}, methods: [acip]}, same: {train: {save_steps: 16}, methods: [air]}}"]
+    stages = plan(load_recipe(None, grid))
+    by_id = {s.id: s for s in stages}
+    air_train = sorted(s.id for s in stages if s.kind == "train" and s.name.startswith("air-"))
+    assert [s.id for s in stages if s.kind == "compress" and s.name.startswith("air-")] == ["compress/air-r0.60-base"]
+    assert air_train == ["train/air-r0.60-base", "train/air-r0.60-fast", "train/air-r0.60-layer"]
+    assert all(by_id[t].inputs == ("compress/air-r0.60-base",) for t in air_train)
+    assert len({by_id[t].key for t in air_train}) == 3
+    assert by_id["train/air-r0.60-fast"].recipe.train.learning_rate == 0.003
+    assert by_id["train/air-r0.60-layer"].recipe.lora.placement == "layer"
+    assert "eval/air-r0.60-fast+lora" in by_id and "eval/air-r0.60-fast" not in by_id  # no duplicate compressed row
+    # save_steps changes how training is done, not its result: the same recovered row as base, not a new one
+    assert "train/air-r0.60-same" not in by_id
+    acip = sorted(s.id for s in stages if s.kind == "compress" and s.name.startswith("acip-"))
+    assert acip == ["compress/acip-r0.60-base", "compress/acip-r0.60-masks"]
+    assert by_id["compress/acip-r0.60-masks"].recipe.acip.mask_lr == 0.001
 
 
 # Committed stages that a deliberate change made stale, with the reason; each entry goes once its rows are rerun.

@@ -16,7 +16,7 @@ import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from air_ft.config import Recipe, result_fields, to_dict
+from air_ft.config import VARIANT_SECTIONS, Recipe, result_fields, to_dict
 from air_ft.errors import RecipeError
 from air_ft.methods import METHODS, neutral_settings
 from air_ft.pipeline.cache import stage_key
@@ -69,12 +69,15 @@ class Stage:
 
 
 def row_recipe(recipe: Recipe, method: str, retention: float, variant: dict | None = None) -> Recipe:
-    """The study's recipe with one grid point's method, retention and variant settings in its ``compress``
-    section (validated as the section is). The settings a method does not read are left neutral on its rows
+    """The study's recipe with one grid point's method, retention and variant settings: the variant's plain keys in
+    its ``compress`` section, its ``train`` / ``lora`` / ``acip`` maps in those sections (each validated as the
+    section is). The settings a method does not read are left neutral on its rows
     (:func:`air_ft.methods.neutral_settings`), so one study compares every method with a lever on."""
-    settings = {"method": method, "retention": float(retention), **(variant or {}),
-                **neutral_settings(METHODS[method])}
-    return dataclasses.replace(recipe, compress=dataclasses.replace(recipe.compress, **settings))
+    variant = variant or {}
+    sections = {k: dataclasses.replace(getattr(recipe, k), **v) for k, v in variant.items() if k in VARIANT_SECTIONS}
+    settings = {"method": method, "retention": float(retention),
+                **{k: v for k, v in variant.items() if k not in VARIANT_SECTIONS}, **neutral_settings(METHODS[method])}
+    return dataclasses.replace(recipe, compress=dataclasses.replace(recipe.compress, **settings), **sections)
 
 
 def plan(recipe: Recipe) -> list[Stage]:
@@ -99,7 +102,10 @@ def plan(recipe: Recipe) -> list[Stage]:
     if recipe.study.dense:
         evaluate(Row("dense", "dense", 1.0, False), None, stage_key("dense", model), recipe)
     variants = recipe.study.variants or {"": {}}
-    made: set[str] = set()  # compress keys: a variant that changes nothing a method reads is not a new row of it
+    # a variant that changes nothing a method's compression reads is not a new compressed row of it (the output
+    # weight of plain SVD), and one that changes nothing its training reads is not a new recovered row either
+    made: dict[str, Stage] = {}
+    trained: set[str] = set()
     for retention, name, variant in ((r, m, v) for r in recipe.study.retentions for m in recipe.study.methods
                                      for v in variants if m in variants[v].get("methods", [m])):
         settings = {k: v for k, v in variants[variant].items() if k != "methods"}
@@ -111,18 +117,21 @@ def plan(recipe: Recipe) -> list[Stage]:
         if method.revision:
             parts.append({"revision": method.revision})
         key = stage_key("compress", *parts)
-        if key in made:
-            continue
-        made.add(key)
-        comp = Stage("compress", row, key, out / "compress" / row, (), not method.trains, rec)
-        stages.append(comp)
-        evaluate(Row(row, name, float(retention), False, variant), comp, comp.key, rec)
+        comp = made.get(key)
+        if comp is None:
+            comp = made[key] = Stage("compress", row, key, out / "compress" / row, (), not method.trains, rec)
+            stages.append(comp)
+            evaluate(Row(row, name, float(retention), False, variant), comp, comp.key, rec)
         if not recipe.study.recovers(name):
             continue
         budget = [result_fields(rec.train), result_fields(rec.lora), model]
         if method.trains and recipe.study.equal_tokens:  # its LoRA steps depend on what it trained on
             budget.append({"equal_tokens": True})
-        train = Stage("train", row, stage_key("train", comp.key, *budget), out / "train" / row, (comp.id,), True, rec)
+        train_key = stage_key("train", comp.key, *budget)
+        if train_key in trained:
+            continue
+        trained.add(train_key)
+        train = Stage("train", row, train_key, out / "train" / row, (comp.id,), True, rec)
         stages.append(train)
         evaluate(Row(f"{row}+lora", name, float(retention), True, variant), train, train.key, rec)
     evals = [s for s in stages if s.kind == "eval"]

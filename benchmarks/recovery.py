@@ -7,11 +7,11 @@ Defaults are the training recipe chosen on the validation split (``--eval-split 
 tokens (65,536 tokens, about 15 minutes per LoRA run on 2 CPU cores), LoRA rank 8 (alpha 16) at lr 2e-3 with a
 cosine schedule, loss = KL to the dense model's next-token distribution (``--distill 1.0``).
 
-Protocol: compression as in benchmarks/quality.py (64 x 512-token calibration windows, seed 0, from britannica
+Protocol: compression with 64 x 512-token calibration windows (seed 0, from britannica
 0-70 % and plays 0-45 %; AIR with its default settings). LoRA training text is that same calibration split (a
 subset of "the first 80 % of britannica-11th.txt and the first half of shakespeare-plays.txt", so it never overlaps
 evaluation text), packed into blocks of --seq-len tokens, equal share per source; every LoRA run sees the very same
-blocks in the same order (same seed), i.e. the same number of training tokens. Evaluation as in quality.py:
+blocks in the same order (same seed), i.e. the same number of training tokens. Evaluation on
 britannica 80-100 % and plays 50-100 %, non-overlapping 512-token windows, at most 32 evenly spaced windows per
 text. The file is re-read on start, so an interrupted run resumes where it stopped.
 """

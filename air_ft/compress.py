@@ -34,6 +34,7 @@ from air_ft.checkpoint import record_factoring
 from air_ft.config import CompressConfig, build_dataclass
 from air_ft.data import sample_windows
 from air_ft.errors import RecipeError, WhiteningError
+from air_ft.evaluate import window_nll
 from air_ft.methods import METHODS
 from air_ft.modeling import LowRankLinear, count_parameters, find_targets, prepare_model, set_module
 from air_ft.streaming import Records, StreamCompressor, StreamOutcome
@@ -285,17 +286,6 @@ def held_out_windows(n: int) -> torch.Tensor:
     return idx % 8 == 7 if n >= 8 else idx == n - 1
 
 
-@torch.no_grad()
-def _mean_loss(model: nn.Module, windows: torch.Tensor, batch_size: int) -> float:
-    """Mean next-token loss of ``model`` over ``windows`` (every window has the same length)."""
-    device = next(model.parameters()).device
-    total = 0.0
-    for batch in windows.split(batch_size):
-        batch = batch.to(device)
-        total += float(model(input_ids=batch, labels=batch, use_cache=False).loss) * batch.shape[0]
-    return total / windows.shape[0]
-
-
 def _auto_delta(model: nn.Module, tok, texts, windows, stats, cfg: CompressConfig, device, on_block
                 ) -> CompressResult:
     """``delta: auto``: compress a copy of the dense model with each of ``cfg.delta_candidates`` from the dense
@@ -319,7 +309,7 @@ def _auto_delta(model: nn.Module, tok, texts, windows, stats, cfg: CompressConfi
     for d in bar:
         trial = copy.deepcopy(model)
         compress(trial, tok, None, windows=fit, delta=float(d), device=device, **trial_options)
-        losses[float(d)] = _mean_loss(trial, held, cfg.batch_size)
+        losses[float(d)] = window_nll(trial, held, cfg.batch_size)[0]
         del trial
         bar.set_postfix(delta=d, loss=f"{losses[float(d)]:.4f}")
     chosen = min(losses, key=losses.get)

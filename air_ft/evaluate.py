@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from air_ft.data import token_windows, tokenize_joined
 from air_ft.modeling import prepare_model
 
-__all__ = ["perplexity", "evaluate_perplexity"]
+__all__ = ["perplexity", "evaluate_perplexity", "window_nll"]
 
 
 @torch.no_grad()
@@ -27,6 +27,16 @@ def evaluate_perplexity(model: nn.Module, tok, text: str | list[str], seq_len: i
     prepare_model(model)
     ids = tokenize_joined(tok, text)
     windows = token_windows(ids, seq_len, max_windows)
+    mean, count = window_nll(model, windows, batch_size, progress)
+    return {"ppl": math.exp(mean) if mean < 700 else math.inf, "nll": mean, "tokens": count,
+            "windows": int(windows.shape[0]), "seq_len": seq_len, "text_tokens": int(ids.numel())}
+
+
+@torch.no_grad()
+def window_nll(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, progress: bool = False
+               ) -> tuple[float, int]:
+    """Mean next-token NLL over every predicted token of ``windows`` (``(N, T)`` token ids; inf once any batch is not
+    finite), in eval mode, and the number of predicted tokens."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -42,9 +52,7 @@ def evaluate_perplexity(model: nn.Module, tok, text: str | list[str], seq_len: i
         total += float(nll)
         count += batch[:, 1:].numel()
     model.train(was_training)
-    mean = total / count
-    return {"ppl": math.exp(mean) if mean < 700 else math.inf, "nll": mean, "tokens": count,
-            "windows": int(windows.shape[0]), "seq_len": seq_len, "text_tokens": int(ids.numel())}
+    return total / count, count
 
 
 def perplexity(model: nn.Module, tok, text: str | list[str], seq_len: int = 2048, max_windows: int | None = None,

@@ -10,14 +10,17 @@ section (the settings of ``air_ft.acip_fit``); its mask phase runs on the calibr
 rerun reuses every finished stage, and the mask phase of a schedule another study ran is reused from the cache).
 This script reads the report and writes, per schedule, the mask steps, the size ratio reached, the training tokens
 and the validation and held-out perplexities per retention, with the best schedule per retention on validation (the
-geometric mean of the two validation slices): benchmarks/results/acip_schedule_smollm2_study.json.
+geometric mean of the two validation slices; a schedule run with several seeds by its mean over them):
+benchmarks/results/acip_schedule_smollm2_study.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 
-from common import HELD_OUT, ROOT, VALIDATION, perplexities, study_recipe, study_subset, text_scores, write_json
+import common
+from common import HELD_OUT, ROOT, VALIDATION, geo_mean, perplexities, study_recipe, study_subset, text_scores
 
 REFERENCE = ("acip", "study")  # the study's schedule
 
@@ -51,23 +54,51 @@ def main() -> None:
             "retention_reached": c["retention_reached"], "train_tokens": c["train_tokens"], "retentions": {}})
         entry["retentions"][f"{r['retention']:.2f}"] = {**text_scores(ppl[r["name"]]), "lora_share": c["lora_share"],
                                                         "retention_actual": c["retention_actual"]}
+    groups = repeats(schedules)
     best = {}
     for key in sorted({k for s in schedules.values() for k in s["retentions"]}, reverse=True):
-        best[key] = min((s for s in schedules.values() if key in s["retentions"]),
-                        key=lambda s: s["retentions"][key]["validation_score"])["variant"]
-    print("\n| schedule | mask steps | reached | train tokens | retention | val britannica | val plays | val geo-mean "
-          "| held-out britannica | held-out plays |\n" + "|---" * 10 + "|")
+        scored = [g for g in groups if key in g["retentions"]]
+        best[key] = min(scored, key=lambda g: g["retentions"][key]["validation_mean"])["schedule"]
+    print("\n| schedule | seed | mask steps | reached | train tokens | retention | val britannica | val plays | "
+          "val geo-mean | held-out britannica | held-out plays |\n" + "|---" * 11 + "|")
     for s in schedules.values():
         for key, v in s["retentions"].items():
-            print(f"| {s['variant']} | {s['mask_steps']} | {s['retention_reached']:.3f} | {s['train_tokens']:,} | "
-                  f"{key} | {v['validation'][VALIDATION[0]]:.1f} | {v['validation'][VALIDATION[1]]:.1f} | "
-                  f"{v['validation_score']:.1f} | {v['evaluation'][HELD_OUT[0]]:.1f} | "
-                  f"{v['evaluation'][HELD_OUT[1]]:.1f} |")
-    print(f"\nbest on validation per retention: {best}")
+            print(f"| {s['variant']} | {s['acip']['seed']} | {s['mask_steps']} | {s['retention_reached']:.3f} | "
+                  f"{s['train_tokens']:,} | {key} | {v['validation'][VALIDATION[0]]:.1f} | "
+                  f"{v['validation'][VALIDATION[1]]:.1f} | {v['validation_score']:.1f} | "
+                  f"{v['evaluation'][HELD_OUT[0]]:.1f} | {v['evaluation'][HELD_OUT[1]]:.1f} |")
+    print("\n| schedule | seeds | retention | val geo-mean: mean (min - max) | held-out geo-mean: mean |\n"
+          + "|---" * 5 + "|")
+    for g in groups:
+        for key, v in g["retentions"].items():
+            print(f"| {g['schedule']} | {len(g['variants'])} | {key} | {v['validation_mean']:.1f} "
+                  f"({v['validation_min']:.1f} - {v['validation_max']:.1f}) | {v['evaluation_mean']:.1f} |")
+    print(f"\nbest on validation per retention (mean over seeds): {best}")
     dense = text_scores(ppl["dense"])
-    path = write_json(args.output, {"recipe": str(args.recipe), "study": study_dir.name, "dense": dense,
-                                    "schedules": list(schedules.values()), "best_on_validation": best})
+    path = common.write_json(args.output, {"recipe": str(args.recipe), "study": study_dir.name, "dense": dense,
+                                    "schedules": list(schedules.values()), "repeats": groups,
+                                    "best_on_validation": best})
     print(f"wrote {path} and the study's report in {study_dir}")
+
+
+def repeats(schedules: dict[str, dict]) -> list[dict]:
+    """The schedules grouped by their acip settings without the seed (each group one schedule, its members repeats
+    with other seeds), named by the member with the lowest seed; per retention the validation geo-mean's mean, min
+    and max over the seeds and the held-out geo-mean's mean (the validation mean is what a schedule is chosen by)."""
+    groups: dict[str, dict] = {}
+    for s in sorted(schedules.values(), key=lambda s: s["acip"]["seed"]):
+        key = json.dumps({k: v for k, v in s["acip"].items() if k != "seed"}, sort_keys=True)
+        g = groups.setdefault(key, {"schedule": s["variant"], "variants": [], "retentions": {}})
+        g["variants"].append(s["variant"])
+        for r, v in s["retentions"].items():
+            g["retentions"].setdefault(r, []).append(v)
+    for g in groups.values():
+        for r, vals in g["retentions"].items():
+            val = [v["validation_score"] for v in vals]
+            g["retentions"][r] = {"validation_mean": sum(val) / len(val), "validation_min": min(val),
+                                  "validation_max": max(val), "seeds": len(val),
+                                  "evaluation_mean": sum(geo_mean(v["evaluation"].values()) for v in vals) / len(vals)}
+    return list(groups.values())
 
 
 if __name__ == "__main__":

@@ -146,6 +146,27 @@ def test_acip_budget_curve_gives_every_point_equal_budgets(monkeypatch):
                        acip_budget.overrides(args, 4, schedule)).study.methods == ["acip"]
 
 
+def test_acip_schedules_are_chosen_by_their_mean_over_seeds(monkeypatch):
+    """benchmarks/acip_schedule.py: variants that differ only in acip.seed are one schedule; it is named by its
+    lowest seed, scored per retention by the mean of its seeds' validation geo-means, and the best mean wins even
+    where another schedule has the best single seed."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import acip_schedule
+
+    def entry(variant, seed, lr, val, held):
+        return variant, {"variant": variant, "acip": {"mask_lr": lr, "seed": seed},
+                         "retentions": {"0.60": {"validation_score": val, "evaluation": {"a": held, "b": held}}}}
+
+    schedules = dict([entry("fast-seed1", 1, 3e-3, 100.0, 90.0), entry("fast", 0, 3e-3, 500.0, 400.0),
+                      entry("slow", 0, 1e-3, 200.0, 150.0), entry("slow-seed1", 1, 1e-3, 220.0, 170.0)])
+    groups = {g["schedule"]: g for g in acip_schedule.repeats(schedules)}
+    assert set(groups) == {"fast", "slow"} and groups["fast"]["variants"] == ["fast", "fast-seed1"]
+    fast, slow = groups["fast"]["retentions"]["0.60"], groups["slow"]["retentions"]["0.60"]
+    assert (fast["validation_mean"], fast["validation_min"], fast["validation_max"]) == (300.0, 100.0, 500.0)
+    assert slow["validation_mean"] == 210.0 and slow["evaluation_mean"] == pytest.approx(160.0)
+    assert min(groups.values(), key=lambda g: g["retentions"]["0.60"]["validation_mean"])["schedule"] == "slow"
+
+
 def test_acip_budget_rows_carry_the_seconds_of_their_own_stages(monkeypatch, tmp_path):
     """A recovered row sums nothing: it reports its compress, train and evaluate stages' own seconds, read from the
     stage markers, and a stage without a marker reads as None (never another row's time)."""

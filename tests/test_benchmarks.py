@@ -14,7 +14,8 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
     ("gpu_train.py", ["--steps", "0"], "--steps must be an integer >= 1"),
     ("gpu_train.py", ["--warmup", "-1"], "--warmup must be an integer >= 0"),
     ("gpu_train.py", ["--retention", "1.2"], "--retention must lie strictly between 0 and 1"),
-    ("recovery.py", ["--britannica-share", "1"], "--britannica-share must lie strictly between 0 and 1"),
+    ("recovery.py", ["--variants", "nope"], "--variants ['nope'] not in the recipe's"),
+    ("recovery.py", ["--retentions", "1"], "--retentions must lie strictly between 0 and 1"),
     ("efficiency.py", ["--retentions", "1.5"], "--retentions must lie strictly between 0 and 1"),
     ("efficiency.py", ["--repeats", "0"], "must be >= 1"),
     ("user_loaded.py", ["--steps", "0"], "--steps and --eval-windows must be >= 1"),
@@ -144,6 +145,38 @@ def test_acip_budget_curve_gives_every_point_equal_budgets(monkeypatch):
     args.methods = ["acip"]  # one half of the point, for a second process beside the first
     assert load_recipe(str(BENCH.parent / "recipes" / "smollm2-135m" / "study.yaml"),
                        acip_budget.overrides(args, 4, schedule)).study.methods == ["acip"]
+
+
+def test_recovery_table_sets_each_placement_against_its_own_compression_and_svdllm(monkeypatch):
+    """benchmarks/recovery.py: both placements of a method share its compressed row (a placement does not change the
+    compression); the gap closed is (before - after) / (before - dense) per text; AIR + LoRA is divided by SVD-LLM(W)
+    + LoRA of the same retention and placement, never the other placement's."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import recovery
+
+    texts = ("val_britannica", "val_plays", "britannica", "plays")
+
+    def row(name, method, lora, variant, value):
+        r = {"name": name, "method": method, "retention": 0.6, "lora": lora, "variant": variant,
+             "perplexity": {t: {"ppl": value + i} for i, t in enumerate(texts)}}
+        return {**r, "train": {"tokens": 65536, "seconds": 10.0}} if lora else r
+
+    report = {"rows": [row("dense", "dense", False, None, 10.0),
+                       row("svdllm-r0.60-factors", "svdllm", False, "factors", 110.0),
+                       row("svdllm-r0.60-factors+lora", "svdllm", True, "factors", 60.0),
+                       row("svdllm-r0.60-layer+lora", "svdllm", True, "layer", 40.0),
+                       row("air-r0.60-factors", "air", False, "factors", 70.0),
+                       row("air-r0.60-factors+lora", "air", True, "factors", 30.0),
+                       row("air-r0.60-layer+lora", "air", True, "layer", 20.0)]}
+    rows = {(r["method"], r["placement"]): r for r in recovery.recovery_table(report)["rows"]}
+    assert set(rows) == {("svdllm", "factors"), ("svdllm", "layer"), ("air", "factors"), ("air", "layer")}
+    air_layer = rows["air", "layer"]
+    assert air_layer["before"]["britannica"] == 72.0 and air_layer["after"]["britannica"] == 22.0
+    assert air_layer["gap_closed"]["britannica"] == pytest.approx((72 - 22) / (72 - 12))
+    assert rows["svdllm", "layer"]["gap_closed"]["plays"] == pytest.approx((113 - 43) / (113 - 13))
+    assert air_layer["ratio_to_svdllm_lora"]["plays"] == pytest.approx(23 / 43)
+    assert rows["air", "factors"]["ratio_to_svdllm_lora"]["plays"] == pytest.approx(33 / 63)
+    assert rows["svdllm", "factors"]["ratio_to_svdllm_lora"]["britannica"] == 1.0
 
 
 def test_acip_schedules_are_chosen_by_their_mean_over_seeds(monkeypatch):

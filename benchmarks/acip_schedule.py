@@ -16,23 +16,26 @@ benchmarks/results/acip_schedule_smollm2_study.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import common
-from common import HELD_OUT, ROOT, VALIDATION, geo_mean, perplexities, study_recipe, study_subset, text_scores
+from common import (
+    HELD_OUT,
+    VALIDATION,
+    geo_mean,
+    perplexities,
+    study_parser,
+    study_recipe,
+    study_subset,
+    text_scores,
+)
 
 REFERENCE = ("acip", "study")  # the study's schedule
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipe", default=str(ROOT / "recipes" / "smollm2-135m" / "acip_schedule.yaml"))
-    ap.add_argument("--retentions", type=float, nargs="+", default=[0.8, 0.6, 0.4])
-    ap.add_argument("--variants", nargs="+", default=None,
-                    help="a subset of the recipe's schedules (the study's schedule is always run)")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--output", default="acip_schedule_smollm2_study.json")
+    ap = study_parser(__doc__, "acip_schedule.yaml", [0.8, 0.6, 0.4], "acip_schedule_smollm2_study.json",
+                      methods=False, variants="schedules")
     args = ap.parse_args()
     args.methods = None
     recipe, study_dir = study_recipe(ap, args)

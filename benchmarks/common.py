@@ -85,6 +85,25 @@ def check_retentions(ap, retentions) -> None:
             ap.error(f"--retentions must lie strictly between 0 and 1, got {r}")
 
 
+def study_parser(doc: str, recipe: str, retentions: list[float], output: str, methods: bool = True,
+                 variants: str = "variants"):
+    """The options of a benchmark that is a study grid: ``--recipe`` (default ``recipes/smollm2-135m/<recipe>``),
+    ``--retentions``, ``--methods`` (when ``methods``), ``--variants`` (the recipe's ``variants``, its reference
+    always run), ``--threads`` and ``--output`` (the JSON, whose stem names the study folder)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", default=str(ROOT / "recipes" / "smollm2-135m" / recipe))
+    ap.add_argument("--retentions", type=float, nargs="+", default=retentions)
+    if methods:
+        ap.add_argument("--methods", nargs="+", default=None, help="a subset of the recipe's methods")
+    ap.add_argument("--variants", nargs="+", default=None,
+                    help=f"a subset of the recipe's {variants} (the reference is always run)")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--output", default=output)
+    return ap
+
+
 def study_recipe(ap, args, *overrides: str):
     """``(recipe, study folder)`` of a benchmark that is a study: ``--retentions`` checked, ``--threads`` pinned,
     ``--recipe`` loaded with its ``output_dir`` the folder named after ``--output`` and its retentions set."""

@@ -15,7 +15,6 @@ both held-out texts. Writes benchmarks/results/data_efficiency_smollm2.json (+ .
 
 from __future__ import annotations
 
-import argparse
 import re
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from common import (
     VALIDATION,
     perplexities,
     save_figure,
+    study_parser,
     study_recipe,
     study_subset,
     subplots,
@@ -37,14 +37,7 @@ REFERENCE = ("svdllm", "n128")  # SVD-LLM(W), the paper's protocol, with the mos
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipe", default=str(ROOT / "recipes" / "smollm2-135m" / "data_efficiency.yaml"))
-    ap.add_argument("--retentions", type=float, nargs="+", default=[0.6])
-    ap.add_argument("--methods", nargs="+", default=None, help="a subset of the recipe's methods")
-    ap.add_argument("--variants", nargs="+", default=None,
-                    help="a subset of the recipe's variants (the reference variant is always run)")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--output", default="data_efficiency_smollm2.json")
+    ap = study_parser(__doc__, "data_efficiency.yaml", [0.6], "data_efficiency_smollm2.json")
     args = ap.parse_args()
     recipe, study_dir = study_recipe(ap, args)
     recipe = study_subset(ap, args, recipe, REFERENCE)

@@ -17,7 +17,6 @@ there.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from common import (
     VALIDATION,
     perplexities,
     plot_held_out,
+    study_parser,
     study_recipe,
     study_subset,
     text_scores,
@@ -38,14 +38,7 @@ REFERENCE = ("svdllm", "input")  # SVD-LLM(W) as the paper runs it
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipe", default=str(ROOT / "recipes" / "smollm2-135m" / "levers.yaml"))
-    ap.add_argument("--retentions", type=float, nargs="+", default=[0.8, 0.6, 0.4])
-    ap.add_argument("--methods", nargs="+", default=None, help="a subset of the recipe's methods")
-    ap.add_argument("--variants", nargs="+", default=None,
-                    help="a subset of the recipe's variants (the reference variant is always run)")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--output", default="levers_smollm2.json")
+    ap = study_parser(__doc__, "levers.yaml", [0.8, 0.6, 0.4], "levers_smollm2.json")
     args = ap.parse_args()
     recipe, study_dir = study_recipe(ap, args)
     from air_ft.pipeline import run_study

@@ -15,24 +15,26 @@ benchmarks/results/recovery_smollm2_study.json (+ .png).
 
 from __future__ import annotations
 
-import argparse
-
 import common
-from common import HELD_OUT, RESULTS, ROOT, VALIDATION, perplexities, save_figure, study_recipe, study_subset, subplots
+from common import (
+    HELD_OUT,
+    RESULTS,
+    VALIDATION,
+    perplexities,
+    save_figure,
+    study_parser,
+    study_recipe,
+    study_subset,
+    subplots,
+)
 
 REFERENCE = ("svdllm", "factors")  # the row every placement and method is set against
 TEXTS = (*VALIDATION, *HELD_OUT)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipe", default=str(ROOT / "recipes" / "smollm2-135m" / "recovery.yaml"))
-    ap.add_argument("--retentions", type=float, nargs="+", default=[0.6, 0.4])
-    ap.add_argument("--methods", nargs="+", default=None, help="a subset of the recipe's methods")
-    ap.add_argument("--variants", nargs="+", default=None,
-                    help="a subset of the recipe's placements (the reference, factors, is always run)")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--output", default="recovery_smollm2_study.json")
+    ap = study_parser(__doc__, "recovery.yaml", [0.6, 0.4], "recovery_smollm2_study.json",
+                      variants="placements")
     args = ap.parse_args()
     recipe, study_dir = study_recipe(ap, args)
     recipe = study_subset(ap, args, recipe, REFERENCE)

@@ -23,7 +23,7 @@ from air_ft.pipeline.cache import stage_key
 from air_ft.pipeline.provenance import save_resolved
 
 __all__ = ["CompressRun", "TrainRun", "compress", "train", "merge", "evaluate", "evaluate_model", "load_any",
-           "load_dense", "texts", "check_eval", "adapter_base", "read_log", "training_sources", "serve"]
+           "load_dense", "texts", "check_eval", "adapter_base", "read_log", "training_sources"]
 
 
 @dataclass
@@ -380,14 +380,6 @@ def check_eval(recipe: Recipe) -> None:
 
         check_tasks(recipe.eval.tasks)
         task_data_root(recipe.eval.task_data)
-
-
-def serve(recipe: Recipe, checkpoints: dict[str, Path | None], dense, eval_texts: dict[str, str], out: Path) -> dict:
-    """``eval.serve``: every checkpoint (``None``: the dense model) served with vLLM in turn (see
-    :func:`air_ft.serving.measure.serve_recipe`); ``{name: figures}`` with ratios against dense."""
-    from air_ft.serving.measure import serve_recipe
-
-    return serve_recipe(recipe, checkpoints, dense, eval_texts, out)
 
 
 def evaluate(recipe: Recipe, checkpoint: str | None = None) -> dict:

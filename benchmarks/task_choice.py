@@ -1,0 +1,75 @@
+"""Which zero-shot tasks can show recovered reasoning: the dense model alone, on documents no report scores.
+
+    python benchmarks/task_choice.py --threads 1                    # SmolLM2-135M-Instruct, ten candidate tasks
+    python benchmarks/task_choice.py --threads 1 --recipe recipes/qwen2.5-coder-0.5b/levers.yaml \
+        --output task_choice_qwen2.5-coder-0.5b.json
+
+A compressed row's share of dense's above-chance accuracy, (acc - chance) / (dense - chance), is only readable on a
+task where dense sits well above chance. This script scores the recipe's dense model on each candidate task on its
+"look" split (``air_ft.evaluate_tasks(..., split="look")``: the first of validation / train that is not the split a
+report scores, so the choice never sees a scored document), ``--limit`` seeded documents each, and marks a task
+qualified when dense is at least ``air_ft.rows.QUALIFYING_MARGIN`` (10 points) above chance by more than two
+standard errors. Writes benchmarks/results/task_choice_smollm2.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from common import ROOT, environment, set_threads, write_json
+
+CANDIDATES = ["piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "sciq", "boolq",
+              "copa", "social_iqa"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", default=str(ROOT / "recipes" / "smollm2-135m" / "study.yaml"),
+                    help="the recipe whose model is scored (its eval.task_batch_size and eval.seed are used)")
+    ap.add_argument("--tasks", nargs="+", default=CANDIDATES)
+    ap.add_argument("--limit", type=int, default=250, help="seeded, evenly spread documents per task")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--output", default="task_choice_smollm2.json")
+    args = ap.parse_args()
+    if args.limit < 1:
+        ap.error(f"--limit must be >= 1, got {args.limit}")
+    from air_ft.config import load_recipe
+    from air_ft.pipeline.commands import check_eval, load_dense
+    from air_ft.reasoning import evaluate_tasks
+
+    recipe = load_recipe(args.recipe, [f"eval.tasks=[{','.join(args.tasks)}]"])
+    check_eval(recipe)  # unknown task names refused before the model loads
+    set_threads(args.threads)
+    model, tok = load_dense(recipe)
+    rows = []
+    for task in args.tasks:
+        t0 = time.perf_counter()
+        res = evaluate_tasks(model, tok, [task], limit=args.limit, batch_size=recipe.eval.task_batch_size,
+                             seed=recipe.eval.seed, data=recipe.eval.task_data, split="look")[task]
+        rows.append({"task": task, **qualification(res), "seconds": time.perf_counter() - t0, "result": res})
+        r = rows[-1]
+        print(f"{task:<14} {r['split']:<10} n={r['n']:<4} chance {100 * r['chance']:.1f}  {r['metric']} "
+              f"{100 * r['accuracy']:.1f}  above chance {100 * r['margin']:+.1f} ± {100 * r['se']:.1f}  "
+              f"{'qualifies' if r['qualifies'] else '-'}", flush=True)
+    qualified = [r["task"] for r in rows if r["qualifies"]]
+    print(f"\nqualified ({len(qualified)} of {len(rows)}): {qualified}")
+    path = write_json(args.output, {"recipe": args.recipe, "model": recipe.model.name_or_path, "limit": args.limit,
+                                    "environment": environment(), "rows": rows, "qualified": qualified})
+    print(f"wrote {path}")
+
+
+def qualification(res: dict) -> dict:
+    """One task result of the dense model: its headline accuracy, the margin above chance with its standard error,
+    and whether it qualifies (margin >= QUALIFYING_MARGIN and above two standard errors)."""
+    from air_ft.rows import QUALIFYING_MARGIN, headline_metric
+
+    metric = headline_metric(res)
+    margin, se = res[metric] - res["chance"], res[f"{metric}_stderr"]
+    return {"split": res["split"], "n": res["n"], "chance": res["chance"], "metric": metric,
+            "accuracy": res[metric], "margin": margin, "se": se,
+            "qualifies": margin >= QUALIFYING_MARGIN and margin > 2 * se}
+
+
+if __name__ == "__main__":
+    main()

@@ -137,7 +137,8 @@ def build_tasks(names: list[str], root: Path | None, label: str = "", split: str
 
     ``split`` (offline copy only): score on that split of the copy instead of the one lm-eval scores, or with
     ``"look"`` on the first of :data:`LOOK_PREFERENCE` that is not the scored split (documents a choice may look
-    at without seeing the ones a report scores)."""
+    at without seeing the ones a report scores), the scored split itself where the copy has no other (recorded as
+    ``look_is_scored_split``)."""
     check_tasks(names)
     if split is not None and root is None:
         raise TaskError(f"a task split ({split!r}) can be chosen in the offline task data only; pass data=auto or a "
@@ -164,6 +165,8 @@ def build_tasks(names: list[str], root: Path | None, label: str = "", split: str
                          "fewshot_split": None}
             info = {**info, "source": f"{label}/{splits[used].relative_to(root)}",
                     "content_sha256": _fingerprint(splits[used])}
+            if split == "look":
+                info["look_is_scored_split"] = used == scored  # no split apart from the reports' in the copy
         info["split"], info["papers_split"] = used, papers
         built = manager._factory.build(entry, overrides=overrides or None, registry=manager._index)  # noqa: SLF001
         tasks[name] = built
@@ -173,15 +176,12 @@ def build_tasks(names: list[str], root: Path | None, label: str = "", split: str
 
 def _chosen_split(name: str, splits: dict, scored: str, choice: str | None) -> str:
     """The split of task ``name`` to score: ``scored`` (lm-eval's, or the copy's stand-in) unless ``choice`` names
-    another split of the copy or asks for the ``"look"`` split."""
+    another split of the copy or asks for the ``"look"`` split (the scored split itself where the copy has no
+    other: the caller records that the look shares the reports' documents)."""
     if choice is None:
         return scored
     if choice == "look":
-        other = [s for s in LOOK_PREFERENCE if s in splits and s != scored]
-        if not other:
-            raise TaskError(f"task {name!r} has no split apart from the scored {scored!r} to look at (its copy has "
-                            f"{sorted(splits)}); leave it out of the look")
-        return other[0]
+        return next((s for s in LOOK_PREFERENCE if s in splits and s != scored), scored)
     if choice not in splits:
         raise TaskError(f"task {name!r} has no split {choice!r} in the offline copy; it has {sorted(splits)}")
     return choice
@@ -222,7 +222,8 @@ def evaluate_tasks(model: nn.Module, tok, tasks: list[str] | tuple[str, ...] = D
         data: ``auto`` (the offline copy where it has the task, else the hub), ``hub``, or a folder.
         max_length: context length for lm-eval (default: the model's).
         split: None (the split lm-eval scores, as reports do), a split name of the offline copy, or ``"look"``: per
-            task the first of validation / train that is not the scored split, for choices made before a report.
+            task the first of validation / train that is not the scored split, for choices made before a report
+            (the scored split where the copy has no other: ``look_is_scored_split`` says so).
 
     Returns:
         ``{task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr" (where the task has them), "n", "split",

@@ -60,18 +60,21 @@ def test_evaluate_tasks_scores_the_saved_documents_with_lm_eval(task_data, token
 
 def test_a_look_scores_documents_apart_from_the_ones_a_report_scores(task_data, tokenizer):
     """split="look" scores the first of validation / train that is not lm-eval's split (piqa scores validation,
-    so the look reads train: other documents, another count); a named split of the copy is scored as named; a
-    split the copy lacks, or a look with nothing apart from the scored split, is refused with what the copy has."""
+    so the look reads train: other documents, another count), or the scored split itself, said so, where the copy
+    has no other; a named split of the copy is scored as named; a split the copy lacks is refused with what the
+    copy has."""
     root, _ = task_data
     model = tiny_llama(vocab_size=len(tokenizer))
-    with pytest.raises(TaskError, match=r"no split apart from the scored 'validation'.*\['validation'\]"):
-        evaluate_tasks(model, tokenizer, tasks=["piqa"], limit=4, batch_size=4, data=str(root), split="look")
+    only = evaluate_tasks(model, tokenizer, tasks=["piqa"], limit=4, batch_size=4, data=str(root), split="look")
+    assert only["piqa"]["split"] == "validation" and only["piqa"]["look_is_scored_split"] is True
     save_piqa_like(root, n=40, split="train", seed=1)
     look = evaluate_tasks(model, tokenizer, tasks=["piqa"], limit=6, batch_size=4, data=str(root), split="look")
     assert look["piqa"]["split"] == "train" and look["piqa"]["of"] == 40 and look["piqa"]["papers_split"]
+    assert look["piqa"]["look_is_scored_split"] is False
     assert look["piqa"]["source"].endswith("piqa/plain_text/train")
     report = evaluate_tasks(model, tokenizer, tasks=["piqa"], limit=6, batch_size=4, data=str(root))
     assert report["piqa"]["split"] == "validation" and report["piqa"]["of"] == 24
+    assert "look_is_scored_split" not in report["piqa"]
     assert look["piqa"]["content_sha256"] != report["piqa"]["content_sha256"]
     named = evaluate_tasks(model, tokenizer, tasks=["piqa"], limit=6, batch_size=4, data=str(root), split="train")
     assert named["piqa"]["acc"] == look["piqa"]["acc"] and named["piqa"]["split"] == "train"

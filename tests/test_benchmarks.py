@@ -133,7 +133,7 @@ def test_acip_budget_curve_gives_every_point_equal_budgets(monkeypatch):
                              acip_budget.overrides(args, k, schedule))
         check_study(recipe)
         assert recipe.train.max_steps == 64 * k and recipe.acip.post_tune_steps == 4 * k
-        assert recipe.acip.lambda_growth ** k == pytest.approx(schedule["lambda_growth"]) == 1.1
+        assert recipe.acip.lambda_growth ** k == pytest.approx(schedule["lambda_growth"]) == 1.08
         assert recipe.acip.mask_lr * k == pytest.approx(schedule["mask_lr"]) and recipe.acip.max_steps is None
         assert recipe.acip.lora_lr == schedule["lora_lr"]  # LoRA's own step is not ACIP's schedule
         assert recipe.study.methods == ["air", "acip"] and recipe.study.equal_tokens and recipe.eval.tasks == ["piqa"]

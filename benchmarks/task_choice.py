@@ -1,4 +1,4 @@
-"""Which zero-shot tasks can show recovered reasoning: the dense model alone, on documents no report scores.
+"""Which zero-shot tasks can show recovered reasoning: the dense model alone, on its "look" split.
 
     python benchmarks/task_choice.py --threads 1                    # SmolLM2-135M-Instruct, ten candidate tasks
     python benchmarks/task_choice.py --threads 1 --recipe recipes/qwen2.5-coder-0.5b/levers.yaml \
@@ -17,8 +17,10 @@ compression method over another. Writes benchmarks/results/task_choice_smollm2.j
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
+import common
 from common import ROOT, environment, set_threads, write_json
 
 CANDIDATES = ["piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "sciq", "boolq",
@@ -38,11 +40,15 @@ def main() -> None:
     if args.limit < 1:
         ap.error(f"--limit must be >= 1, got {args.limit}")
     from air_ft.config import load_recipe
+    from air_ft.errors import AirFtError
     from air_ft.pipeline.commands import check_eval, load_dense
     from air_ft.reasoning import evaluate_tasks
 
-    recipe = load_recipe(args.recipe, [f"eval.tasks=[{','.join(args.tasks)}]"])
-    check_eval(recipe)  # unknown task names refused before the model loads
+    try:  # unknown task names refused before the model loads
+        recipe = load_recipe(args.recipe, [f"eval.tasks=[{','.join(args.tasks)}]"])
+        check_eval(recipe)
+    except AirFtError as e:
+        ap.error(str(e))
     set_threads(args.threads)
     model, tok = load_dense(recipe)
     rows = []
@@ -67,11 +73,7 @@ def main() -> None:
 def earlier_rows(output: str, model: str, limit: int, seed: int, rows: list[dict]) -> list[dict]:
     """``rows`` with the rows an earlier run wrote to ``output`` for the same model, limit and seed and a task this
     run did not score (a part of the candidates at a time), in the earlier run's order."""
-    import json
-
-    from common import RESULTS
-
-    path = RESULTS / output
+    path = common.RESULTS / output
     if not path.exists():
         return rows
     old = json.loads(path.read_text())

@@ -15,6 +15,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
     ("gpu_train.py", ["--warmup", "-1"], "--warmup must be an integer >= 0"),
     ("gpu_train.py", ["--retention", "1.2"], "--retention must lie strictly between 0 and 1"),
     ("task_choice.py", ["--limit", "0"], "--limit must be >= 1"),
+    ("task_choice.py", ["--tasks", "piqaa"], "unknown lm-eval task(s) ['piqaa']"),
     ("recovery.py", ["--variants", "nope"], "--variants ['nope'] not in the recipe's"),
     ("recovery.py", ["--retentions", "1"], "--retentions must lie strictly between 0 and 1"),
     ("efficiency.py", ["--retentions", "1.5"], "--retentions must lie strictly between 0 and 1"),

@@ -279,7 +279,8 @@ def evaluate_tasks(model: nn.Module, tok, tasks: list[str] | tuple[str, ...] = D
                   device=str(next(model.parameters()).device))
         res = lm_eval.simple_evaluate(model=lm, tasks=list(built.values()), num_fewshot=0, samples=samples,
                                       log_samples=False, random_seed=seed, numpy_random_seed=seed,
-                                      torch_random_seed=seed, fewshot_random_seed=seed)
+                                      torch_random_seed=seed, fewshot_random_seed=seed,
+                                      task_manager=task_manager())  # not a second registry build (~30 s)
     model.train(was_training)
     version = getattr(lm_eval, "__version__", None) or _dist_version("lm_eval")
     for name in built:

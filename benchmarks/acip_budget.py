@@ -111,9 +111,9 @@ def plot(points: list[dict], path) -> None:
     texts = sorted({n for p in points for row in p["rows"].values() for n in row["perplexity"]})
     fig, axes = subplots(1, len(texts), 5.0, 3.6)
     for ax, text in zip(axes[0], texts):
-        for label, style in (("AIR", "C0--"), ("AIR + LoRA", "C0-o"), ("ACIP-style", "C3--"),
-                             ("ACIP-style + LoRA", "C3-o"), ("ACIP-style, own stop", "C1--"),
-                             ("ACIP-style, own stop + LoRA", "C1-o")):
+        for label, style in (("AIR", "C0--x"), ("AIR + LoRA", "C0-o"), ("ACIP-style", "C3--x"),
+                             ("ACIP-style + LoRA", "C3-o"), ("ACIP-style, own stop", "C1--x"),
+                             ("ACIP-style, own stop + LoRA", "C1-o")):  # a marker on every row: one point shows
             xs = [p["budget_tokens"] for p in points if label in p["rows"]]
             ys = [p["rows"][label]["perplexity"][text] for p in points if label in p["rows"]]
             ax.plot(xs, ys, style, label=label)

@@ -440,3 +440,28 @@ def test_every_committed_report_is_what_its_json_renders(study):
     assert markdown(report) == (out / "report.md").read_text()
     assert json.loads(json.dumps(head_to_head(report))) == report["head_to_head"]
     assert json.loads(json.dumps(above_chance(report))) == report["above_chance"]
+
+
+def test_a_run_of_part_of_the_grid_keeps_the_directorys_other_finished_rows_in_its_report(study, monkeypatch, capsys):
+    """A run of one method into a directory that holds a finished grid reports the whole grid (its speed measurement
+    included) and records the joined grid; rows that a changed setting invalidated are left out, not mixed in."""
+    tmp, path = study
+    out = tmp / "out"
+    base = ["study.lora=false", "eval.tasks=[]", "eval.efficiency_rounds=1"]
+    run_study(load_recipe(str(path), [*base, "study.methods=[svdllm,air]"]))
+    full = json.loads((out / "report.json").read_text())
+    monkeypatch.setattr(commands, "compress", lambda *a, **k: pytest.fail("recompressed"))
+    capsys.readouterr()
+    run_study(load_recipe(str(path), [*base, "study.methods=[air]", "eval.efficiency=false"]))
+    assert "also 1 rows this directory holds from an earlier run (svdllm-r0.50)" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert [r["name"] for r in report["rows"]] == ["dense", "svdllm-r0.50", "air-r0.50"]
+    for a, b in zip(full["rows"], report["rows"]):
+        assert a["perplexity"] == b["perplexity"] and a["efficiency"] == b["efficiency"] is not None
+    assert report["recipe"]["study"]["methods"] == ["svdllm", "air"]
+    assert yaml.safe_load((out / "recipe.resolved.yaml").read_text())["study"]["methods"] == ["svdllm", "air"]
+    assert (out / "report.md").read_text().split("\n\n")[1].count("| SVD-LLM(W)") == 1
+    # another evaluation setting: the earlier svdllm row no longer holds, and only this run's rows are reported
+    run_study(load_recipe(str(path), [*base, "study.methods=[air]", "eval.efficiency=false", "eval.max_windows=3"]))
+    assert "also" not in capsys.readouterr().out
+    assert [r["name"] for r in json.loads((out / "report.json").read_text())["rows"]] == ["dense", "air-r0.50"]

@@ -4,6 +4,10 @@
 is reused, any other is done (and a killed training stage resumes from its Trainer checkpoints). A finished
 stage whose files are gone (a results-only copy of a study, as committed to a repository: markers and logs
 without checkpoints) is redone on the main process only when a later stage needs its files.
+
+A run into a directory that already holds a study adds to it: the report keeps every row of the directory's
+earlier grid (its ``recipe.resolved.yaml``) whose stages finished under this recipe's keys, so a run of one method
+beside a finished grid reports the whole grid; rows the changed settings invalidate are left out, not mixed in.
 """
 
 from __future__ import annotations
@@ -13,31 +17,67 @@ import time
 from pathlib import Path
 
 from air_ft import dist
-from air_ft.config import Recipe, to_dict
+from air_ft.config import Recipe, load_recipe, to_dict
 from air_ft.errors import RecipeError
 from air_ft.pipeline import commands
 from air_ft.pipeline.cache import StageDir, stage_key
 from air_ft.pipeline.plan import Stage, check_study, lora_budget, plan
 from air_ft.pipeline.provenance import run_metadata, save_resolved, study_provenance
 
-__all__ = ["run_study", "Executor", "setup"]
+__all__ = ["run_study", "Executor", "setup", "widened"]
 
 
 def run_study(recipe: Recipe) -> dict:
     """``air-ft run``: dense (optional), every method x retention of ``study``, each optionally LoRA-recovered,
-    evaluated alike; then ``report.json``, ``report.md`` and plots in ``output_dir``. Returns the report."""
+    evaluated alike; then ``report.json``, ``report.md`` and plots in ``output_dir``. Returns the report.
+
+    The report also holds the finished rows of the grid an earlier run left in ``output_dir`` (:func:`widened`)."""
     check_study(recipe)
-    return Executor(recipe, plan(recipe)).run()
+    return Executor(recipe, plan(recipe), grid=widened(recipe)).run()
+
+
+def widened(recipe: Recipe) -> Recipe | None:
+    """``recipe`` with its grid (methods, retentions, dense, LoRA) joined to the grid of the study already in its
+    ``output_dir`` (``recipe.resolved.yaml``), or None where there is none, it cannot be read, or it adds nothing.
+
+    Only the grid is joined: every other setting is this recipe's, so an earlier row enters the report only if its
+    stages finished with the keys this recipe gives them."""
+    path = Path(recipe.output_dir) / "recipe.resolved.yaml"
+    if not path.exists():
+        return None
+    try:
+        before = load_recipe(str(path)).study
+    except (RecipeError, OSError, ValueError):  # written by another version: its rows cannot be keyed, leave them
+        return None
+    now = recipe.study
+    if now.variants != before.variants:
+        return None
+
+    def join(a: list, b: list) -> list:
+        return list(a) + [x for x in b if x not in a]
+
+    lora = True if True in (now.lora, before.lora) else join(before.lora or [], now.lora or []) or False
+    grid = dataclasses.replace(now, methods=join(before.methods, now.methods),
+                               retentions=join([float(r) for r in before.retentions],
+                                               [float(r) for r in now.retentions]),
+                               dense=now.dense or before.dense, lora=lora)
+    return None if grid == now else dataclasses.replace(recipe, study=grid)
 
 
 class Executor:
     """Runs the stages of one plan in order and keeps their results (``stage.id -> result``)."""
 
-    def __init__(self, recipe: Recipe, stages: list[Stage]):
+    def __init__(self, recipe: Recipe, stages: list[Stage], grid: Recipe | None = None):
+        """``grid``: the recipe with the grid joined to the directory's earlier one (:func:`widened`): the finished
+        evaluations of its plan are reported beside this plan's rows (nothing of it runs), and it is the recipe
+        the directory and its report record."""
         from accelerate import PartialState
 
         dist.init_from_env()
-        self.recipe, self.stages = recipe, stages
+        self.recipe, self.stages, self.grid = recipe, stages, grid or recipe
+        # the joined grid's plan, with the measurements an earlier run may have made (they key no evaluation)
+        self.earlier = plan(dataclasses.replace(grid, eval=dataclasses.replace(
+            grid.eval, efficiency=True, serve=True))) if grid is not None else None
         self.by_id = {s.id: s for s in stages}
         self.results: dict[str, dict] = {}
         self.state = PartialState()
@@ -47,10 +87,49 @@ class Executor:
 
     def run(self) -> dict:
         if self.state.is_main_process:
-            save_resolved(self.recipe, Path(self.recipe.output_dir))
+            save_resolved(self.grid, Path(self.recipe.output_dir))
         for stage in self.stages:
+            if stage.kind == "report":
+                stage = self._with_earlier_rows(stage)
             self.results[stage.id] = getattr(self, f"_{stage.kind}")(stage)
         return self.results["report/report"]
+
+    def _with_earlier_rows(self, report: Stage) -> Stage:
+        """The report stage, reading also the earlier grid's evaluations that finished under this recipe's keys
+        (each with the stages it was made by), in the joined grid's order."""
+        if not self.earlier:
+            return report
+        kept, left = [], []
+        for stage in self.earlier:
+            if stage.kind != "eval" or stage.id in self.by_id:
+                continue
+            chain = [stage]
+            while chain[-1].inputs:
+                chain.append(next(s for s in self.earlier if s.id == chain[-1].inputs[0]))
+            done = [StageDir(s.path, s.key).cached() for s in chain]
+            if any(d is None for d in done):
+                left.append(stage.name)
+                continue
+            for s, d in zip(chain, done):
+                self.by_id.setdefault(s.id, s)
+                self.results.setdefault(s.id, d)
+            kept.append(stage.name)
+        if not kept:
+            return report
+        if self.state.is_main_process:
+            print(f"[air-ft] report: also {len(kept)} rows this directory holds from an earlier run ("
+                  f"{', '.join(kept)})" + (f"; not {', '.join(left)}: not finished under these settings" if left
+                                          else ""), flush=True)
+        rows = [s.id for s in self.earlier if s.kind == "eval" and s.id in self.by_id]
+        rows += [sid for sid in report.inputs if sid.startswith("eval/") and sid not in rows]
+        others = [sid for sid in report.inputs if not sid.startswith("eval/")]
+        for stage in self.earlier:  # a speed or serving measurement of the joined grid that still holds
+            if stage.kind in ("efficiency", "serve") and stage.id not in self.by_id:
+                done = StageDir(stage.path, stage.key).cached()
+                if done is not None:
+                    self.by_id[stage.id], self.results[stage.id] = stage, done
+                    others.append(stage.id)
+        return dataclasses.replace(report, inputs=tuple(rows + others))
 
     # ------------------------------------------------------------------------------------------ shared inputs
 
@@ -173,12 +252,11 @@ class Executor:
         if not stage.inputs:
             return "dense"
         source = self.by_id[stage.inputs[0]]
-        if source.kind == "compress":
-            return stage_key("shape", self.results[source.id]["info"].get("ranks") or source.key)
+        made = source if source.kind == "compress" else self.by_id[source.inputs[0]]
+        factored = stage_key("shape", self.results[made.id]["info"].get("ranks") or made.key)
         lora = self.recipe.lora  # a merge into the factors (or truncated back to rank k) keeps every shape
-        compressed = next(s for s in self.stages if s.kind == "eval" and s.inputs == source.inputs)
-        same = lora.placement == "factors" or lora.merge == "truncate"
-        return self.shape(compressed) if same else stage_key("shape", self.shape(compressed), to_dict(lora))
+        same = source.kind == "compress" or lora.placement == "factors" or lora.merge == "truncate"
+        return factored if same else stage_key("shape", factored, to_dict(lora))
 
     def _efficiency(self, stage: Stage) -> dict:
         """Every distinct shape measured in turns in one process, on its first model: ratios from one run."""
@@ -209,7 +287,7 @@ class Executor:
         rows = [self.row(self.by_id[sid]) for sid in stage.inputs if sid.startswith("eval/")]
         report = {"title": f"air_ft study: {self.recipe.model.name_or_path} {self.recipe.model.gguf_file or ''}"
                            .strip(),
-                  "setup": setup(self.recipe), "rows": rows, "recipe": to_dict(self.recipe),
+                  "setup": setup(self.recipe), "rows": rows, "recipe": to_dict(self.grid),
                   "environment": run_metadata(self.recipe),
                   "provenance": study_provenance(self.recipe, self.eval_texts(), rows)}
         if self.state.is_main_process:
@@ -237,8 +315,9 @@ class Executor:
         out.update(self.results[stage.id])
         measured = self.results.get("efficiency/efficiency")
         if measured is not None:
-            first = next(s for s in self.stages if s.kind == "eval" and self.shape(s) == self.shape(stage))
-            if measured.get(first.name) is not None:
+            first = next((s for s in self.by_id.values() if s.kind == "eval" and measured.get(s.name) is not None
+                          and self.shape(s) == self.shape(stage)), None)
+            if first is not None:
                 out["efficiency"] = {**measured[first.name], "measured_on": first.name}
         served = self.results.get("serve/serve")
         if served is not None and served.get(row.name) is not None:

@@ -41,6 +41,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
     ("acip_budget.py", ["--post-tune-steps", "48"], "below half of --base-steps"),
     ("acip_budget.py", ["--methods", "svdllm"], "invalid choice"),
     ("peak_memory.py", ["--repeats", "0"], "--tokens and --repeats must be >= 1"),
+    ("acip_claims.py", ["--study", "no/such/study"], "give --study a finished study's directory"),
     ("peak_memory.py", ["--rank-maps", "no/such.json"], "--rank-maps: no such file no/such.json"),
     ("peak_memory.py", ["--rank-maps", str(Path(__file__))], "cannot be read as JSON"),
 ])
@@ -287,3 +288,30 @@ def test_no_benchmark_imports_a_private_name():
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.attr.startswith("_") \
                     and not node.attr.startswith("__") and node.value.id in ("air_ft", "compress", "stages"):
                 raise AssertionError(f"{script.name} reads {node.value.id}.{node.attr}")
+
+
+def test_acip_claims_hold_only_on_every_text_and_beyond_two_standard_errors(monkeypatch):
+    """benchmarks/acip_claims.py: perplexity holds only when lower on every held-out text; accuracy only when the
+    mean is higher by more than two standard errors of the (unpaired) difference; pairs are matched by retention
+    and LoRA, and a retention without an ACIP-style row is not compared."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import acip_claims
+
+    def row(name, ppl, accs, se=0.02):
+        method, rest = name.split("-r")
+        return {"name": name, "method": method, "retention": float(rest[:4]), "lora": name.endswith("+lora"),
+                "tokens": {"training": 1}, "perplexity": {"britannica": {"ppl": ppl[0]}, "plays": {"ppl": ppl[1]}},
+                "tasks": {f"t{i}": {"acc": a, "acc_stderr": se, "chance": 0.25} for i, a in enumerate(accs)}}
+
+    report = {"rows": [row("acip-r0.60", (100, 100), [0.30, 0.30]), row("air-r0.60", (50, 60), [0.36, 0.36]),
+                       row("acip-r0.60+lora", (80, 40), [0.30, 0.30]), row("air-r0.60+lora", (60, 50), [0.31, 0.31]),
+                       row("air-r0.40", (10, 10), [0.9, 0.9])]}
+    out = {(r["ours"], r["theirs"]): r for r in acip_claims.claims(report)}
+    assert set(out) == {("air-r0.60", "acip-r0.60"), ("air-r0.60+lora", "acip-r0.60+lora")}
+    alone, lora = out[("air-r0.60", "acip-r0.60")], out[("air-r0.60+lora", "acip-r0.60+lora")]
+    # 6 points, SE of the difference hypot(0.02 / sqrt 2, 0.02 / sqrt 2) = 0.02: 3 SE
+    assert alone["perplexity_verdict"] == "held" and alone["accuracy_verdict"] == "held"
+    assert alone["accuracy"]["se"] == pytest.approx(0.02) and alone["accuracy"]["z"] == pytest.approx(3.0)
+    assert alone["perplexity"]["plays"]["relative"] == pytest.approx(-0.4)
+    assert lora["perplexity_verdict"] == "not resolved" and lora["accuracy_verdict"] == "not resolved"
+    assert "equal total training tokens" in lora["claim"]

@@ -185,9 +185,10 @@ class _ScoreMap(TrainerCallback):
     the map travels with the Trainer's checkpoints so that a killed mask phase resumes with it."""
 
     def __init__(self, layers: dict[str, MaskedLowRankLinear], shapes: dict, stop: float, schedule,
-                 lora_rank: dict[str, int]) -> None:
+                 lora_rank: dict[str, int], progress: bool = False) -> None:
         self.layers, self.shapes, self.stop, self.schedule = layers, shapes, stop, schedule
         self.lora_rank = lora_rank
+        self.progress, self.bar = progress, None
         self.scores = {n: m.mask.detach().float().cpu().clone() for n, m in layers.items()}
         self.last_positive = {n: s.clone() for n, s in self.scores.items()}
         self.history: list[dict] = []
@@ -201,9 +202,34 @@ class _ScoreMap(TrainerCallback):
             update_scores(self.scores[n], m.mask.detach().float().cpu(), self.last_positive[n])
         ratio = self.ratio()
         self.history.append({"step": state.global_step, "ratio": ratio, "lambda": self.schedule(state.global_step)})
+        self._show(state.global_step, ratio)
         if ratio <= self.stop:
             control.should_training_stop = True
         return control
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.progress and self.bar is None:
+            # the Trainer's own bar would count to the step cap (50,000) while the phase ends at a size ratio
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=1000, desc=f"ACIP mask phase, size ratio -> {self.stop}",
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix} [{elapsed}]")
+            if self.history:  # resumed from a checkpoint
+                self._show(self.history[-1]["step"], self.history[-1]["ratio"])
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def _show(self, step: int, ratio: float) -> None:
+        """The bar's position: the share of the way from the full size (1.0) to the stop ratio."""
+        if self.bar is None:
+            return
+        self.bar.n = min(1000, max(0, round(1000 * (1.0 - ratio) / (1.0 - self.stop))))
+        self.bar.set_postfix_str(f"step {step}, size ratio {ratio:.3f}, lambda {self.schedule(step):.3g}",
+                                 refresh=False)
+        self.bar.refresh()
 
     def on_save(self, args, state, control, **kwargs):
         from safetensors.torch import save_file
@@ -472,7 +498,7 @@ def acip_fit(model: nn.Module, tok, texts: list[str], max_steps: int | None = No
     def schedule(step: int) -> float:
         return lambda_init * lambda_growth ** (step // lambda_every)
 
-    score_map = _ScoreMap(layers, shapes, stop_retention, schedule, {n: lora_rank for n in layers})
+    score_map = _ScoreMap(layers, shapes, stop_retention, schedule, {n: lora_rank for n in layers}, progress)
     # the reference does not clip: the penalty's gradient alone (lambda x sqrt(live entries)) would keep a clip
     # at 1.0 active for the whole phase and shrink every step
     no_clip = {"max_grad_norm": 0.0}
@@ -480,7 +506,7 @@ def acip_fit(model: nn.Module, tok, texts: list[str], max_steps: int | None = No
         out = Path(output_dir or tmp)
         cfg = TrainConfig(max_steps=bound, learning_rate=lora_lr, seq_len=seq_len, batch_size=batch_size,
                           seed=seed, warmup_ratio=0.0, lr_scheduler="constant", eval_steps=0,
-                          save_steps=save_steps if output_dir else 0, progress=progress)
+                          save_steps=save_steps if output_dir else 0, progress=False)  # the score map's bar
         trainer = build_trainer(peft_model, tok, blocks_dataset(mask_blocks), None, cfg, out / "mask_phase",
                                 [score_map, *(callbacks or [])],
                                 trainer_cls=_mask_trainer_class(mask_lr, lora_lr, schedule), args_overrides=no_clip)
@@ -499,7 +525,7 @@ def acip_fit(model: nn.Module, tok, texts: list[str], max_steps: int | None = No
         if post_tune_steps:
             # the reference goes on with the same optimizer: LoRA keeps its AdamW moments, the frozen masks get
             # no gradient and so no update
-            post = dataclasses.replace(cfg, max_steps=post_tune_steps, save_steps=0)
+            post = dataclasses.replace(cfg, max_steps=post_tune_steps, save_steps=0, progress=progress)
             adamw = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate's wrapper unwrapped
             tuner = build_trainer(peft_model, tok, blocks_dataset(post_blocks), None, post, out / "post_tune",
                                   trainer_cls=_mask_trainer_class(mask_lr, lora_lr, schedule),

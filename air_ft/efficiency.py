@@ -20,7 +20,25 @@ from torch import nn
 from air_ft.errors import RecipeError
 from air_ft.modeling import FusedLowRankLinear, LowRankLinear, count_parameters, find_targets, prepare_model
 
-__all__ = ["efficiency", "compare", "parameter_counts", "flops_per_token", "checkpoint_bytes", "peak_forward_bytes"]
+__all__ = ["efficiency", "compare", "parameter_counts", "flops_per_token", "checkpoint_bytes", "peak_forward_bytes",
+           "factored_at"]
+
+
+def factored_at(model: nn.Module, ranks: dict[str, int | None]) -> nn.Module:
+    """``model`` with each named layer replaced, in place, by its truncated SVD at the given rank (None: left
+    dense): a model of the very shapes a compression with that ranks map makes, for measuring what those shapes
+    cost (speed, size and memory depend on the shapes alone, not on which method chose the factors)."""
+    from air_ft import linalg
+    from air_ft.modeling import set_module
+
+    for name, k in ranks.items():
+        if k is None:
+            continue
+        dense = model.get_submodule(name)
+        uf, vf = linalg.back_project(*linalg.truncated_svd(dense.weight.detach().float(), k))
+        w = dense.weight
+        set_module(model, name, LowRankLinear.from_factors(uf, vf, dense.bias, w.dtype, w.device))
+    return model
 
 
 def _linear_layers(model: nn.Module) -> dict[str, nn.Module]:

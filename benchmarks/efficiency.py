@@ -29,7 +29,7 @@ import torch
 from common import MODEL, environment, set_threads, write_json
 
 import air_ft
-from air_ft.efficiency import compare
+from air_ft.efficiency import compare, factored_at
 from air_ft.modeling import fuse_shared_inputs
 
 SHAPES = {  # (hidden, intermediate, layers, heads, kv heads, vocab)
@@ -66,21 +66,6 @@ def read_ranks(path: str) -> dict[str, int]:
     return ranks
 
 
-def factor_at(model, ranks: dict[str, int]):
-    """``model`` with each named layer replaced by its truncated SVD at the given rank (None: left dense)."""
-    from air_ft import linalg
-    from air_ft.modeling import LowRankLinear, set_module
-
-    for name, k in ranks.items():
-        if k is None:
-            continue
-        dense = model.get_submodule(name)
-        uf, vf = linalg.back_project(*linalg.truncated_svd(dense.weight.detach().float(), k))
-        w = dense.weight
-        set_module(model, name, LowRankLinear.from_factors(uf, vf, dense.bias, w.dtype, w.device))
-    return model
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=["smollm2", *SHAPES], default="smollm2")
@@ -113,7 +98,7 @@ def main() -> None:
     dense, tok = build(args.shape, args.dtype, args.device)
     models = {"dense": dense}
     for name, ranks in rank_maps.items():
-        models[name] = factor_at(copy.deepcopy(dense), ranks)
+        models[name] = factored_at(copy.deepcopy(dense), ranks)
         if not args.no_fuse:
             models[f"{name} fused"] = copy.deepcopy(models[name])
             fuse_shared_inputs(models[f"{name} fused"])

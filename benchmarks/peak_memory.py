@@ -32,15 +32,15 @@ def measure(paths: list[str], tokens: int, repeats: int) -> dict:
     import copy
 
     import torch
-    from efficiency import build, factor_at, read_ranks
+    from efficiency import build, read_ranks
 
-    from air_ft.efficiency import peak_forward_bytes
+    from air_ft.efficiency import factored_at, peak_forward_bytes
 
     dense, _ = build("smollm2", "float32", "cpu")
     ids = torch.randint(0, dense.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
     out = {}
     for name, ranks in [("dense", {})] + [(Path(p).parent.name, read_ranks(p)) for p in paths]:
-        model = factor_at(copy.deepcopy(dense), ranks).eval()
+        model = factored_at(copy.deepcopy(dense), ranks).eval()
         with torch.no_grad():
             model(input_ids=ids, use_cache=False)  # warm-up
             out[name] = {m: statistics.median(peak_forward_bytes(model, ids, m)[0] for _ in range(repeats)) / 2**20

@@ -465,3 +465,24 @@ def test_a_run_of_part_of_the_grid_keeps_the_directorys_other_finished_rows_in_i
     run_study(load_recipe(str(path), [*base, "study.methods=[air]", "eval.efficiency=false", "eval.max_windows=3"]))
     assert "also" not in capsys.readouterr().out
     assert [r["name"] for r in json.loads((out / "report.json").read_text())["rows"]] == ["dense", "air-r0.50"]
+
+
+def test_a_results_only_copy_measures_speed_on_its_rows_shapes_without_compressing_again(study, monkeypatch):
+    """Speed and size depend on the layer shapes alone: where a row's checkpoint is gone, the speed stage measures
+    the dense model factored at the row's ranks map, and every shape-only figure equals the checkpoint's."""
+    import shutil
+
+    tmp, path = study
+    out = tmp / "out"
+    base = ["study.lora=false", "study.methods=[svdllm]", "eval.tasks=[]", "eval.efficiency_rounds=1"]
+    first = run_study(load_recipe(str(path), base))["rows"][1]["efficiency"]
+    assert first["built_from"] == "checkpoint"
+    shutil.rmtree(out / "stages/compress/svdllm-r0.50/checkpoint")
+    monkeypatch.setattr(commands, "compress", lambda *a, **k: pytest.fail("recompressed"))
+    again = run_study(load_recipe(str(path), [*base, "eval.decode_batch_sizes=[1]"]))["rows"]
+    dense, row = again[0]["efficiency"], again[1]["efficiency"]
+    assert "ranks map" in row["built_from"] and dense["built_from"] == "dense model"
+    for key in ("params", "flops_per_token", "checkpoint_bytes"):
+        assert row[key] == first[key], key
+    assert row["params"]["retention"] < 0.6 and row["decode_s_per_token"]["1"] > 0
+    assert not (out / "stages/compress/svdllm-r0.50/checkpoint").exists()

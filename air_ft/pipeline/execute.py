@@ -12,6 +12,7 @@ beside a finished grid reports the whole grid; rows the changed settings invalid
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from pathlib import Path
@@ -259,16 +260,47 @@ class Executor:
         return factored if same else stage_key("shape", factored, to_dict(lora))
 
     def _efficiency(self, stage: Stage) -> dict:
-        """Every distinct shape measured in turns in one process, on its first model: ratios from one run."""
+        """Every distinct shape measured in turns in one process, on its first model: ratios from one run.
+
+        A compressed model whose checkpoint is not here (a results-only copy of a study) is measured as the dense
+        model factored at its ranks map (:func:`air_ft.efficiency.factored_at`: the same shapes, so the same size,
+        FLOPs, memory and speed) rather than compressed again; each result says which it measured (``built_from``).
+        """
+        import tempfile
+
         from air_ft.efficiency import compare
 
         firsts: dict[str, Stage] = {}
         for sid in stage.inputs:
             firsts.setdefault(self.shape(self.by_id[sid]), self.by_id[sid])
-        loaders = {s.name: (lambda s=s: self._load(s.inputs[0] if s.inputs else None)) for s in firsts.values()}
         ev = self.recipe.eval
-        return self._run(stage, "measure speed and size", lambda path: compare(
-            loaders, rounds=ev.efficiency_rounds, batch_sizes=tuple(ev.decode_batch_sizes)))
+
+        def work(path: Path) -> dict:
+            built: dict[str, str] = {}
+            with tempfile.TemporaryDirectory(prefix="air_ft_shapes_") as tmp:
+                loaders = {s.name: (lambda s=s: self._measured(s, Path(tmp), built)) for s in firsts.values()}
+                out = compare(loaders, rounds=ev.efficiency_rounds, batch_sizes=tuple(ev.decode_batch_sizes))
+            return {name: {**res, "built_from": built[name]} for name, res in out.items()}
+
+        return self._run(stage, "measure speed and size", work)
+
+    def _measured(self, stage: Stage, tmp: Path, built: dict[str, str]):
+        """The model whose speed and size ``stage``'s row reports (see :meth:`_efficiency`)."""
+        import air_ft
+        from air_ft.checkpoint import MARKER
+        from air_ft.efficiency import factored_at
+
+        source = self.by_id[stage.inputs[0]] if stage.inputs else None
+        ranks = self.results[source.id]["info"].get("ranks") if source and source.kind == "compress" else None
+        if source is None or not ranks or (source.path / "checkpoint" / MARKER).exists():
+            built[stage.name] = "dense model" if source is None else "checkpoint"
+            return self._load(source.id if source else None)
+        saved = tmp / stage.name
+        if not (saved / MARKER).exists():  # factored once, read back in every round like a checkpoint
+            model, tok = self.dense()
+            air_ft.save_compressed(factored_at(copy.deepcopy(model), ranks), tok, saved)
+        built[stage.name] = "the dense model factored at the row's ranks map (its checkpoint is not here)"
+        return air_ft.load_compressed(saved, device=self.recipe.model.device)
 
     def _serve(self, stage: Stage) -> dict:
         """Every row's checkpoint served with vLLM in turn, in this process: ratios against dense from one run."""

@@ -213,7 +213,7 @@ class _ScoreMap(TrainerCallback):
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=1000, desc=f"ACIP mask phase, size ratio -> {self.stop}",
-                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix} [{elapsed}]")
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}]")
             if self.history:  # resumed from a checkpoint
                 self._show(self.history[-1]["step"], self.history[-1]["ratio"])
 
@@ -227,8 +227,8 @@ class _ScoreMap(TrainerCallback):
         if self.bar is None:
             return
         self.bar.n = min(1000, max(0, round(1000 * (1.0 - ratio) / (1.0 - self.stop))))
-        self.bar.set_postfix_str(f"step {step}, size ratio {ratio:.3f}, lambda {self.schedule(step):.3g}",
-                                 refresh=False)
+        self.bar.set_description_str(f"ACIP mask phase: step {step}, size ratio {ratio:.3f} -> {self.stop}, "
+                                     f"lambda {self.schedule(step):.3g}", refresh=False)
         self.bar.refresh()
 
     def on_save(self, args, state, control, **kwargs):

@@ -272,6 +272,14 @@ def test_report_renders_from_a_results_file(tmp_path, capsys):
     old_md = markdown(old)
     assert "- AIR at 0.60: 1.05x dense" in old_md and "fragment the heap" in old_md
     assert "rank-k intermediate" not in old_md
+    # a rounding-level excess (1.00x in the table) is not listed; a shape measured from a ranks map is said
+    near = _fixture_report()
+    near["rows"][2]["efficiency"]["peak_forward_bytes"] = 1.001e8
+    near["rows"][1]["efficiency"]["built_from"] = "the dense model factored at the row's ranks map (its checkpoint...)"
+    near_md = markdown(near)
+    assert "- SVD-LLM(W) at 0.60: 1.05x dense" in near_md and "- AIR at 0.60: " not in near_md
+    assert "factored at the row's ranks map, its checkpoint not being kept" in near_md
+    assert "SVD-LLM(W) at 0.60." in near_md and "AIR at 0.60." not in near_md
     for png in ("perplexity.png", "accuracy.png", "efficiency.png"):
         assert (tmp_path / "plots" / png).exists()
     assert main(["report", str(tmp_path / "missing")]) == 2
@@ -455,11 +463,13 @@ def test_a_run_of_part_of_the_grid_keeps_the_directorys_other_finished_rows_in_i
     run_study(load_recipe(str(path), [*base, "study.methods=[air]", "eval.efficiency=false"]))
     assert "also 1 rows this directory holds from an earlier run (svdllm-r0.50)" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
-    assert [r["name"] for r in report["rows"]] == ["dense", "svdllm-r0.50", "air-r0.50"]
-    for a, b in zip(full["rows"], report["rows"]):
-        assert a["perplexity"] == b["perplexity"] and a["efficiency"] == b["efficiency"] is not None
-    assert report["recipe"]["study"]["methods"] == ["svdllm", "air"]
-    assert yaml.safe_load((out / "recipe.resolved.yaml").read_text())["study"]["methods"] == ["svdllm", "air"]
+    assert [r["name"] for r in report["rows"]] == ["dense", "air-r0.50", "svdllm-r0.50"]  # this run's grid first
+    same = {r["name"]: r for r in full["rows"]}
+    for b in report["rows"]:
+        assert same[b["name"]]["perplexity"] == b["perplexity"] and same[b["name"]]["efficiency"] == b["efficiency"]
+        assert b["efficiency"] is not None
+    assert report["recipe"]["study"]["methods"] == ["air", "svdllm"]
+    assert yaml.safe_load((out / "recipe.resolved.yaml").read_text())["study"]["methods"] == ["air", "svdllm"]
     assert (out / "report.md").read_text().split("\n\n")[1].count("| SVD-LLM(W)") == 1
     # another evaluation setting: the earlier svdllm row no longer holds, and only this run's rows are reported
     run_study(load_recipe(str(path), [*base, "study.methods=[air]", "eval.efficiency=false", "eval.max_windows=3"]))

@@ -57,10 +57,10 @@ def widened(recipe: Recipe) -> Recipe | None:
     def join(a: list, b: list) -> list:
         return list(a) + [x for x in b if x not in a]
 
-    lora = True if True in (now.lora, before.lora) else join(before.lora or [], now.lora or []) or False
-    grid = dataclasses.replace(now, methods=join(before.methods, now.methods),
-                               retentions=join([float(r) for r in before.retentions],
-                                               [float(r) for r in now.retentions]),
+    lora = True if True in (now.lora, before.lora) else join(now.lora or [], before.lora or []) or False
+    grid = dataclasses.replace(now, methods=join(now.methods, before.methods),
+                               retentions=join([float(r) for r in now.retentions],
+                                               [float(r) for r in before.retentions]),
                                dense=now.dense or before.dense, lora=lora)
     return None if grid == now else dataclasses.replace(recipe, study=grid)
 

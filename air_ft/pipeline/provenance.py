@@ -36,10 +36,12 @@ def git_commit(package: Path | None = None) -> str:
 
 
 def run_metadata(recipe: Recipe) -> dict:
-    """Versions, seed, git commit and command line."""
+    """Versions, seed, git commit, command line, and the model the recipe names: its resolved path, and for a
+    single file (a GGUF, one joined from chunk wheels) its size and sha256."""
     from importlib.metadata import PackageNotFoundError, version
 
     import air_ft
+    from air_ft.assets import file_record
 
     versions = {}
     for package in PACKAGES:
@@ -48,7 +50,8 @@ def run_metadata(recipe: Recipe) -> dict:
         except PackageNotFoundError:
             versions[package] = None
     return {"air_ft": air_ft.__version__, **versions, "python": platform.python_version(),
-            "seed": recipe.compress.seed, "git_commit": git_commit(), "argv": sys.argv}
+            "seed": recipe.compress.seed, "git_commit": git_commit(), "argv": sys.argv,
+            "model": file_record(recipe.model.name_or_path, recipe.model.gguf_file)}
 
 
 def save_resolved(recipe: Recipe, out_dir: Path) -> None:

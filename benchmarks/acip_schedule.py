@@ -47,10 +47,11 @@ def main() -> None:
     from air_ft.pipeline.plan import row_recipe
 
     report = run_study(recipe)
+    variants = report["recipe"]["study"]["variants"]  # the directory's joined grid: its earlier variants too
     ppl = perplexities(report)
     schedules: dict[str, dict] = {}
     for r in (r for r in report["rows"] if r["method"] == "acip"):
-        settings = row_recipe(recipe, "acip", r["retention"], recipe.study.variants[r["variant"]]).acip
+        settings = row_recipe(recipe, "acip", r["retention"], variants[r["variant"]]).acip
         c = r["compress"]
         entry = schedules.setdefault(r["variant"], {
             "variant": r["variant"], "acip": vars(settings), "mask_steps": c["mask_steps"],

@@ -47,11 +47,12 @@ def main() -> None:
     from air_ft.pipeline import run_study
 
     report = run_study(recipe)
+    variants = report["recipe"]["study"]["variants"]  # the directory's joined grid: its earlier variants too
     ppl = perplexities(report)
     rows = []
     for r in (r for r in report["rows"] if r["method"] != "dense"):
         ref = ppl[f"{REFERENCE[0]}-r{r['retention']:.2f}-{REFERENCE[1]}"]
-        settings = recipe.study.variants[r["variant"]]
+        settings = variants[r["variant"]]
         family = r["variant"].rpartition("-")[0] or "paper"
         rows.append({"method": r["method"], "setting": family, "variant": r["variant"], "retention": r["retention"],
                      "windows": settings["num_samples"], "settings": settings, **text_scores(ppl[r["name"]]),

@@ -45,8 +45,8 @@ def main() -> None:
 
     every_variant = dict(recipe.study.variants)
     recipe = study_subset(ap, args, recipe, REFERENCE)
-    variants = recipe.study.variants
     report = run_study(recipe)
+    variants = report["recipe"]["study"]["variants"]  # the directory's joined grid: its earlier variants too
     ppl = perplexities(report)
     rows = []
     for r in (r for r in report["rows"] if r["method"] != "dense"):

@@ -477,6 +477,27 @@ def test_a_run_of_part_of_the_grid_keeps_the_directorys_other_finished_rows_in_i
     assert [r["name"] for r in json.loads((out / "report.json").read_text())["rows"]] == ["dense", "air-r0.50"]
 
 
+def test_a_run_of_some_variants_keeps_the_directorys_other_variants_and_refuses_a_renamed_setting(study, monkeypatch,
+                                                                                                 capsys):
+    """The lever benchmarks run a few variants at a time into one directory: a run of one variant reports the
+    variants an earlier run finished there; a variant whose name now means other settings joins nothing."""
+    tmp, path = study
+    out = tmp / "out"
+    base = ["study.lora=false", "eval.tasks=[]", "eval.efficiency=false", "study.methods=[svdllm]"]
+    run_study(load_recipe(str(path), [*base, "study.variants={a: {delta: 1.0}, b: {output_weight: 0.5}}"]))
+    monkeypatch.setattr(commands, "compress", lambda *a, **k: pytest.fail("recompressed"))
+    capsys.readouterr()
+    run_study(load_recipe(str(path), [*base, "study.variants={b: {output_weight: 0.5}}"]))
+    assert "also 1 rows this directory holds from an earlier run (svdllm-r0.50-a)" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert [r["name"] for r in report["rows"]] == ["dense", "svdllm-r0.50-b", "svdllm-r0.50-a"]
+    assert list(yaml.safe_load((out / "recipe.resolved.yaml").read_text())["study"]["variants"]) == ["b", "a"]
+    monkeypatch.undo()
+    run_study(load_recipe(str(path), [*base, "study.variants={a: {output_weight: 1.0}}"]))  # 'a' renamed
+    assert "also" not in capsys.readouterr().out
+    assert [r["name"] for r in json.loads((out / "report.json").read_text())["rows"]] == ["dense", "svdllm-r0.50-a"]
+
+
 def test_a_results_only_copy_measures_speed_on_its_rows_shapes_without_compressing_again(study, monkeypatch):
     """Speed and size depend on the layer shapes alone: where a row's checkpoint is gone, the speed stage measures
     the dense model factored at the row's ranks map, and every shape-only figure equals the checkpoint's."""

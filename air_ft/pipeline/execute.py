@@ -41,8 +41,9 @@ def widened(recipe: Recipe) -> Recipe | None:
     """``recipe`` with its grid (methods, retentions, dense, LoRA) joined to the grid of the study already in its
     ``output_dir`` (``recipe.resolved.yaml``), or None where there is none, it cannot be read, or it adds nothing.
 
-    Only the grid is joined: every other setting is this recipe's, so an earlier row enters the report only if its
-    stages finished with the keys this recipe gives them."""
+    Only the grid is joined (variants too, where a name both grids hold means the same settings in each): every
+    other setting is this recipe's, so an earlier row enters the report only if its stages finished with the keys
+    this recipe gives them."""
     path = Path(recipe.output_dir) / "recipe.resolved.yaml"
     if not path.exists():
         return None
@@ -51,17 +52,32 @@ def widened(recipe: Recipe) -> Recipe | None:
     except (RecipeError, OSError, ValueError):  # written by another version: its rows cannot be keyed, leave them
         return None
     now = recipe.study
-    if now.variants != before.variants:
-        return None
+
+    def settings(v: dict) -> dict:
+        return {k: x for k, x in v.items() if k != "methods"}  # which methods a variant applies to is grid
+
+    both = set(now.variants) & set(before.variants)
+    if any(settings(now.variants[v]) != settings(before.variants[v]) for v in both):
+        return None  # one name, two settings: the earlier rows of that name cannot be told from this run's
+    if bool(now.variants) != bool(before.variants):
+        return None  # a grid of variants and one without name their rows differently
 
     def join(a: list, b: list) -> list:
         return list(a) + [x for x in b if x not in a]
 
     lora = True if True in (now.lora, before.lora) else join(now.lora or [], before.lora or []) or False
+    variants = {v: dict(x) for v, x in now.variants.items()}
+    for v, x in before.variants.items():
+        if v not in variants:
+            variants[v] = dict(x)
+        elif "methods" in variants[v]:  # a variant run for some methods keeps the others it was run for
+            variants[v]["methods"] = (join(variants[v]["methods"], x["methods"]) if "methods" in x else None)
+            if variants[v]["methods"] is None:
+                del variants[v]["methods"]
     grid = dataclasses.replace(now, methods=join(now.methods, before.methods),
                                retentions=join([float(r) for r in now.retentions],
                                                [float(r) for r in before.retentions]),
-                               dense=now.dense or before.dense, lora=lora)
+                               dense=now.dense or before.dense, lora=lora, variants=variants)
     return None if grid == now else dataclasses.replace(recipe, study=grid)
 
 

@@ -315,3 +315,38 @@ def test_acip_claims_hold_only_on_every_text_and_beyond_two_standard_errors(monk
     assert alone["perplexity"]["plays"]["relative"] == pytest.approx(-0.4)
     assert lora["perplexity_verdict"] == "not resolved" and lora["accuracy_verdict"] == "not resolved"
     assert "equal total training tokens" in lora["claim"]
+
+
+def test_the_dense_check_scores_the_recipes_texts_and_records_the_model(monkeypatch, tmp_path, tokenizer, text):
+    """benchmarks/task_choice.py --texts: the dense model's perplexity on every evaluation text of the recipe (what
+    ``air_ft.evaluate_perplexity`` gives), the task rows, and what the model name resolved to, in one JSON (a single
+    model file's size and sha256: tests/test_assets.py)."""
+    import json
+
+    import yaml
+
+    from air_ft import evaluate_perplexity, load_model
+
+    from .conftest import save_piqa_like, study_base, tiny_llama
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    import common
+    import task_choice
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    base = study_base(tmp_path, tiny_llama(vocab_size=len(tokenizer)), tokenizer, text)
+    save_piqa_like(tmp_path / "tasks", n=8)
+    recipe = {**base, "eval": {"seq_len": 32, "max_windows": 3, "task_batch_size": 4,
+                               "task_data": str(tmp_path / "tasks")}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    monkeypatch.setattr(sys, "argv", ["task_choice.py", "--recipe", str(tmp_path / "r.yaml"), "--tasks", "piqa",
+                                      "--limit", "4", "--texts", "--output", "check.json"])
+    task_choice.main()
+    out = json.loads((tmp_path / "check.json").read_text())
+    model, tok = load_model(str(tmp_path / "base"))
+    heldout = text[int(0.8 * len(text)):]
+    assert set(out["perplexity"]) == {"heldout", "seconds"}
+    assert out["perplexity"]["heldout"] == pytest.approx(evaluate_perplexity(model, tok, heldout, 32, 3)["ppl"],
+                                                         rel=1e-3)
+    assert out["model_file"] == {"name": str(tmp_path / "base"), "path": str(tmp_path / "base")}
+    assert [r["task"] for r in out["rows"]] == ["piqa"] and out["rows"][0]["n"] == 4

@@ -277,13 +277,20 @@ def compress(model: nn.Module, tok, texts: list[str] | None = None, method: str 
 
 
 def held_out_windows(n: int) -> torch.Tensor:
-    """Which of ``n`` calibration windows ``delta: auto`` holds out: every 8th (the last one when fewer than 8),
-    so that every source of a mixed calibration set is among them."""
+    """Which of ``n`` calibration windows ``delta: auto`` holds out: ``n // 8`` of them, every 7th (windows 7, 14,
+    21, ...; the last one when fewer than 8). :func:`air_ft.data.sample_windows` draws the sources in turn, so window
+    ``i`` comes from source ``i mod s``; a step of 7 walks through every residue of any ``s`` from 2 to 6 and 8, so
+    the held-out windows take every source in turn and the fit windows keep the sources' balance (every 8th window
+    would be one source's alone whenever ``s`` divides 8)."""
     if n < 2:
         raise RecipeError("delta: auto holds out calibration windows to choose delta and calibrates on the others: "
                           f"it needs num_samples >= 2, got {n}; raise num_samples or set delta to a number")
-    idx = torch.arange(n)
-    return idx % 8 == 7 if n >= 8 else idx == n - 1
+    held = torch.zeros(n, dtype=torch.bool)
+    if n < 8:
+        held[n - 1] = True
+    else:
+        held[7 * torch.arange(1, n // 8 + 1)] = True
+    return held
 
 
 def _auto_delta(model: nn.Module, tok, texts, windows, stats, cfg: CompressConfig, device, on_block

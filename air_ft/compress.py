@@ -135,18 +135,25 @@ def get_stats(model: nn.Module, tok, texts: list[str], targets: dict[str, nn.Lin
                 save_stats(stats, path)
         return stats
 
-    base = cached(influence and not whitened, lambda: calibrate(
-        model, windows, targets, influence=influence and not whitened, batch_size=cfg.batch_size,
-        progress=cfg.progress))
+    few = cfg.influence_samples  # the backward reads the first windows alone (whole batches), as the stream does
+    sub = windows[:-(-few // cfg.batch_size) * cfg.batch_size] if few else windows
+    one_pass = influence and not whitened and not few  # Grams and unwhitened maps from one pass over every window
+    base = cached(one_pass, lambda: calibrate(model, windows, targets, influence=one_pass, batch_size=cfg.batch_size,
+                                              progress=cfg.progress))
+    if influence and not whitened and few:
+        extra = cached(f"maps:first{few}", lambda: calibrate(model, sub, targets, influence=True, grams=False,
+                                                             batch_size=cfg.batch_size, progress=cfg.progress))
+        base.influence, base.seconds = extra.influence, base.seconds + extra.seconds
+        base.cached = base.cached and extra.cached
     if whitened:
         def second_pass() -> CalibrationStats:
             factors = {}
             for group in set(base.group_of.values()):
                 factors[group] = linalg.whitening_factor(base.grams[group], cfg.eps, cfg.whitening)[0]
-            return calibrate(model, windows, targets, influence=True, batch_size=cfg.batch_size,
+            return calibrate(model, sub, targets, influence=True, batch_size=cfg.batch_size,
                              progress=cfg.progress, whitening={n: factors[g] for n, g in base.group_of.items()})
 
-        extra = cached(f"{WHITENED}:{cfg.whitening}:{cfg.eps}", second_pass)
+        extra = cached(f"{WHITENED}:{cfg.whitening}:{cfg.eps}" + (f":first{few}" if few else ""), second_pass)
         base.influence[WHITENED] = extra.influence[WHITENED]
         base.influence[OGRAD] = extra.influence[OGRAD]
         base.seconds += extra.seconds
@@ -229,6 +236,8 @@ def compress(model: nn.Module, tok, texts: list[str] | None = None, method: str 
     whitened, maps = signal == WHITENED, signal not in (None, OGRAD)  # OGRAD alone: no element-wise maps
     kind = (f"influence-{WHITENED}+{OGRAD}-{cfg.whitening}-{cfg.eps}" if whitened
             else f"influence-wxg+fisher+{OGRAD}" if maps else f"influence-{OGRAD}")
+    if cfg.influence_samples:  # maps of the first windows alone are other maps
+        kind += f"-first{cfg.influence_samples}"
     allocation_seconds = 0.0
     if cfg.rank_allocation == "global":
         if windows is None and stats is None:
@@ -358,7 +367,8 @@ def _loss_spectra(model: nn.Module, targets: dict[str, nn.Linear], uniform: dict
         spectrum(list(targets), stats)  # the callback skips the layers that stay dense
         return spectra
     dense = dataclasses.replace(cfg, sequential=False, refine_steps=0)  # ranked on the dense model's statistics
-    whitened, kind, maps = shared if shared is not None else (False, f"influence-{OGRAD}", False)
+    whitened, kind, maps = shared if shared is not None else (
+        False, f"influence-{OGRAD}" + (f"-first{cfg.influence_samples}" if cfg.influence_samples else ""), False)
     StreamCompressor(model, windows, targets, dense, spectrum, True, True, whitened, kind, {}, resume=False,
                      maps=maps).run()
     return spectra

@@ -131,6 +131,11 @@ class CompressConfig:
                                         "best factors on the calibration data are kept; counted as calibration "
                                         "time); 0 off; needs sequential; unset: the method's preset, else 0",
                                   neutral=lambda c: c.setting("refine_steps") == 0)
+    influence_samples: int | None = _f(None, "calibration windows the backward pass reads (AIR's influence maps, "
+                                             "the output-gradient Grams of output_weight and global ranks): the "
+                                             "first this many (whole batches; the sources in turn), the Grams still "
+                                             "read every window; 0 every window; unset: the method's preset, else 0",
+                                       neutral=lambda c: c.setting("influence_samples") == 0)
     refine_lr: float = _f(3e-4, "block refinement: Adam learning rate (3e-4 chosen on validation; 1e-3 overfits)",
                           neutral=lambda c: c.setting("refine_steps") == 0)
     whitening: str = _f("cholesky", "square root of the Gram: 'cholesky' (the paper) or 'symmetric' (keeps AIR's "
@@ -221,6 +226,9 @@ class CompressConfig:
                 and 0 < self.rank_floor <= 1 <= self.rank_ceiling):
             raise RecipeError(f"rank_floor and rank_ceiling must satisfy 0 < rank_floor <= 1 <= rank_ceiling, got "
                               f"{self.rank_floor!r} and {self.rank_ceiling!r}")
+        few = levers["influence_samples"]
+        if isinstance(few, bool) or not isinstance(few, int) or few < 0:
+            raise RecipeError(f"influence_samples must be an integer >= 0 (0: every calibration window), got {few!r}")
         steps = levers["refine_steps"]
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise RecipeError(f"refine_steps must be an integer >= 0, got {steps!r}")

@@ -148,7 +148,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 )}
 
 
-LEVERS_OFF = {"output_weight": 0.0, "rank_allocation": "uniform", "refine_steps": 0, "als_output_side": False}
+LEVERS_OFF = {"output_weight": 0.0, "rank_allocation": "uniform", "refine_steps": 0, "als_output_side": False,
+              "influence_samples": 0}
 """The compress settings that a method may preset (:attr:`Method.presets`), at their values that turn them off."""
 
 

@@ -88,6 +88,11 @@ class StreamCompressor:
                               "or lower batch_size so that every process gets a batch")
         self.mine = dist.shard(batches) if cfg.data_parallel else batches
         self.tokens, self.n = int(windows.numel()), len(self.blocks)
+        # the backward reads the first influence_samples windows: the first whole batches, at least one a process
+        few = cfg.influence_samples
+        n_infl = len(batches) if not few else min(len(batches), max(-(-few // cfg.batch_size), dist.world()))
+        self.infl_batches = len(range(dist.rank(), n_infl, dist.world())) if cfg.data_parallel else n_infl
+        self.infl_tokens = sum(int(b.numel()) for b in batches[:n_infl])
         self.cache = BlockCache.open(model, windows, targets, cfg, ranks, kind, self.n, resume)
         self.records = Records()
         self.peak = {"stats": 0, "grams_computed": 0, "influence_passes": 0}
@@ -266,10 +271,12 @@ class StreamCompressor:
         start = todo[0]
         label = f"influence, block {start}" + (f"-{todo[-1]}" if len(todo) > 1 else "")
         module = self.blocks.modules[start]
-        with passthrough(self.blocks, start, self.inputs.returns_tuple), inject(module, self.inputs.hidden):
-            st = calibrate(self.model, torch.cat(self.mine), group, influence=True, batch_size=self.cfg.batch_size,
-                           progress=self.cfg.progress, whitening=whitening, grams=False, start=module,
-                           checkpointing=self.cfg.checkpointing, desc=label, tokens=self.tokens, maps=self.maps)
+        nb = self.infl_batches
+        with passthrough(self.blocks, start, self.inputs.returns_tuple), inject(module, self.inputs.hidden[:nb]):
+            st = calibrate(self.model, torch.cat(self.mine[:nb]), group, influence=True,
+                           batch_size=self.cfg.batch_size, progress=self.cfg.progress, whitening=whitening,
+                           grams=False, start=module, checkpointing=self.cfg.checkpointing, desc=label,
+                           tokens=self.infl_tokens, maps=self.maps)
         self.peak["influence_passes"] += 1
         out = {}
         for i in todo:
@@ -307,6 +314,7 @@ class StreamCompressor:
 
     def _outcome(self, groups: int, resumed: int) -> StreamOutcome:
         stream = {"blocks": self.n, "groups": groups, "influence_passes": self.peak["influence_passes"],
+                  "influence_tokens": self.infl_tokens if self.need_infl else 0,
                   "sequential": self.cfg.sequential, "processes": dist.world(), "resumed_blocks": resumed,
                   "peak_stats_bytes": self.peak["stats"],
                   "hidden_state_bytes": self.inputs.nbytes() if self.inputs is not None else 0,

@@ -410,3 +410,42 @@ def test_bad_refinement_settings_are_refused_before_any_work(tokenizer, text, op
     with pytest.raises(RecipeError, match=match):
         air_ft.compress(model, tokenizer, [text], **{**SMALL, "sequential": True, **options})
     assert not any(isinstance(m, LowRankLinear) for m in model.modules())
+
+
+@pytest.mark.parametrize("method,options", [("air", {}), ("air", {"influence": "wxg"}), ("fwsvd", {}),
+                                            ("air2s", {"sequential": True})])
+def test_influence_samples_measures_the_backward_on_the_first_windows_alone(tokenizer, text, method, options):
+    """``influence_samples: n``: the influence maps and output-gradient Grams of the first n windows (whole
+    batches), the Grams of every window. Streamed, it gives the factors of the all-at-once reference with those
+    statistics; its maps are those of a calibration of the first windows alone, and differ from every window's."""
+    from air_ft.calibration import calibrate
+    from air_ft.data import sample_windows
+
+    base = tiny_llama(vocab_size=len(tokenizer), layers=3)
+    few = dict(influence_samples=3, **options)  # 3 windows: the first two batches of 2
+    cfg = CompressConfig(method=method, **{**SMALL, **few})
+    ref = copy.deepcopy(base)
+    stats = get_stats(ref, tokenizer, [text], find_targets(ref), cfg, influence=True)
+    every = get_stats(ref, tokenizer, [text], find_targets(ref), CompressConfig(method=method, **{**SMALL, **options}),
+                      influence=True)
+    windows = sample_windows(tokenizer, [text], SMALL["num_samples"], SMALL["seq_len"], 0)
+    alone = calibrate(ref, windows[:4], find_targets(ref), influence=True, progress=False)
+    for name, gram in every.grams.items():
+        assert torch.equal(stats.grams[name], gram)  # the Grams read every window
+    signal = "fisher" if method == "fwsvd" else "fisher_whitened"
+    signal = "wxg" if options.get("influence") == "wxg" else signal
+    for name, m in stats.influence[signal].items():
+        e = every.influence[signal][name]
+        assert (m - e).abs().max() > 0.1 * e.abs().max()
+        if signal in alone.influence:
+            torch.testing.assert_close(m, alone.influence[signal][name], rtol=1e-5, atol=1e-9)
+    if method == "air2s":
+        stats = None  # global allocation: the stream against a cache-less stream of its own
+        ref, _ = _compressed(copy.deepcopy(base), tokenizer, text, method=method, cache=False, **few)
+    else:
+        air_ft.compress(ref, tokenizer, method=method, stats=stats, **SMALL, **few)
+    streamed, info = _compressed(copy.deepcopy(base), tokenizer, text, method=method, **few)
+    assert info.stream["influence_tokens"] == 4 * SMALL["seq_len"]
+    assert _same_state(ref, streamed) < 1e-6
+    whole, every_info = _compressed(copy.deepcopy(base), tokenizer, text, method=method, **options)
+    assert every_info.ranks != info.ranks or _same_state(whole, streamed) > 1e-4

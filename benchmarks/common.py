@@ -111,6 +111,7 @@ def study_recipe(ap, args, *overrides: str):
 
     check_retentions(ap, args.retentions)
     set_threads(args.threads)
+    args.recipe = str(Path(args.recipe).resolve())  # a relative --recipe: the JSON names it relative to the repo
     study_dir = RESULTS / Path(args.output).stem
     return load_recipe(args.recipe, [f"output_dir={study_dir}", *overrides,
                                      f"study.retentions=[{','.join(map(str, args.retentions))}]"]), study_dir

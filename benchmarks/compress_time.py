@@ -1,7 +1,7 @@
 """Compression time of the default against SVD-LLM(W) and AIR as published, in one run, nothing cached.
 
-    python benchmarks/compress_time.py --threads 2                 # 0.6, 32 windows x 512 tokens
-    python benchmarks/compress_time.py --retention 0.4 --num-samples 64
+    python benchmarks/compress_time.py --threads 2                 # 0.6, the default's 64 windows x 512 tokens
+    python benchmarks/compress_time.py --retention 0.4 --num-samples 32
 
 Each method compresses a fresh copy of SmolLM2-135M-Instruct from the same calibration windows with a cold
 statistics cache (``--cache cold``: an empty ``AIR_FT_CACHE`` folder of its own, what a first run costs; the default
@@ -27,7 +27,8 @@ from common import MODEL, check_retentions, environment, load_split, set_threads
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--retention", type=float, default=0.6)
-    ap.add_argument("--num-samples", type=int, default=32)
+    ap.add_argument("--num-samples", type=int, default=None,
+                    help="calibration windows (default: the library's, compress.num_samples)")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--cache", choices=["cold", "off"], default="cold")
@@ -36,13 +37,15 @@ def main() -> None:
     ap.add_argument("--output", default="compress_time_smollm2_cpu.json")
     args = ap.parse_args()
     check_retentions(ap, [args.retention])
-    if args.num_samples < 1 or args.seq_len < 2:
+    if args.num_samples is not None and args.num_samples < 1 or args.seq_len < 2:
         ap.error("--num-samples must be >= 1 and --seq-len >= 2")
     if "svdllm" not in args.runs:
         ap.error("--runs must include svdllm (the reference of the ratio)")
     set_threads(args.threads)
     import air_ft
     from air_ft.config import CompressConfig
+
+    args.num_samples = args.num_samples or CompressConfig().num_samples
 
     model, tok = air_ft.load_model(MODEL)
     texts = load_split("calibration")
@@ -71,7 +74,8 @@ def main() -> None:
                      # dense model) and block refinement
                      "allocation_seconds": info.extra.get("allocation_seconds", 0.0),
                      "refine_seconds": stream.get("refine", {}).get("seconds", 0.0),
-                     "influence_passes": stream.get("influence_passes")})
+                     "influence_passes": stream.get("influence_passes"),
+                     "influence_tokens": stream.get("influence_tokens")})
         print(f"{label}: {wall:.0f} s (calibration {info.calibration_seconds:.0f} s, of which allocation "
               f"{rows[-1]['allocation_seconds']:.0f} s and refinement {rows[-1]['refine_seconds']:.0f} s; "
               f"factoring {info.compression_seconds:.0f} s)", flush=True)

@@ -26,6 +26,7 @@ def main() -> None:
     ap.add_argument("--device-tag", default="cpu", help="names the output (cpu, h100, ...)")
     ap.add_argument("overrides", nargs="*", help="recipe overrides, e.g. model.device=cuda eval.serve_engine={}")
     args = ap.parse_args()
+    args.recipe = str(Path(args.recipe).resolve())  # a relative --recipe: the JSON names it relative to the repo
     from air_ft.config import load_recipe
     from air_ft.pipeline import run_study
 

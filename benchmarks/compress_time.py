@@ -32,8 +32,10 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--cache", choices=["cold", "off"], default="cold")
-    ap.add_argument("--runs", nargs="+", choices=["svdllm", "air", "default"], default=["svdllm", "air", "default"],
-                    help="which runs (the ratio needs svdllm)")
+    ap.add_argument("--runs", nargs="+", choices=["svdllm", "air", "default", "influence16"],
+                    default=["svdllm", "air", "default"],
+                    help="which runs (the ratio needs svdllm); influence16: the default with influence_samples: 16, "
+                         "its backward on the first 16 windows (a lever measured on validation, not the default)")
     ap.add_argument("--output", default="compress_time_smollm2_cpu.json")
     args = ap.parse_args()
     check_retentions(ap, [args.retention])
@@ -51,7 +53,8 @@ def main() -> None:
     texts = load_split("calibration")
     runs = {"svdllm": ("SVD-LLM(W), paper protocol", {"method": "svdllm", "sequential": False}),
             "air": ("AIR, paper protocol", {"method": "air", "sequential": False}),
-            "default": (f"default ({CompressConfig().method})", {})}
+            "default": (f"default ({CompressConfig().method})", {}),
+            "influence16": (f"default ({CompressConfig().method}), influence_samples 16", {"influence_samples": 16})}
     rows, before = [], os.environ.get("AIR_FT_CACHE")
     for label, options in (runs[r] for r in runs if r in args.runs):  # SVD-LLM(W) first: the reference
         work = copy.deepcopy(model)

@@ -439,6 +439,8 @@ def test_influence_samples_measures_the_backward_on_the_first_windows_alone(toke
         assert (m - e).abs().max() > 0.1 * e.abs().max()
         if signal in alone.influence:
             torch.testing.assert_close(m, alone.influence[signal][name], rtol=1e-5, atol=1e-9)
+    for name, h in stats.influence["ograd"].items():  # every backward also measures the output-gradient Grams
+        torch.testing.assert_close(h, alone.influence["ograd"][name], rtol=1e-6, atol=0.0)
     if method == "air2s":
         stats = None  # global allocation: the stream against a cache-less stream of its own
         ref, _ = _compressed(copy.deepcopy(base), tokenizer, text, method=method, cache=False, **few)

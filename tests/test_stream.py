@@ -404,6 +404,8 @@ def test_block_refinement_tunes_only_the_factors_toward_the_dense_exit_and_resum
     (dict(refine_steps=-1), "refine_steps must be an integer >= 0"),
     (dict(refine_steps=4, refine_lr=0.0), "refine_lr must be a positive number"),
     (dict(refine_steps=4, method="svd"), "set refine_steps: 0"),
+    (dict(influence_samples=-8), "influence_samples must be an integer >= 0"),
+    (dict(influence_samples=0.5), "influence_samples must be an integer >= 0"),
 ])
 def test_bad_refinement_settings_are_refused_before_any_work(tokenizer, text, options, match):
     model = tiny_llama(vocab_size=len(tokenizer))

@@ -234,10 +234,9 @@ def compress(model: nn.Module, tok, texts: list[str] | None = None, method: str 
     # what the backward measures, and the name its maps are cached under
     signal = entry.influence(cfg) if need_infl else None
     whitened, maps = signal == WHITENED, signal not in (None, OGRAD)  # OGRAD alone: no element-wise maps
+    first = f"-first{cfg.influence_samples}" if cfg.influence_samples else ""  # maps of fewer windows: other maps
     kind = (f"influence-{WHITENED}+{OGRAD}-{cfg.whitening}-{cfg.eps}" if whitened
-            else f"influence-wxg+fisher+{OGRAD}" if maps else f"influence-{OGRAD}")
-    if cfg.influence_samples:  # maps of the first windows alone are other maps
-        kind += f"-first{cfg.influence_samples}"
+            else f"influence-wxg+fisher+{OGRAD}" if maps else f"influence-{OGRAD}") + first
     allocation_seconds = 0.0
     if cfg.rank_allocation == "global":
         if windows is None and stats is None:
@@ -245,8 +244,8 @@ def compress(model: nn.Module, tok, texts: list[str] | None = None, method: str 
         t0 = time.perf_counter()
         # with the disk cache, the pass measures what the compression's first (dense) group reads, which then
         # finds it on disk: one backward of the dense model in all, not two
-        shared = (whitened, kind, maps) if need_infl and cfg.cache else None
-        spectra = _loss_spectra(model, targets, uniform, windows, stats, cfg, device, shared)
+        backward = (whitened, kind, maps) if need_infl and cfg.cache else (False, f"influence-{OGRAD}{first}", False)
+        spectra = _loss_spectra(model, targets, uniform, windows, stats, cfg, device, backward)
         ranks = curvature.allocate_ranks(spectra, {n: tuple(m.weight.shape) for n, m in targets.items()}, uniform,
                                       cfg.rank_floor, cfg.rank_ceiling, cfg.rank_multiple)
         allocation_seconds = time.perf_counter() - t0
@@ -338,14 +337,14 @@ def _auto_delta(model: nn.Module, tok, texts, windows, stats, cfg: CompressConfi
 
 def _loss_spectra(model: nn.Module, targets: dict[str, nn.Linear], uniform: dict, windows: torch.Tensor | None,
                   stats: CalibrationStats | None, cfg: CompressConfig, device,
-                  shared: tuple[bool, str, bool] | None = None) -> dict[str, torch.Tensor]:
+                  backward: tuple[bool, str, bool]) -> dict[str, torch.Tensor]:
     """Every factored layer's loss-weighted energies (:func:`air_ft.curvature.loss_spectrum`), from the dense model's
     statistics: ``stats`` when given, else one streamed pass (Grams, then a backward for the output-gradient Grams;
     both cached on disk for later runs on the same data). Nothing is factored.
 
-    ``shared = (whitened, kind, maps)``: the backward measures what the compression that follows reads (cache name
-    ``kind``), which then reads it back instead of a second backward of the dense model; None: the backward
-    accumulates the output-gradient Grams alone."""
+    ``backward = (whitened, kind, maps)``: what the backward measures and its cache name: what the compression
+    that follows reads, which then reads it back instead of a second backward of the dense model, or (without
+    influence or without the cache) ``(False, "influence-ograd...", False)``, the output-gradient Grams alone."""
     math_device = torch.device(device) if device else next(model.parameters()).device
     spectra: dict[str, torch.Tensor] = {}
 
@@ -367,8 +366,7 @@ def _loss_spectra(model: nn.Module, targets: dict[str, nn.Linear], uniform: dict
         spectrum(list(targets), stats)  # the callback skips the layers that stay dense
         return spectra
     dense = dataclasses.replace(cfg, sequential=False, refine_steps=0)  # ranked on the dense model's statistics
-    whitened, kind, maps = shared if shared is not None else (
-        False, f"influence-{OGRAD}" + (f"-first{cfg.influence_samples}" if cfg.influence_samples else ""), False)
+    whitened, kind, maps = backward
     StreamCompressor(model, windows, targets, dense, spectrum, True, True, whitened, kind, {}, resume=False,
                      maps=maps).run()
     return spectra

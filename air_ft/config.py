@@ -85,9 +85,9 @@ class CompressConfig:
     delta: float | str = _f(2.0, "AIR influence strength in C = 1 + delta * I; 0 gives SVD-LLM(W) exactly; 'auto': "
                                  "the candidate (delta_candidates) whose compression has the lowest loss on every "
                                  "7th calibration window (every source in turn), held out, with the other windows "
-                                 "calibrating (the "
-                                 "candidates are compressed from the dense model's statistics, without sequential "
-                                 "or refinement; then the compression runs as configured with the winner)")
+                                 "calibrating (the candidates are compressed from the dense model's statistics, "
+                                 "without sequential or refinement; then the compression runs as configured with "
+                                 "the winner)")
     delta_candidates: list[float] = _f([0.5, 1.0, 2.0, 4.0], "delta: auto: the values tried",
                                        neutral=lambda c: c.delta != "auto")
     influence: str = _f("fisher_whitened", f"AIR influence signal: {INFLUENCES} (fisher_whitened: the Fisher of the "

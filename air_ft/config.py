@@ -20,6 +20,7 @@ from air_ft.errors import RecipeError
 from air_ft.linalg import ALS_BACKENDS
 from air_ft.methods import LEVERS_OFF, lever, neutral_settings
 from air_ft.methods import METHODS as METHOD_TABLE
+from air_ft.refine import REFINE_LOSSES
 
 __all__ = ["CompressConfig", "ModelConfig", "DataConfig", "EvalConfig", "TrainConfig", "LoraConfig", "StudyConfig",
            "AcipConfig", "Recipe",
@@ -138,6 +139,10 @@ class CompressConfig:
                                        neutral=lambda c: c.setting("influence_samples") == 0)
     refine_lr: float = _f(3e-4, "block refinement: Adam learning rate (3e-4 chosen on validation; 1e-3 overfits)",
                           neutral=lambda c: c.setting("refine_steps") == 0)
+    refine_loss: str = _f("hidden", "block refinement: the error it lowers: 'hidden' (the relative squared error of "
+                                    "all exit states together) or 'token' (each token's relative squared error, "
+                                    "averaged: a massive-norm token, such as an attention sink, no longer dominates)",
+                          neutral=lambda c: c.setting("refine_steps") == 0 or c.refine_loss == "hidden")
     whitening: str = _f("cholesky", "square root of the Gram: 'cholesky' (the paper) or 'symmetric' (keeps AIR's "
                                     "element weights attached to input features); same SVD-LLM(W) result")
     asvd_alpha: float = _f(0.5, "ASVD scaling exponent")
@@ -232,6 +237,8 @@ class CompressConfig:
         steps = levers["refine_steps"]
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise RecipeError(f"refine_steps must be an integer >= 0, got {steps!r}")
+        if self.refine_loss not in REFINE_LOSSES:
+            raise RecipeError(f"refine_loss {self.refine_loss!r} is unknown; choose one of {REFINE_LOSSES}")
         if not isinstance(self.refine_lr, (int, float)) or not self.refine_lr > 0:
             raise RecipeError(f"refine_lr must be a positive number, got {self.refine_lr!r}")
         if steps > 0 and "refine_steps" in neutral:

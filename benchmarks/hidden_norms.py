@@ -2,7 +2,8 @@
 the largest channel, on the recipe's calibration windows.
 
     python benchmarks/hidden_norms.py --threads 2                     # SmolLM2-135M, 8 calibration windows
-    python benchmarks/hidden_norms.py --recipe recipes/qwen2.5-coder-0.5b/levers.yaml --output hidden_norms_qwen2.5-coder-0.5b.json
+    python benchmarks/hidden_norms.py --recipe recipes/qwen2.5-coder-0.5b/levers.yaml \
+        --output hidden_norms_qwen2.5-coder-0.5b.json
 
 Block refinement's default objective (``refine_loss: hidden``) is the relative squared error of all exit states
 together, a sum that the tokens and channels with the largest states own; ``refine_loss: token`` weights each token by
@@ -59,7 +60,8 @@ def main() -> None:
     print("| block | largest token's share (mean / max over windows) | its positions | largest channel's share |\n"
           "|---|---|---|---|")
     for r in rows:
-        print(f"| {r['block']}{' (after the final norm)' if r['after_final_norm'] else ''} | {r['largest_token_share_mean']:.3f} / {r['largest_token_share_max']:.3f} | "
+        where = f"{r['block']} (after the final norm)" if r['after_final_norm'] else r['block']
+        print(f"| {where} | {r['largest_token_share_mean']:.3f} / {r['largest_token_share_max']:.3f} | "
               f"{r['largest_token_positions']} | {r['largest_channel_share']:.3f} (channel {r['largest_channel']}) |")
     path = write_json(args.output, {"recipe": str(args.recipe), "windows": int(windows.shape[0]),
                                     "seq_len": int(windows.shape[1]), "blocks": rows, "environment": environment()})

@@ -407,7 +407,8 @@ def test_the_token_refinement_loss_averages_each_tokens_relative_error():
     y[0, 0] *= 1000.0  # an attention sink's massive state
     out = y + 0.1 * torch.randn(2, 5, 8, generator=g, dtype=torch.float64)
     num, den = refine_error(out, y, "token")
-    by_hand = [float((out[b, t] - y[b, t]).square().sum() / y[b, t].square().sum()) for b in range(2) for t in range(5)]
+    by_hand = [float((out[b, t] - y[b, t]).square().sum() / y[b, t].square().sum())
+               for b in range(2) for t in range(5)]
     assert float(num / den) == pytest.approx(sum(by_hand) / 10, rel=1e-12) and float(den) == 10
     num, den = refine_error(out, y, "hidden")
     assert float(num / den) == pytest.approx(float((out - y).square().sum() / y.square().sum()), rel=1e-12)

@@ -31,11 +31,10 @@ def main() -> None:
     set_threads(args.threads)
     from air_ft.config import load_recipe
     from air_ft.data import load_texts, sample_windows
-    from air_ft.modeling import load_model
+    from air_ft.pipeline.commands import load_dense
 
     recipe = load_recipe(args.recipe)
-    m = recipe.model
-    model, tok = load_model(m.name_or_path, gguf_file=m.gguf_file, dtype=m.dtype)
+    model, tok = load_dense(recipe)
     c = recipe.compress
     windows = sample_windows(tok, load_texts(recipe.data.calibration), c.num_samples, c.seq_len,
                              c.seed)[:args.windows]  # the windows compression draws, its first ones

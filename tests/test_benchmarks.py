@@ -164,7 +164,9 @@ def test_recovery_table_sets_each_placement_against_its_own_compression_and_svdl
              "perplexity": {t: {"ppl": value + i} for i, t in enumerate(texts)}}
         return {**r, "train": {"tokens": 65536, "seconds": 10.0}} if lora else r
 
-    report = {"rows": [row("dense", "dense", False, None, 10.0),
+    recipe = {"study": {"variants": {"factors": {}, "layer": {"lora": {"placement": "layer"}}}},
+              "lora": {"placement": "factors"}}
+    report = {"recipe": recipe, "rows": [row("dense", "dense", False, None, 10.0),
                        row("svdllm-r0.60-factors", "svdllm", False, "factors", 110.0),
                        row("svdllm-r0.60-factors+lora", "svdllm", True, "factors", 60.0),
                        row("svdllm-r0.60-layer+lora", "svdllm", True, "layer", 40.0),
@@ -180,6 +182,23 @@ def test_recovery_table_sets_each_placement_against_its_own_compression_and_svdl
     assert air_layer["ratio_to_svdllm_lora"]["plays"] == pytest.approx(23 / 43)
     assert rows["air", "factors"]["ratio_to_svdllm_lora"]["plays"] == pytest.approx(33 / 63)
     assert rows["svdllm", "factors"]["ratio_to_svdllm_lora"]["britannica"] == 1.0
+    assert rows["air", "layer"]["model"] == "air"  # a placement is not a new model
+
+    # variants that are compressions (recipes/qwen2.5-coder-0.5b/recovery.yaml): each + LoRA row reads its own
+    # compressed row and is set against SVD-LLM(W)'s at the same placement
+    recipe = {"study": {"variants": {"input": {"output_weight": 0.0, "methods": ["svdllm"]},
+                                     "combined-2s": {"output_weight": 0.5, "methods": ["air"]}}},
+              "lora": {"placement": "factors"}}
+    report = {"recipe": recipe, "rows": [row("dense", "dense", False, None, 10.0),
+                                         row("svdllm-r0.60-input", "svdllm", False, "input", 110.0),
+                                         row("svdllm-r0.60-input+lora", "svdllm", True, "input", 60.0),
+                                         row("air-r0.60-combined-2s", "air", False, "combined-2s", 50.0),
+                                         row("air-r0.60-combined-2s+lora", "air", True, "combined-2s", 30.0)]}
+    rows = {r["model"]: r for r in recovery.recovery_table(report)["rows"]}
+    assert set(rows) == {"svdllm (input)", "air (combined-2s)"}
+    default = rows["air (combined-2s)"]
+    assert default["placement"] == "factors" and default["before"]["plays"] == 53.0
+    assert default["ratio_to_svdllm_lora"]["plays"] == pytest.approx(33 / 63)
 
 
 def test_a_task_qualifies_only_well_and_clearly_above_chance(monkeypatch):

@@ -23,6 +23,7 @@ from torch import nn
 from air_ft import dist
 from air_ft.assets import cache_root
 from air_ft.calibration import CalibrationStats, model_fingerprint, stats_dir, stats_key
+from air_ft.config import result_fields
 from air_ft.errors import RecipeError
 from air_ft.files import atomic_file, write_text
 from air_ft.modeling import LowRankLinear, set_module
@@ -332,8 +333,10 @@ class BlockCache:
             return cls(None, None, kind, n_blocks, device)
         key = dist.broadcast_object(stats_key(model_fingerprint(model), windows, list(targets), "blocks"), 0)
         stats = BlockStore(stats_dir() / f"blocks-{key}", writer=dist.is_main())
-        settings = {k: v for k, v in vars(cfg).items() if k not in ("progress", "cache", "device")}
-        run_key = hashlib.sha256(json.dumps([stats.root.name, settings, ranks], sort_keys=True,
+        # what keys a study's compress stage keys the resume files: a setting that cannot change the factors
+        # (progress, memory budgets, a lever's own settings while the lever is off, a field added at its neutral
+        # value) leaves a killed run resumable
+        run_key = hashlib.sha256(json.dumps([stats.root.name, result_fields(cfg), ranks], sort_keys=True,
                                             default=str).encode()).hexdigest()[:24]
         run = BlockStore(cache_root() / "runs" / run_key, writer=dist.is_main()) if resume else None
         return cls(stats, run, kind, n_blocks, device)

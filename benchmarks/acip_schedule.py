@@ -23,6 +23,7 @@ from common import (
     VALIDATION,
     geo_mean,
     perplexities,
+    repo_path,
     study_parser,
     study_recipe,
     study_subset,
@@ -79,7 +80,7 @@ def main() -> None:
                   f"({v['validation_min']:.1f} - {v['validation_max']:.1f}) | {v['evaluation_mean']:.1f} |")
     print(f"\nbest on validation per retention (mean over seeds): {best}")
     dense = text_scores(ppl["dense"])
-    path = write_json(args.output, {"recipe": str(args.recipe), "study": study_dir.name, "dense": dense,
+    path = write_json(args.output, {"recipe": repo_path(args.recipe), "study": study_dir.name, "dense": dense,
                                     "schedules": list(schedules.values()), "repeats": groups,
                                     "best_on_validation": best})
     print(f"wrote {path} and the study's report in {study_dir}")

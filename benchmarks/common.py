@@ -162,6 +162,13 @@ def plot_held_out(rows: list[dict], dense: dict, series, path) -> None:
     save_figure(fig, path)
 
 
+def repo_path(path) -> str:
+    """``path`` as the JSON names it: relative to the repository when inside it (a recipe of ``recipes/``), else
+    absolute (a user's own recipe elsewhere)."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def write_json(name: str, obj: dict) -> Path:
     """``obj`` as JSON in ``RESULTS / name``, atomically (air_ft's own helper)."""
     from air_ft import files

@@ -16,14 +16,13 @@ both held-out texts. Writes benchmarks/results/data_efficiency_smollm2.json (+ .
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 from common import (
     HELD_OUT,
     RESULTS,
-    ROOT,
     VALIDATION,
     perplexities,
+    repo_path,
     save_figure,
     study_parser,
     study_recipe,
@@ -76,7 +75,7 @@ def main() -> None:
               f"{r['calibration_seconds']:.0f} |")
     print(f"\nfewest windows at or below SVD-LLM(W) with 128 on both held-out texts: {matches}")
     dense = text_scores(ppl["dense"]) if "dense" in ppl else None
-    path = write_json(args.output, {"recipe": str(Path(args.recipe).relative_to(ROOT)), "study": study_dir.name,
+    path = write_json(args.output, {"recipe": repo_path(args.recipe), "study": study_dir.name,
                                     "reference": "-".join(REFERENCE), "rows": rows, "matches_reference_at": matches,
                                     "dense": dense})
     _plot(rows, series, RESULTS / args.output.replace(".json", ".png"))

@@ -18,15 +18,14 @@ there.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from common import (
     HELD_OUT,
     RESULTS,
-    ROOT,
     VALIDATION,
     perplexities,
     plot_held_out,
+    repo_path,
     study_parser,
     study_recipe,
     study_subset,
@@ -78,7 +77,7 @@ def main() -> None:
               f"{q['plays']:.3f} | {r['compression_seconds']:.0f} |")
     print(f"\ndense: validation {dense['validation']}, evaluation {dense['evaluation']}")
     print(f"best on validation per retention: {best} -> {chosen}")
-    path = write_json(args.output, {"recipe": str(Path(args.recipe).relative_to(ROOT)), "study": study_dir.name,
+    path = write_json(args.output, {"recipe": repo_path(args.recipe), "study": study_dir.name,
                                     "reference": "-".join(REFERENCE), "dense": dense, "rows": rows,
                                     "best_on_validation": best, "votes": votes, "choice": chosen})
     styles = ("-", "--", ":", "-.", (0, (3, 1, 1, 1, 1, 1)), (0, (5, 5)), (0, (1, 3)), (0, (6, 2)))

@@ -18,14 +18,13 @@ benchmarks/results/<output> (+ .png).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from common import (
     HELD_OUT,
     RESULTS,
-    ROOT,
     VALIDATION,
     perplexities,
+    repo_path,
     save_figure,
     study_parser,
     study_recipe,
@@ -56,7 +55,7 @@ def main() -> None:
               + " / ".join(f"{r['after'][t]:.2f}" for t in TEXTS) + " | "
               + " / ".join(f"{r['gap_closed'][t]:.1%}" for t in HELD_OUT) + " | "
               + " / ".join(f"{r['ratio_to_svdllm_lora'][t]:.3f}" for t in HELD_OUT) + f" | {r['train_seconds']:.0f} |")
-    path = write_json(args.output, {"recipe": str(Path(args.recipe).relative_to(ROOT)), "study": study_dir.name,
+    path = write_json(args.output, {"recipe": repo_path(args.recipe), "study": study_dir.name,
                                     **result})
     plot(result, RESULTS / args.output.replace(".json", ".png"))
     print(f"wrote {path} and the study's report in {study_dir}")

@@ -15,13 +15,13 @@ benchmarks/results/sequential_smollm2.json (+ .png).
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from common import (
     RESULTS,
     ROOT,
     perplexities,
     plot_held_out,
+    repo_path,
     study_recipe,
     text_scores,
     write_json,
@@ -64,7 +64,7 @@ def main() -> None:
     print(f"\ndense: validation {dense['validation']}, evaluation {dense['evaluation']}")
     print(f"validation prefers sequential in {on_votes} of {len(wins)} cells -> default sequential: "
           f"{on_votes * 2 > len(wins)}")
-    path = write_json(args.output, {"recipe": str(Path(args.recipe).relative_to(ROOT)), "study": study_dir.name,
+    path = write_json(args.output, {"recipe": repo_path(args.recipe), "study": study_dir.name,
                                     "dense": dense, "rows": rows, "comparison": wins,
                                     "default_sequential": on_votes * 2 > len(wins)})
     plot_held_out(rows, dense, [(f"{m}, sequential {str(q).lower()}",

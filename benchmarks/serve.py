@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common import RESULTS, ROOT, save_figure, subplots, write_json
+from common import RESULTS, ROOT, repo_path, save_figure, subplots, write_json
 
 
 def main() -> None:
@@ -51,7 +51,7 @@ def main() -> None:
               + f" | {r['prefill_tokens_per_s']:.0f}/s ({v.get('prefill', 1):.2f}x) | "
                 f"{r['weight_bytes'] / 2**20:.0f} MiB ({v.get('weight_bytes', 1):.2f}x) | {r['kv_cache']['tokens']} | "
                 f"{a['equal']}/{a['prompts']} | {a['max_logprob_diff']:.1e} |")
-    path = write_json(f"{name}.json", {"recipe": str(Path(args.recipe).relative_to(ROOT)), "study": name,
+    path = write_json(f"{name}.json", {"recipe": repo_path(args.recipe), "study": name,
                                        "environment": report["environment"], "rows": rows})
     fig, axes = subplots(1, 2, 4.5, 3.4)
     compressed = [r for r in rows if r["method"] != "dense"]

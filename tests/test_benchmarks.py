@@ -369,3 +369,15 @@ def test_the_dense_check_scores_the_recipes_texts_and_records_the_model(monkeypa
                                                          rel=1e-3)
     assert out["model_file"] == {"name": str(tmp_path / "base"), "path": str(tmp_path / "base")}
     assert [r["task"] for r in out["rows"]] == ["piqa"] and out["rows"][0]["n"] == 4
+
+
+def test_a_recipe_outside_the_repository_is_named_by_its_absolute_path(monkeypatch, tmp_path):
+    """benchmarks/common.py: the JSON names a recipe of the repository relative to it and a user's own recipe
+    elsewhere by its absolute path (it used to raise at the very end of a study, after hours of work)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import common
+
+    assert common.repo_path(BENCH.parent / "recipes" / "smollm2-135m" / "recovery.yaml") == \
+        str(Path("recipes") / "smollm2-135m" / "recovery.yaml")
+    mine = tmp_path / "mine.yaml"
+    assert common.repo_path(mine) == str(mine.resolve())

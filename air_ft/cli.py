@@ -8,14 +8,15 @@
     air-ft report OUTPUT_DIR
     air-ft options [SECTION]                                                 # every recipe field, documented
 
-An :class:`~air_ft.errors.AirFtError` (input that cannot be used; its message says what to change) and running out
-of memory reach the user as one line (``air-ft: error: ...``, exit code 2); ``AIR_FT_DEBUG=1`` shows the traceback
-instead. Every other exception is a bug in air_ft and keeps its traceback (exit code 1).
+An :class:`~air_ft.errors.AirFtError` (input that cannot be used; its message says what to change), running out
+of memory and a full disk reach the user as one line (``air-ft: error: ...``, exit code 2); ``AIR_FT_DEBUG=1``
+shows the traceback instead. Every other exception is a bug in air_ft and keeps its traceback (exit code 1).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
@@ -119,7 +120,30 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"air-ft: error: {msg}", file=sys.stderr)
         return 2
+    except Exception as err:
+        if debug or not disk_full(err):
+            raise
+        print("air-ft: error: no space left on the disk; free some, or point output_dir (and AIR_FT_CACHE, the "
+              "statistics cache) at a larger disk, then rerun the same command to continue from the finished "
+              "stages", file=sys.stderr)
+        return 2
     return 0
+
+
+def disk_full(err: BaseException) -> bool:
+    """Whether ``err`` (or an exception it was raised from) is the disk running full: an ``OSError`` with
+    ``ENOSPC`` / ``EDQUOT``, or a writer that reports the OS error only in its message (safetensors' Rust writer
+    raises ``SafetensorError: ... No space left on device (os error 28)``). A stage that fails so writes no marker,
+    so the rerun redoes it (a LoRA run resumes from its last checkpoint)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if f"(os error {errno.ENOSPC})" in str(err) or os.strerror(errno.ENOSPC) in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 if __name__ == "__main__":

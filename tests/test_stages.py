@@ -306,6 +306,7 @@ def test_the_size_column_falls_back_from_the_speed_measurement_to_the_evaluation
     ("calibration", "NaN or Inf"),
     ("whitening", "Gram matrix is all zeros"),
     ("oom", "out of memory; lower compress.batch_size"),
+    ("disk", "no space left on the disk; free some"),
 ])
 def test_every_error_type_reaches_the_cli_as_one_line(study, monkeypatch, capsys, error, message):
     """Each kind of bad input, made for real (a poisoned or silent model, a missing file, a bad key), stops the
@@ -340,12 +341,23 @@ def test_every_error_type_reaches_the_cli_as_one_line(study, monkeypatch, capsys
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
         monkeypatch.setattr(commands, "evaluate_model", oom)
+    elif error == "disk":  # the disk fills while a compressed checkpoint is written, as safetensors reports it
+        import transformers.modeling_utils
+        from safetensors import SafetensorError
+
+        def full(*a, **k):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+        monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)
+        args.append("study.dense=false")
     assert main(args) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("air-ft:")]
     assert len(err) == 1 and message in err[0], err
     assert not (tmp / "out" / "report.json").exists()
     if error in ("recipe", "task", "taskdata"):  # known before any work
         assert not (tmp / "out" / "stages").exists()
+    if error == "disk":  # the stage that failed left no marker and no checkpoint that looks complete
+        assert not list((tmp / "out").rglob("stage.json")) and not list((tmp / "out").rglob("model.safetensors"))
 
 
 def test_eval_scores_a_dense_checkpoint_and_the_recipe_model(study):
@@ -517,3 +529,25 @@ def test_a_results_only_copy_measures_speed_on_its_rows_shapes_without_compressi
         assert row[key] == first[key], key
     assert row["params"]["retention"] < 0.6 and row["decode_s_per_token"]["1"] > 0
     assert not (out / "stages/compress/svdllm-r0.50/checkpoint").exists()
+
+
+def test_a_full_disk_is_told_apart_from_other_os_errors():
+    """air_ft.cli.disk_full: ENOSPC / EDQUOT, also as the cause of another error or only in a writer's message, is
+    the full disk; a missing file or a refused permission is not (those keep their traceback as bugs would)."""
+    import errno
+
+    from air_ft.cli import disk_full
+
+    assert disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as inner:
+            raise RuntimeError("saving the checkpoint failed") from inner
+    except RuntimeError as outer:
+        assert disk_full(outer)
+    assert disk_full(RuntimeError("I/O error: No space left on device (os error 28)"))
+    assert not disk_full(OSError(errno.ENOENT, "No such file or directory"))
+    assert not disk_full(PermissionError(errno.EACCES, "Permission denied"))
+    assert not disk_full(ValueError("shape mismatch"))

@@ -140,7 +140,7 @@ def disk_full(err: BaseException) -> bool:
         seen.add(id(err))
         if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
-        if f"(os error {errno.ENOSPC})" in str(err) or os.strerror(errno.ENOSPC) in str(err):
+        if os.strerror(errno.ENOSPC) in str(err):  # "No space left on device"
             return True
         err = err.__cause__ or err.__context__
     return False

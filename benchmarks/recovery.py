@@ -80,10 +80,12 @@ def recovery_table(report: dict) -> dict:
     dense = ppl["dense"]
     variants = report["recipe"]["study"].get("variants") or {}
 
+    def settings(r: dict) -> dict:  # the row's variant
+        return variants.get(r.get("variant") or "", {})
+
     def compression(r: dict) -> tuple:  # what of the row's variant its compression reads
-        settings = variants.get(r.get("variant") or "", {})
         return r["method"], r["retention"], json.dumps(
-            {k: v for k, v in settings.items() if k not in ("methods", "lora", "train")}, sort_keys=True)
+            {k: v for k, v in settings(r).items() if k not in ("methods", "lora", "train")}, sort_keys=True)
 
     compressed = {}  # a placement-only variant shares its method's first compressed row
     for r in report["rows"]:
@@ -91,11 +93,10 @@ def recovery_table(report: dict) -> dict:
             compressed.setdefault(compression(r), ppl[r["name"]])
     rows = []
     for r in (r for r in report["rows"] if r["lora"]):
-        settings = variants.get(r.get("variant") or "", {})
         before, after = compressed[compression(r)], ppl[r["name"]]
         rows.append({"retention": r["retention"], "method": r["method"],
                      "model": f"{r['method']} ({r['variant']})" if compression(r)[2] != "{}" else r["method"],
-                     "placement": settings.get("lora", {}).get("placement", report["recipe"]["lora"]["placement"]),
+                     "placement": settings(r).get("lora", {}).get("placement", report["recipe"]["lora"]["placement"]),
                      "before": before, "after": after,
                      "gap_closed": {t: gap_closed(dense[t], before[t], after[t]) for t in TEXTS},
                      "train_tokens": r["train"]["tokens"], "train_seconds": r["train"]["seconds"]})

@@ -639,7 +639,9 @@ def _merge(base: dict, over: dict) -> dict:
 
 def read_recipe(path: str | os.PathLike, _seen: tuple = ()) -> dict:
     """The raw mapping of a YAML recipe, with the recipe named by its ``base:`` key (a path relative to the
-    recipe's folder) underneath: shared model and data blocks live in one file, each recipe says what differs."""
+    recipe's folder) underneath: shared model and data blocks live in one file, each recipe says what differs.
+    ``base:`` may also be a list of paths, merged in order (a later one on top of an earlier one): a study's
+    protocol from one recipe, the model from another."""
     path = os.path.abspath(path)
     if not os.path.isfile(path):
         raise RecipeError(f"recipe {path!r} does not exist; see recipes/ for the shipped ones")
@@ -655,9 +657,13 @@ def read_recipe(path: str | os.PathLike, _seen: tuple = ()) -> dict:
     base = raw.pop("base", None)
     if base is None:
         return raw
-    if not isinstance(base, str):
-        raise RecipeError(f"base in {path!r} must be the path of another recipe, got {base!r}")
-    return _merge(read_recipe(os.path.join(os.path.dirname(path), base), (*_seen, path)), raw)
+    bases = [base] if isinstance(base, str) else base
+    if not isinstance(bases, list) or not bases or not all(isinstance(b, str) for b in bases):
+        raise RecipeError(f"base in {path!r} must be the path of another recipe or a list of them, got {base!r}")
+    merged: dict = {}
+    for b in bases:
+        merged = _merge(merged, read_recipe(os.path.join(os.path.dirname(path), b), (*_seen, path)))
+    return _merge(merged, raw)
 
 
 def load_recipe(path: str | None, overrides: list[str] | None = None) -> Recipe:
@@ -718,5 +724,5 @@ def describe(section: str | None = None) -> str:
         lines += [f"| `{f.name}` | `{json.dumps(getattr(defaults, f.name))}` | "
                   f"{'yes' if f.metadata['keys'] else 'no'} | {f.metadata['help']} |" for f in top]
         lines += ["| `base` | none | no | another recipe (a path from this one's folder) that this one extends, "
-                  "merged key by key; a list replaces the base's |", ""]
+                  "merged key by key (a list value replaces the base's); or a list of recipes, merged in order |", ""]
     return "\n".join(lines)

@@ -84,6 +84,21 @@ def test_a_recipe_inherits_its_base_and_overrides_what_it_sets(tmp_path):
     (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
     with pytest.raises(RecipeError, match="its own base"):
         load_recipe(str(tmp_path / "loop.yaml"))
+    # a list of bases merges in order, the recipe on top: the protocol from one file, the model from another
+    (tmp_path / "_model.yaml").write_text("base: _base.yaml\nmodel: {name_or_path: q, dtype: float16}\n"
+                                          "eval: {task_batch_size: 4}\n")
+    (tmp_path / "_protocol.yaml").write_text("base: _base.yaml\nmodel: {device: cuda}\neval: {max_windows: 3}\n")
+    (tmp_path / "both.yaml").write_text("base: [_protocol.yaml, _model.yaml]\neval: {max_windows: 5}\n")
+    recipe = load_recipe(str(tmp_path / "both.yaml"))
+    assert (recipe.model.name_or_path, recipe.model.dtype, recipe.model.device) == ("q", "float16", "cuda")
+    assert (recipe.eval.task_batch_size, recipe.eval.max_windows) == (4, 5)
+    assert recipe.data.evaluation == {"t": {"source": "b.txt"}}  # both bases share _base.yaml: not a cycle
+    (tmp_path / "swapped.yaml").write_text("base: [_model.yaml, _protocol.yaml]\n")
+    assert load_recipe(str(tmp_path / "swapped.yaml")).model.dtype == "bfloat16"  # the later base's _base wins
+    for bad in ("[]", "[_base.yaml, 3]", "{a: 1}"):
+        (tmp_path / "bad.yaml").write_text(f"base: {bad}\n")
+        with pytest.raises(RecipeError, match="path of another recipe or a list of them"):
+            load_recipe(str(tmp_path / "bad.yaml"))
     (tmp_path / "broken.yaml").write_text("model: [unclosed\n")
     with pytest.raises(RecipeError, match="not valid YAML"):
         load_recipe(str(tmp_path / "broken.yaml"))

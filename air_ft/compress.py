@@ -188,8 +188,8 @@ def compress(model: nn.Module, tok, texts: list[str] | None = None, method: str 
             in (``block`` -1 and every layer at once on the all-at-once path): progress for a caller, or a probe.
         **options: any other :class:`~air_ft.config.CompressConfig` field (delta, influence, normalization,
             sweeps, tol, include, exclude, als_dtype, als_backend, eps, batch_size, sequential, output_weight,
-            rank_allocation, rank_floor, rank_ceiling, refine_steps, refine_lr, stats_memory_gb, checkpointing,
-            cache, progress, device).
+            rank_allocation, rank_floor, rank_ceiling, refine_steps, refine_lr, refine_lr_scale, refine_loss,
+            stats_memory_gb, checkpointing, cache, progress, device).
 
     Returns:
         A :class:`CompressResult`: ranks, rungs, per-layer ``objective`` (AIR), parameter counts, timings and,

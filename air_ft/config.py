@@ -20,7 +20,7 @@ from air_ft.errors import RecipeError
 from air_ft.linalg import ALS_BACKENDS
 from air_ft.methods import LEVERS_OFF, lever, neutral_settings
 from air_ft.methods import METHODS as METHOD_TABLE
-from air_ft.refine import REFINE_LOSSES
+from air_ft.refine import REFINE_LOSSES, REFINE_LR_SCALES
 
 __all__ = ["CompressConfig", "ModelConfig", "DataConfig", "EvalConfig", "TrainConfig", "LoraConfig", "StudyConfig",
            "AcipConfig", "Recipe",
@@ -139,6 +139,11 @@ class CompressConfig:
                                        neutral=lambda c: c.setting("influence_samples") == 0)
     refine_lr: float = _f(3e-4, "block refinement: Adam learning rate (3e-4 chosen on validation; 1e-3 overfits)",
                           neutral=lambda c: c.setting("refine_steps") == 0)
+    refine_lr_scale: str = _f("absolute", "block refinement: 'absolute' (every factor steps at refine_lr) or 'rms' "
+                                          "(each factor's rate is refine_lr times its root mean square: the same "
+                                          "relative step whatever the model's weight scale and however a layer's "
+                                          "scale is split between its two factors)",
+                              neutral=lambda c: c.setting("refine_steps") == 0 or c.refine_lr_scale == "absolute")
     refine_loss: str = _f("hidden", "block refinement: the error it lowers: 'hidden' (the relative squared error of "
                                     "all exit states together) or 'token' (each token's relative squared error, "
                                     "averaged: a massive-norm token, such as an attention sink, no longer dominates)",
@@ -239,6 +244,9 @@ class CompressConfig:
             raise RecipeError(f"refine_steps must be an integer >= 0, got {steps!r}")
         if self.refine_loss not in REFINE_LOSSES:
             raise RecipeError(f"refine_loss {self.refine_loss!r} is unknown; choose one of {REFINE_LOSSES}")
+        if self.refine_lr_scale not in REFINE_LR_SCALES:
+            raise RecipeError(f"refine_lr_scale {self.refine_lr_scale!r} is unknown; choose one of "
+                              f"{REFINE_LR_SCALES}")
         if not isinstance(self.refine_lr, (int, float)) or not self.refine_lr > 0:
             raise RecipeError(f"refine_lr must be a positive number, got {self.refine_lr!r}")
         if steps > 0 and "refine_steps" in neutral:

@@ -22,9 +22,10 @@ from torch import nn
 from air_ft import dist
 from air_ft.modeling import LowRankLinear
 
-__all__ = ["REFINE_LOSSES", "RefineRecord", "refine_block", "refine_error"]
+__all__ = ["REFINE_LOSSES", "REFINE_LR_SCALES", "RefineRecord", "refine_block", "refine_error"]
 
 REFINE_LOSSES = ("hidden", "token")
+REFINE_LR_SCALES = ("absolute", "rms")
 
 
 @dataclass
@@ -84,7 +85,8 @@ def _error(block: nn.Module, hidden: list[torch.Tensor], extra: list, targets: l
 
 
 def refine_block(block: nn.Module, hidden: list[torch.Tensor], extra: list, targets: list[torch.Tensor],
-                 steps: int, lr: float, sharded: bool = True, loss: str = "hidden") -> RefineRecord:
+                 steps: int, lr: float, sharded: bool = True, loss: str = "hidden",
+                 lr_scale: str = "absolute") -> RefineRecord:
     """Tune the factors of ``block``'s :class:`~air_ft.modeling.LowRankLinear` layers in place.
 
     Args:
@@ -98,9 +100,16 @@ def refine_block(block: nn.Module, hidden: list[torch.Tensor], extra: list, targ
             together with gradients averaged over them. Otherwise every process holds every batch and steps alone,
             to the same bits.
         loss: ``hidden`` or ``token`` (:func:`refine_error`): what the steps lower and the kept-best rule reads.
+        lr_scale: ``absolute``: every factor steps at ``lr`` (Adam moves each entry by about ``lr`` whatever its
+            size); ``rms``: each factor's rate is ``lr`` times its root mean square at the start, so a step moves
+            every factor by the same fraction of its size, and the result does not depend on the model's weight
+            scale or on how a layer's scale is split between ``U`` and ``V`` (``U c``, ``V / c`` refine to the same
+            product).
     """
     if loss not in REFINE_LOSSES:
         raise ValueError(f"refine loss {loss!r} is unknown; choose one of {REFINE_LOSSES}")
+    if lr_scale not in REFINE_LR_SCALES:
+        raise ValueError(f"refine lr scale {lr_scale!r} is unknown; choose one of {REFINE_LR_SCALES}")
     t0 = time.perf_counter()
     params = [p for m in block.modules() if isinstance(m, LowRankLinear)
               for p in (m.factor_u.weight, m.factor_v.weight)]
@@ -116,7 +125,11 @@ def refine_block(block: nn.Module, hidden: list[torch.Tensor], extra: list, targ
     for p in params:
         p.requires_grad_(True)
     start = [p.detach().clone() for p in params]
-    opt = torch.optim.Adam(params, lr=lr)
+    if lr_scale == "rms":
+        groups = [{"params": [p], "lr": lr * float(p.detach().float().square().mean().sqrt())} for p in params]
+    else:
+        groups = [{"params": params, "lr": lr}]
+    opt = torch.optim.Adam(groups, lr=lr)
     world, tokens = (dist.world() if sharded else 1), 0
     try:
         with torch.enable_grad():

@@ -126,7 +126,8 @@ class StreamCompressor:
         if self.dense_trace is not None:  # tune the block's factors to the dense exit (air_ft.refine)
             rec = refine_block(self.blocks.modules[i], self.inputs.hidden, self.inputs.extra[i],
                                self.dense_trace.hidden, self.cfg.refine_steps, self.cfg.refine_lr,
-                               sharded=self.cfg.data_parallel, loss=self.cfg.refine_loss)
+                               sharded=self.cfg.data_parallel, loss=self.cfg.refine_loss,
+                               lr_scale=self.cfg.refine_lr_scale)
             self.refined[i] = rec.to_json()
             self.seconds["refine"] += rec.seconds
             self.exit_states = rec.outputs
@@ -326,6 +327,7 @@ class StreamCompressor:
                                    if self.cfg.sequential else "the dense model") if self.need_infl else None}
         if self.dense_trace is not None:  # calibration cost: it reads the calibration data, it is not factoring
             stream["refine"] = {"steps_per_block": self.cfg.refine_steps, "lr": self.cfg.refine_lr,
+                                "lr_scale": self.cfg.refine_lr_scale,
                                 "loss": self.cfg.refine_loss,
                                 "windows_per_step": self.cfg.batch_size, "seconds": self.seconds["refine"],
                                 "tokens": sum(r["tokens"] for r in self.refined.values()), "blocks": self.refined}

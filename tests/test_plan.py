@@ -119,6 +119,9 @@ def test_every_recipe_field_says_whether_it_keys_a_stage():
     token = result_fields(dataclasses.replace(air, sequential=True, refine_steps=8, refine_loss="token"))
     assert token["refine_loss"] == "token"
     assert "refine_loss" not in result_fields(dataclasses.replace(air, refine_loss="token"))  # refinement off
+    assert "refine_lr_scale" not in token  # keys off its old value only: every earlier refined row stays valid
+    rms = result_fields(dataclasses.replace(air, sequential=True, refine_steps=8, refine_lr_scale="rms"))
+    assert rms["refine_lr_scale"] == "rms"
     base = _keys(_plan())
     again = _keys(_plan("compress.output_weight=0.5"))
     changed = {i for i in base if base[i] != again[i]}  # the whitened methods' rows; not dense, not ACIP-style's

@@ -456,6 +456,46 @@ def test_refine_block_lowers_and_records_the_loss_it_is_given():
     assert token_error(blocks["token"]) < 0.8 * token_error(blocks["hidden"])
 
 
+def test_rms_scaled_refinement_does_not_depend_on_how_a_layer_splits_its_scale():
+    """``lr_scale: rms``: each factor steps by the same fraction of its size, so factors ``U c``, ``V / c`` (the
+    same layer) refine to the same product, step for step; at an absolute rate the split changes the result."""
+    from air_ft.refine import refine_block
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = LowRankLinear(8, 8, 3)
+
+        def forward(self, h):
+            return h + self.proj(h)
+
+    g = torch.Generator().manual_seed(2)
+    hidden = [torch.randn(2, 6, 8, generator=g, dtype=torch.float64) for _ in range(2)]
+    targets = [h + h @ (torch.randn(8, 8, generator=g, dtype=torch.float64) / 4).T for h in hidden]
+    torch.manual_seed(0)
+    start = Block().double()
+
+    def refined(c: float, lr_scale: str, lr: float) -> tuple[torch.Tensor, object]:
+        block = copy.deepcopy(start)
+        with torch.no_grad():
+            block.proj.factor_u.weight.mul_(c)
+            block.proj.factor_v.weight.div_(c)
+        rec = refine_block(block, hidden, [((), {})] * 2, targets, steps=12, lr=lr, sharded=False,
+                           lr_scale=lr_scale)
+        return (block.proj.factor_u.weight @ block.proj.factor_v.weight).detach(), rec
+
+    even, rec = refined(1.0, "rms", 0.05)
+    lopsided, rec_lopsided = refined(30.0, "rms", 0.05)
+    assert rec.after < rec.before and rec.before == pytest.approx(rec_lopsided.before, rel=1e-12)
+    moved = (even - (start.proj.factor_u.weight @ start.proj.factor_v.weight).detach()).abs().max()
+    assert (even - lopsided).abs().max() < 1e-4 * moved  # Adam's eps (1e-8) is the only difference
+    absolute, _ = refined(1.0, "absolute", 0.01)
+    absolute_lopsided, _ = refined(30.0, "absolute", 0.01)
+    assert (absolute - absolute_lopsided).abs().max() > 0.1 * moved
+    with pytest.raises(ValueError, match="refine lr scale 'x' is unknown"):
+        refine_block(copy.deepcopy(start), hidden, [((), {})] * 2, targets, steps=1, lr=0.1, lr_scale="x")
+
+
 def refine_error_of(out, y, loss):
     from air_ft.refine import refine_error
 
@@ -468,6 +508,7 @@ def test_token_refinement_lowers_the_token_error_and_reports_it(tokenizer, text)
     hidden, h_info = _compressed(copy.deepcopy(base), tokenizer, text, **opts)
     token, t_info = _compressed(copy.deepcopy(base), tokenizer, text, refine_loss="token", **opts)
     assert t_info.stream["refine"]["loss"] == "token" and h_info.stream["refine"]["loss"] == "hidden"
+    assert h_info.stream["refine"]["lr_scale"] == "absolute"
     for block, r in t_info.stream["refine"]["blocks"].items():
         assert r["after"] < r["before"], block
     # block 0 sees the same inputs in both runs: its record reads the objective each optimized
@@ -478,6 +519,7 @@ def test_token_refinement_lowers_the_token_error_and_reports_it(tokenizer, text)
 
 @pytest.mark.parametrize("options,match", [
     (dict(refine_steps=4, refine_loss="sink"), "refine_loss 'sink' is unknown"),
+    (dict(refine_steps=4, refine_lr_scale="relative"), "refine_lr_scale 'relative' is unknown"),
     (dict(refine_steps=4, sequential=False), "refine_steps needs sequential: true"),
     (dict(refine_steps=-1), "refine_steps must be an integer >= 0"),
     (dict(refine_steps=4, refine_lr=0.0), "refine_lr must be a positive number"),

@@ -86,7 +86,7 @@ def _error(block: nn.Module, hidden: list[torch.Tensor], extra: list, targets: l
 
 def refine_block(block: nn.Module, hidden: list[torch.Tensor], extra: list, targets: list[torch.Tensor],
                  steps: int, lr: float, sharded: bool = True, loss: str = "hidden",
-                 lr_scale: str = "absolute") -> RefineRecord:
+                 lr_scale: str = "absolute", keep_best: bool = True) -> RefineRecord:
     """Tune the factors of ``block``'s :class:`~air_ft.modeling.LowRankLinear` layers in place.
 
     Args:
@@ -105,6 +105,8 @@ def refine_block(block: nn.Module, hidden: list[torch.Tensor], extra: list, targ
             every factor by the same fraction of its size, and the result does not depend on the model's weight
             scale or on how a layer's scale is split between ``U`` and ``V`` (``U c``, ``V / c`` refine to the same
             product).
+        keep_best: keep the factors the block had when the steps did not lower its error (what a compression
+            does); False keeps where the steps went and records the error they reached (a probe of the rate).
     """
     if loss not in REFINE_LOSSES:
         raise ValueError(f"refine loss {loss!r} is unknown; choose one of {REFINE_LOSSES}")
@@ -146,7 +148,7 @@ def refine_block(block: nn.Module, hidden: list[torch.Tensor], extra: list, targ
                 tokens += hidden[b].shape[0] * hidden[b].shape[1] * world
         outputs: list[torch.Tensor] | None = []
         after = _error(block, hidden, extra, targets, sharded, loss, outputs)
-        if not after < before:  # keep what factoring gave when the steps did not help
+        if keep_best and not after < before:  # keep what factoring gave when the steps did not help
             with torch.no_grad():
                 for p, s in zip(params, start):
                     p.copy_(s)

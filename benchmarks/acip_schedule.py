@@ -35,12 +35,12 @@ REFERENCE = ("acip", "study")  # the earlier study schedule, always run
 
 
 def main() -> None:
-    ap = study_parser(__doc__, "acip_schedule.yaml", [0.8, 0.6, 0.4], "acip_schedule_smollm2_study.json",
+    ap = study_parser(__doc__, "acip_schedule.yaml", "acip_schedule_smollm2_study.json",
                       methods=False, variants="schedules")
     args = ap.parse_args()
     args.methods = None
     recipe, study_dir = study_recipe(ap, args)
-    if min(args.retentions) < recipe.acip.stop_retention:
+    if min(recipe.study.retentions) < recipe.acip.stop_retention:
         ap.error(f"--retentions must be >= the recipe's acip.stop_retention ({recipe.acip.stop_retention}): the mask "
                  "phase stops there")
     recipe = study_subset(ap, args, recipe, REFERENCE)

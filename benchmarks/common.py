@@ -85,16 +85,17 @@ def check_retentions(ap, retentions) -> None:
             ap.error(f"--retentions must lie strictly between 0 and 1, got {r}")
 
 
-def study_parser(doc: str, recipe: str, retentions: list[float], output: str, methods: bool = True,
-                 variants: str = "variants"):
+def study_parser(doc: str, recipe: str, output: str, methods: bool = True, variants: str = "variants"):
     """The options of a benchmark that is a study grid: ``--recipe`` (default ``recipes/smollm2-135m/<recipe>``),
-    ``--retentions``, ``--methods`` (when ``methods``), ``--variants`` (the recipe's ``variants``, its reference
-    always run), ``--threads`` and ``--output`` (the JSON, whose stem names the study folder)."""
+    ``--retentions`` (default the recipe's ``study.retentions``), ``--methods`` (when ``methods``), ``--variants``
+    (the recipe's ``variants``, its reference always run), ``--threads`` and ``--output`` (the JSON, whose stem names
+    the study folder)."""
     import argparse
 
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default=str(ROOT / "recipes" / "smollm2-135m" / recipe))
-    ap.add_argument("--retentions", type=float, nargs="+", default=retentions)
+    ap.add_argument("--retentions", type=float, nargs="+", default=None,
+                    help="a subset of the grid (default: the recipe's study.retentions)")
     if methods:
         ap.add_argument("--methods", nargs="+", default=None, help="a subset of the recipe's methods")
     ap.add_argument("--variants", nargs="+", default=None,
@@ -109,12 +110,13 @@ def study_recipe(ap, args, *overrides: str):
     ``--recipe`` loaded with its ``output_dir`` the folder named after ``--output`` and its retentions set."""
     from air_ft.config import load_recipe
 
-    check_retentions(ap, args.retentions)
+    if args.retentions is not None:
+        check_retentions(ap, args.retentions)
     set_threads(args.threads)
     args.recipe = str(Path(args.recipe).resolve())  # a relative --recipe: the JSON names it relative to the repo
     study_dir = RESULTS / Path(args.output).stem
-    return load_recipe(args.recipe, [f"output_dir={study_dir}", *overrides,
-                                     f"study.retentions=[{','.join(map(str, args.retentions))}]"]), study_dir
+    grid = [] if args.retentions is None else [f"study.retentions=[{','.join(map(str, args.retentions))}]"]
+    return load_recipe(args.recipe, [f"output_dir={study_dir}", *overrides, *grid]), study_dir
 
 
 def study_subset(ap, args, recipe, reference: tuple[str, str]):

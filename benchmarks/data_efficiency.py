@@ -36,7 +36,7 @@ REFERENCE = ("svdllm", "n128")  # SVD-LLM(W), the paper's protocol, with the mos
 
 
 def main() -> None:
-    ap = study_parser(__doc__, "data_efficiency.yaml", [0.6], "data_efficiency_smollm2.json")
+    ap = study_parser(__doc__, "data_efficiency.yaml", "data_efficiency_smollm2.json")
     args = ap.parse_args()
     recipe, study_dir = study_recipe(ap, args)
     recipe = study_subset(ap, args, recipe, REFERENCE)

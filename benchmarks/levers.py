@@ -37,7 +37,7 @@ REFERENCE = ("svdllm", "input")  # SVD-LLM(W) as the paper runs it
 
 
 def main() -> None:
-    ap = study_parser(__doc__, "levers.yaml", [0.8, 0.6, 0.4], "levers_smollm2.json")
+    ap = study_parser(__doc__, "levers.yaml", "levers_smollm2.json")
     args = ap.parse_args()
     recipe, study_dir = study_recipe(ap, args)
     from air_ft.pipeline import run_study

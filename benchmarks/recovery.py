@@ -38,7 +38,7 @@ TEXTS = (*VALIDATION, *HELD_OUT)
 
 
 def main() -> None:
-    ap = study_parser(__doc__, "recovery.yaml", [0.6, 0.4], "recovery_smollm2_study.json",
+    ap = study_parser(__doc__, "recovery.yaml", "recovery_smollm2_study.json",
                       variants="placements")
     args = ap.parse_args()
     recipe, study_dir = study_recipe(ap, args)

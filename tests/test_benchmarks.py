@@ -41,6 +41,9 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
     ("acip_budget.py", ["--post-tune-steps", "48"], "below half of --base-steps"),
     ("acip_budget.py", ["--methods", "svdllm"], "invalid choice"),
     ("peak_memory.py", ["--repeats", "0"], "--tokens and --repeats must be >= 1"),
+    ("refine_probe.py", ["--recipe", "r.yaml", "--checkpoint", ".", "--rates", "adam:1e-3"], "write SCALE:LR"),
+    ("refine_probe.py", ["--recipe", "r.yaml", "--checkpoint", ".", "--rates", "rms:fast"], "LR must be a number"),
+    ("refine_probe.py", ["--recipe", "r.yaml", "--checkpoint", "."], "is not a factored checkpoint"),
     ("acip_claims.py", ["--study", "no/such/study"], "give --study a finished study's directory"),
     ("peak_memory.py", ["--rank-maps", "no/such.json"], "--rank-maps: no such file no/such.json"),
     ("peak_memory.py", ["--rank-maps", str(Path(__file__))], "cannot be read as JSON"),
@@ -381,3 +384,39 @@ def test_a_recipe_outside_the_repository_is_named_by_its_absolute_path(monkeypat
         str(Path("recipes") / "smollm2-135m" / "recovery.yaml")
     mine = tmp_path / "mine.yaml"
     assert common.repo_path(mine) == str(mine.resolve())
+
+
+def test_the_refinement_probe_reads_a_checkpoints_blocks_and_reports_every_rate(tmp_path, tokenizer, text):
+    """The probe runs the compression's block refinement on a factored checkpoint's blocks at each rate and writes
+    the exit error before and after, the kept-best rule off (``after`` may rise; ``kept`` never does)."""
+    import json
+
+    import air_ft
+    from tests.conftest import make_text, tiny_llama
+
+    dense_dir, ckpt = tmp_path / "dense", tmp_path / "ckpt"
+    model = tiny_llama(vocab_size=len(tokenizer), layers=2)
+    model.save_pretrained(dense_dir)
+    tokenizer.save_pretrained(dense_dir)
+    (tmp_path / "cal.txt").write_text(make_text(4000, 2))
+    air_ft.compress(model, tokenizer, [text], method="svdllm", retention=0.5, num_samples=8, seq_len=32,
+                    progress=False, cache=False)
+    air_ft.save_compressed(model, tokenizer, ckpt)
+    (tmp_path / "r.yaml").write_text(f"model: {{name_or_path: {dense_dir}, dtype: float32}}\n"
+                                     f"data: {{calibration: [{{source: {tmp_path / 'cal.txt'}}}]}}\n"
+                                     "compress: {num_samples: 8, seq_len: 32, batch_size: 4}\n")
+    out = tmp_path / "probe.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "refine_probe.py"), "--recipe", str(tmp_path / "r.yaml"),
+                           "--checkpoint", str(ckpt), "--blocks", "0", "1", "--steps", "3", "--rates",
+                           "absolute:1e-2", "rms:1e-1", "absolute:10", "--output", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [(r["block"], r["lr_scale"], r["lr"]) for r in rows] == [
+        (b, s, lr) for b in (0, 1) for s, lr in (("absolute", 1e-2), ("rms", 1e-1), ("absolute", 10.0))]
+    assert result["windows"] == 8 and result["windows_per_step"] == 4 and result["steps"] == 3
+    for r in rows:
+        assert r["kept"] == min(r["before"], r["after"]) and r["ratio"] == pytest.approx(r["after"] / r["before"])
+    assert all(r["after"] > r["before"] for r in rows if r["lr"] == 10.0)  # a rate far too large: recorded, not kept
+    assert rows[0]["before"] == rows[1]["before"] != rows[3]["before"]  # one start per block

@@ -420,16 +420,19 @@ def test_the_token_refinement_loss_averages_each_tokens_relative_error():
         refine_error(out, y, "x")
 
 
+class ResidualBlock(nn.Module):
+    """A residual block around one factored 8 x 8 layer: the smallest thing block refinement tunes."""
+
+    def __init__(self, rank: int):
+        super().__init__()
+        self.proj = LowRankLinear(8, 8, rank)
+
+    def forward(self, h):
+        return h + self.proj(h)
+
+
 def test_refine_block_lowers_and_records_the_loss_it_is_given():
     from air_ft.refine import refine_block
-
-    class Block(nn.Module):  # a residual block around one factored layer
-        def __init__(self):
-            super().__init__()
-            self.proj = LowRankLinear(8, 8, 2)
-
-        def forward(self, h):
-            return h + self.proj(h)
 
     g = torch.Generator().manual_seed(1)
     dense = torch.randn(8, 8, generator=g) / 4
@@ -440,7 +443,7 @@ def test_refine_block_lowers_and_records_the_loss_it_is_given():
     records, blocks = {}, {}
     for loss in ("hidden", "token"):
         torch.manual_seed(0)
-        blocks[loss] = block = Block()
+        blocks[loss] = block = ResidualBlock(rank=2)
         with torch.no_grad():
             want = sum(refine_error_of(block(h), y, loss) for h, y in zip(hidden, targets))
         records[loss] = refine_block(block, hidden, [((), {})] * 2, targets, steps=60, lr=1e-2, loss=loss)
@@ -461,19 +464,11 @@ def test_rms_scaled_refinement_does_not_depend_on_how_a_layer_splits_its_scale()
     same layer) refine to the same product, step for step; at an absolute rate the split changes the result."""
     from air_ft.refine import refine_block
 
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = LowRankLinear(8, 8, 3)
-
-        def forward(self, h):
-            return h + self.proj(h)
-
     g = torch.Generator().manual_seed(2)
     hidden = [torch.randn(2, 6, 8, generator=g, dtype=torch.float64) for _ in range(2)]
     targets = [h + h @ (torch.randn(8, 8, generator=g, dtype=torch.float64) / 4).T for h in hidden]
     torch.manual_seed(0)
-    start = Block().double()
+    start = ResidualBlock(rank=3).double()
 
     def refined(c: float, lr_scale: str, lr: float) -> tuple[torch.Tensor, object]:
         block = copy.deepcopy(start)

@@ -95,7 +95,7 @@ def study_parser(doc: str, recipe: str, output: str, methods: bool = True, varia
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default=str(ROOT / "recipes" / "smollm2-135m" / recipe))
     ap.add_argument("--retentions", type=float, nargs="+", default=None,
-                    help="a subset of the grid (default: the recipe's study.retentions)")
+                    help="the retentions to run (default: the recipe's study.retentions)")
     if methods:
         ap.add_argument("--methods", nargs="+", default=None, help="a subset of the recipe's methods")
     ap.add_argument("--variants", nargs="+", default=None,

@@ -36,33 +36,40 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--output", default="refine_probe.json")
     args = ap.parse_args()
+    import json
+    from pathlib import Path
+
+    from air_ft.checkpoint import MARKER
+    from air_ft.refine import REFINE_LR_SCALES
+
     rates = []
     for item in args.rates:
         scale, _, lr = item.partition(":")
-        if scale not in ("absolute", "rms") or not lr:
-            ap.error(f"--rates {item!r}: write SCALE:LR with SCALE absolute or rms, e.g. rms:1e-2")
+        if scale not in REFINE_LR_SCALES or not lr:
+            ap.error(f"--rates {item!r}: write SCALE:LR with SCALE one of {REFINE_LR_SCALES}, e.g. rms:1e-2")
         try:
             rates.append((scale, float(lr)))
         except ValueError:
             ap.error(f"--rates {item!r}: LR must be a number, e.g. rms:1e-2")
     if args.steps < 1:
         ap.error("--steps must be >= 1")
-    from pathlib import Path
-
-    if not (Path(args.checkpoint) / "air_ft.json").is_file():
-        ap.error(f"--checkpoint {args.checkpoint!r} is not a factored checkpoint (no air_ft.json in it)")
+    if not (Path(args.checkpoint) / MARKER).is_file():
+        ap.error(f"--checkpoint {args.checkpoint!r} is not a factored checkpoint (no {MARKER} in it)")
+    n_blocks = json.loads((Path(args.checkpoint) / "config.json").read_text()).get("num_hidden_layers")
+    if n_blocks is not None and any(not 0 <= b < n_blocks for b in args.blocks):
+        ap.error(f"--blocks must lie in 0..{n_blocks - 1}")
 
     import torch
 
     import air_ft
-    from air_ft.config import load_recipe
+    from air_ft.config import RecipeError, load_recipe
     from air_ft.data import sample_windows
+    from air_ft.modeling import LowRankLinear
     from air_ft.pipeline import commands
     from air_ft.refine import refine_block
+    from air_ft.stream import capture_inputs, find_blocks, run_block
 
     torch.set_num_threads(args.threads)
-    from air_ft.config import RecipeError
-
     try:
         recipe = load_recipe(args.recipe)
     except RecipeError as err:
@@ -71,36 +78,28 @@ def main() -> None:
     dense, tok = commands.load_dense(recipe)
     compressed, _ = air_ft.load_compressed(args.checkpoint)
     windows = sample_windows(tok, commands.texts(recipe.data.calibration), cfg.num_samples, cfg.seq_len, cfg.seed)
-    n_blocks = len(dense.model.layers)
-    if any(not 0 <= b < n_blocks for b in args.blocks):
-        ap.error(f"--blocks must lie in 0..{n_blocks - 1}")
+    batches = list(windows.split(cfg.batch_size))
+    targets = [n for n, m in compressed.named_modules() if isinstance(m, LowRankLinear)]
 
-    def capture(model, entry: bool) -> dict[int, list]:
-        """Per block: its entry (hidden, args, kwargs) or its exit hidden states, one item per batch."""
-        got: dict[int, list] = {b: [] for b in args.blocks}
-        hooks = []
-        for b in args.blocks:
-            layer = model.model.layers[b]
-            if entry:
-                hooks.append(layer.register_forward_pre_hook(
-                    lambda m, a, k, b=b: got[b].append((a[0].detach(), a[1:], dict(k))), with_kwargs=True))
-            else:
-                hooks.append(layer.register_forward_hook(
-                    lambda m, a, o, b=b: got[b].append((o[0] if isinstance(o, (tuple, list)) else o).detach())))
-        with torch.no_grad():
-            for i in range(0, len(windows), cfg.batch_size):
-                model.model(windows[i:i + cfg.batch_size], use_cache=False)
-        for h in hooks:
-            h.remove()
+    def stream(model, exits: bool) -> dict[int, tuple]:
+        """Per probed block, as the compression's stream holds them (air_ft.stream): its entry hidden states and
+        other arguments, or (``exits``) the hidden states it hands on."""
+        blocks = find_blocks(model, targets)
+        inputs = capture_inputs(model, blocks, batches, "cpu")
+        got = {}
+        for i in range(max(args.blocks) + 1):
+            if i in args.blocks and not exits:
+                got[i] = (list(inputs.hidden), inputs.extra[i])
+            run_block(blocks, i, inputs, update=True)
+            if i in args.blocks and exits:
+                got[i] = list(inputs.hidden)
         return got
 
-    entries, exits = capture(compressed, True), capture(dense, False)
+    entries, exits = stream(compressed, False), stream(dense, True)
     del dense
     rows = []
     for b in args.blocks:
-        hidden = [e[0] for e in entries[b]]
-        extra = [(e[1], {k: v for k, v in e[2].items() if k not in ("past_key_values", "past_key_value")})
-                 for e in entries[b]]
+        hidden, extra = entries[b]
         for scale, lr in rates:
             block = copy.deepcopy(compressed.model.layers[b])
             t0 = time.perf_counter()
